@@ -1,0 +1,41 @@
+# The two commands of the README:  `make run`  and  `make test`.
+# Both build everything they need from scratch (virtualenv, torch first, the project, the stubs).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_ARGS ?=
+
+.PHONY: setup system-deps run test lint protos protos-check clean
+
+setup: system-deps $(VENV)/.installed
+
+# redis-server and the tools the tests drive; installed from Debian when missing.
+system-deps:
+	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Generated gRPC code comes from this one entry point.
+protos: setup
+	$(PY) -m loraserve.codegen
+
+protos-check: setup
+	$(PY) -m loraserve.codegen --check
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+run: setup
+	$(PY) -m inference_svc demo $(RUN_ARGS)
+
+test: setup lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .run

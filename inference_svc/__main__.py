@@ -1,0 +1,5 @@
+import sys
+
+from inference_svc.cli import main
+
+sys.exit(main())

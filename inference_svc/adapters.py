@@ -1,0 +1,364 @@
+"""PEFT LoRA adapters: parse and validate `adapter_config.json` + `adapter_model.safetensors`.
+
+`inspect_adapter` reads the config and the safetensors header only (what the manager and `plan`
+need); `load_adapter` reads the weights file once, validates the same header from those bytes, and
+returns per-(layer, module) tensors with the scaling folded into B, ready for a slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference_svc import errors
+from inference_svc.config import ALL_TARGET_MODULES, EngineConfig
+from inference_svc.model_config import ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+
+SAFETENSORS_DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<module>\w+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    start: int  # byte offset into the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """What an adapter is, known without reading its weights."""
+
+    path: str
+    rank: int  # the largest per-module rank
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]  # modules that carry tensors
+    module_ranks: dict  # {(layer, module): rank}
+    module_scales: dict  # {(layer, module): alpha / r or alpha / sqrt(r)}
+    size_bytes: int  # of the weights file
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter in host memory: A and scaled B per (layer, module), in the slot dtype."""
+
+    adapter_id: str
+    manifest: AdapterManifest
+    sha256: str
+    weights: dict  # {(layer, module): (A [r, in], B_scaled [out, r])}
+
+    @property
+    def rank(self) -> int:
+        return self.manifest.rank
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[TensorInfo, ...]:
+    """Validate a safetensors header (the first 8 + N bytes) against the file's size."""
+    if len(data) < 8:
+        raise errors.CorruptSafetensors(f"{where}: file is {file_size} bytes, too short for a header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise errors.CorruptSafetensors(
+            f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
+        )
+    if len(data) < 8 + n:
+        raise errors.CorruptSafetensors(f"{where}: header is truncated")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.CorruptSafetensors(f"{where}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise errors.CorruptSafetensors(f"{where}: header is not a JSON object")
+    data_size = file_size - 8 - n
+    tensors, spans = [], []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
+            raise errors.CorruptSafetensors(f"{where}: tensor {name!r} has a malformed entry")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise errors.UnsupportedTensorDtype(
+                f"{where}: tensor {name!r} has dtype {dtype}; LoRA weights must be one of "
+                f"{sorted(SAFETENSORS_DTYPES)}"
+            )
+        ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        ok_offsets = (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        )
+        if not ok_shape or not ok_offsets:
+            raise errors.CorruptSafetensors(
+                f"{where}: tensor {name!r} has shape {shape} / offsets {offsets} outside the "
+                f"{data_size}-byte data section"
+            )
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != expected:
+            raise errors.CorruptSafetensors(
+                f"{where}: tensor {name!r} claims shape {shape} ({expected} bytes) but spans "
+                f"{offsets[1] - offsets[0]} bytes"
+            )
+        tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise errors.CorruptSafetensors(f"{where}: tensors overlap in the data section")
+    if spans and spans[-1][1] != data_size:
+        raise errors.CorruptSafetensors(
+            f"{where}: data section is {data_size} bytes but tensors end at {spans[-1][1]}"
+        )
+    return tuple(tensors)
+
+
+def read_adapter_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise errors.AdapterFilesMissing(f"{path}: {CONFIG_FILE} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.AdapterConfigInvalid(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise errors.AdapterConfigInvalid(f"{cfg_path}: not a JSON object")
+    return cfg
+
+
+def check_adapter_config(cfg: dict, engine: EngineConfig, where: str) -> None:
+    """Reject every PEFT option the engine does not serve, each with its own error type."""
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise errors.AdapterConfigInvalid(f"{where}: peft_type {peft_type!r} is not LORA")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise errors.AdapterConfigInvalid(f"{where}: adapter_config.json lacks {key!r}")
+    if cfg.get("use_dora"):
+        raise errors.DoraNotSupported(f"{where}: DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("modules_to_save"):
+        raise errors.ModulesToSaveNotSupported(
+            f"{where}: modules_to_save {cfg['modules_to_save']} would replace base weights; not supported"
+        )
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise errors.BiasNotSupported(
+            f"{where}: bias={cfg.get('bias')!r} / lora_bias={cfg.get('lora_bias')!r}; only "
+            "bias='none' is supported"
+        )
+    if cfg.get("fan_in_fan_out"):
+        raise errors.AdapterConfigInvalid(f"{where}: fan_in_fan_out=true is not supported")
+    if not isinstance(cfg["lora_alpha"], (int, float)) or isinstance(cfg["lora_alpha"], bool):
+        raise errors.AdapterConfigInvalid(f"{where}: lora_alpha must be a number")
+    ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
+    for r in ranks:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise errors.RankInvalid(f"{where}: rank {r!r} must be a positive integer")
+        if r > engine.max_lora_rank:
+            raise errors.RankTooLarge(f"{where}: rank {r} exceeds max_lora_rank ({engine.max_lora_rank})")
+    targets = cfg["target_modules"]
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(engine.lora_target_modules))
+        if unknown:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: target modules {unknown} are not supported; this engine serves "
+                f"LoRA on {list(engine.lora_target_modules)}"
+            )
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rule: the first pattern key that matches the end of the module's dotted name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def build_manifest(
+    path: Path,
+    cfg: dict,
+    tensors: tuple[TensorInfo, ...],
+    size: int,
+    model: ModelConfig,
+    engine: EngineConfig,
+) -> AdapterManifest:
+    """Match every tensor to a (layer, module, A|B) of the base model and check its shape."""
+    where = str(path)
+    shapes = model.module_shapes()
+    found: dict = {}
+    for t in tensors:
+        if "lora_magnitude_vector" in t.name:
+            raise errors.DoraNotSupported(f"{where}: tensor {t.name!r} is a DoRA magnitude")
+        if t.name.endswith(".bias"):
+            raise errors.BiasNotSupported(f"{where}: tensor {t.name!r} is a LoRA bias")
+        m = _KEY_RE.match(t.name)
+        if m is None:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: tensor {t.name!r} does not belong to a LoRA-capable linear layer "
+                f"({list(ALL_TARGET_MODULES)})"
+            )
+        layer, module, kind = int(m["layer"]), m["module"], m["kind"]
+        if module not in engine.lora_target_modules:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: tensor {t.name!r} targets {module!r}; this engine serves LoRA on "
+                f"{list(engine.lora_target_modules)}"
+            )
+        if layer >= model.num_layers:
+            raise errors.ShapeMismatch(
+                f"{where}: tensor {t.name!r} is for layer {layer}; the model has {model.num_layers} layers"
+            )
+        found.setdefault((layer, module), {})[kind] = t
+    if not found:
+        raise errors.AdapterConfigInvalid(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
+    ranks, scales = {}, {}
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    for (layer, module), pair in sorted(found.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(pair)).pop()
+            raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
+        name = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        r = _pattern_value(rank_pattern, name, cfg["r"])
+        alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"])
+        fan_in, fan_out = shapes[module]
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+            raise errors.ShapeMismatch(
+                f"{where}: layer {layer} {module}: lora_A {list(a.shape)} / lora_B "
+                f"{list(b.shape)} do not match the base model's [{r}, {fan_in}] / [{fan_out}, {r}]"
+            )
+        ranks[(layer, module)] = r
+        scales[(layer, module)] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return AdapterManifest(
+        path=where,
+        rank=max(ranks.values()),
+        lora_alpha=float(cfg["lora_alpha"]),
+        use_rslora=bool(cfg.get("use_rslora")),
+        target_modules=tuple(sorted({m for _, m in found}, key=ALL_TARGET_MODULES.index)),
+        module_ranks=ranks,
+        module_scales=scales,
+        size_bytes=size,
+        tensors=tensors,
+    )
+
+
+def _weights_path(path: Path, engine: EngineConfig) -> Path:
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    if (path / PICKLE_WEIGHTS_FILE).is_file():
+        if engine.allow_pickle_adapters:
+            return path / PICKLE_WEIGHTS_FILE
+        raise errors.PickleWeightsNotAllowed(
+            f"{path}: only pickle weights ({PICKLE_WEIGHTS_FILE}) found; convert them to "
+            f"safetensors or start the engine with allow_pickle_adapters"
+        )
+    raise errors.AdapterFilesMissing(f"{path}: {WEIGHTS_FILE} is missing")
+
+
+def inspect_adapter(path: str | Path, model: ModelConfig, engine: EngineConfig) -> AdapterManifest:
+    """Validate an adapter directory reading only its config and safetensors header."""
+    path = Path(path)
+    if not path.is_dir():
+        raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
+    cfg = read_adapter_config(path)
+    check_adapter_config(cfg, engine, str(path))
+    weights = _weights_path(path, engine)
+    if weights.suffix == ".bin":
+        raise errors.PickleWeightsNotAllowed(f"{path}: pickle weights cannot be inspected")
+    size = weights.stat().st_size
+    with weights.open("rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, MAX_HEADER_BYTES))
+    tensors = parse_safetensors_header(head, size, str(weights))
+    return build_manifest(path, cfg, tensors, size, model, engine)
+
+
+def load_adapter(
+    adapter_id: str, path: str | Path, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype
+) -> LoraAdapter:
+    """Read and validate an adapter; B is pre-multiplied by its scaling, all cast to `dtype`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
+    cfg = read_adapter_config(path)
+    check_adapter_config(cfg, engine, str(path))
+    weights_path = _weights_path(path, engine)
+    data = bytearray(weights_path.stat().st_size)
+    with weights_path.open("rb") as f:  # the one read of the weights
+        f.readinto(data)
+    sha = hashlib.sha256(data).hexdigest()
+    if weights_path.suffix == ".bin":
+        state = _load_pickle(weights_path)
+        tensors = tuple(TensorInfo(k, "F32", tuple(v.shape), 0, 0) for k, v in state.items())
+    else:
+        tensors = parse_safetensors_header(data, len(data), str(weights_path))
+        state = _tensors_from_bytes(data, tensors)
+    manifest = build_manifest(path, cfg, tensors, len(data), model, engine)
+    by_name = {}
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise errors.NonFiniteWeights(f"{weights_path}: tensor {name!r} holds NaN or Inf")
+        m = _KEY_RE.match(name)
+        by_name[(int(m["layer"]), m["module"], m["kind"])] = tensor
+    weights = {}
+    for key, scale in manifest.module_scales.items():
+        a = by_name[(*key, "lora_A")].float()
+        b = by_name[(*key, "lora_B")].float() * scale
+        if not torch.isfinite(b).all():
+            raise errors.NonFiniteWeights(f"{weights_path}: {key} overflows after scaling")
+        weights[key] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+    return LoraAdapter(adapter_id=adapter_id, manifest=manifest, sha256=sha, weights=weights)
+
+
+def _tensors_from_bytes(data: bytes, tensors: tuple[TensorInfo, ...]) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    base = 8 + n
+    buf = memoryview(data)
+    out = {}
+    for t in tensors:
+        dtype = SAFETENSORS_DTYPES[t.dtype][0]
+        raw = buf[base + t.start : base + t.end]
+        flat = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
+        out[t.name] = flat.reshape(t.shape).clone()
+    return out
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise errors.CorruptSafetensors(f"{path}: cannot read pickle weights ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise errors.CorruptSafetensors(f"{path}: pickle does not hold a dict of tensors")
+    return state

@@ -1,0 +1,145 @@
+"""`python -m inference_svc {plan,demo}`: flags and environment variables -> EngineConfig, once.
+
+Every EngineConfig field is a flag (`--max-loras`) and an environment variable
+(`LORASERVE_MAX_LORAS`); a flag wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from inference_svc.config import EngineConfig
+from inference_svc.errors import LoraServeError
+
+ENV_PREFIX = "LORASERVE_"
+
+
+def _field_type(field: dataclasses.Field):
+    t = str(field.type)
+    if "tuple" in t:
+        return lambda s: tuple(x for x in s.replace(",", " ").split() if x)
+    if "bool" in t:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if "int" in t:
+        return int
+    return str
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, with its comment as help and its env var as default."""
+    group = parser.add_argument_group("engine configuration (flag, or env LORASERVE_<NAME>)")
+    for f in dataclasses.fields(EngineConfig):
+        env = ENV_PREFIX + f.name.upper()
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_field_type(f),
+            default=None,
+            metavar=f.name.upper(),
+            help=f"(env {env}; default {default!r})",
+        )
+
+
+def engine_config_from(args: argparse.Namespace, environ=os.environ) -> EngineConfig:
+    """Build the config: flag > environment variable > EngineConfig default."""
+    values = {}
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(args, f.name, None)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if value is None and env is not None:
+            value = _field_type(f)(env)
+        if value is not None:
+            values[f.name] = value
+    return EngineConfig(**values)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from inference_svc.adapters import read_adapter_config
+    from inference_svc.memory_plan import compute_plan
+    from inference_svc.model_config import ModelConfig
+
+    config = engine_config_from(args)
+    model = ModelConfig.from_dir(args.model)
+    ranks = []
+    for path in args.adapter or []:
+        cfg = read_adapter_config(Path(path))
+        ranks.append(max([cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()]))
+    plan = compute_plan(model, config, ranks)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(
+            f"model: {args.model} ({model.architecture}, {model.num_layers} layers, "
+            f"hidden {model.hidden_size})"
+        )
+        print(
+            f"max_loras={config.max_loras} max_lora_rank={config.max_lora_rank} "
+            f"max_cpu_loras={config.max_cpu_loras} lora_dtype={config.lora_dtype}"
+        )
+        print(plan.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Offline demo: a generated model (unless --model), demo adapters, one mixed batch."""
+    from inference_svc.demo_model import write_demo_adapter, write_demo_model
+    from inference_svc.engine import LLMEngine
+    from inference_svc.model_config import ModelConfig
+    from inference_svc.sampling import SamplingParams
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loraserve-demo-"))
+    model_dir = Path(args.model) if args.model else write_demo_model(work / "model")
+    model = ModelConfig.from_dir(model_dir)
+    config = engine_config_from(args)
+    engine = LLMEngine(model_dir, config)
+    print(f"model: {model_dir} ({model.architecture}, {model.num_parameters():,} parameters)")
+    print(engine.plan.render())
+    names = [f"demo-{i}" for i in range(args.num_adapters)]
+    for i, name in enumerate(names):
+        rank = min(config.max_lora_rank, 8 * (1 + i % 2))
+        engine.register_adapter(name, write_demo_adapter(work / "adapters" / name, model, rank=rank, seed=i))
+    prompts = ["The quick brown fox", "Multi-LoRA serving", "Hello", "Adapters everywhere"]
+    rows = [(prompts[i % len(prompts)], ([None, *names])[i % (len(names) + 1)]) for i in range(8)]
+    start = time.perf_counter()
+    done = engine.generate(
+        [p for p, _ in rows], SamplingParams(max_tokens=args.max_tokens, temperature=0), [a for _, a in rows]
+    )
+    elapsed = time.perf_counter() - start
+    for (prompt, adapter), c in zip(rows, done):
+        print(f"[{adapter or 'base':>7}] {prompt!r} -> {c.token_ids}")
+    tokens = sum(len(c.token_ids) for c in done)
+    distinct = max(len(r.slots) for r in engine.step_history)
+    print(f"{len(done)} requests, {tokens} tokens in {elapsed:.2f}s; up to {distinct} adapters per step")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference_svc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print the memory plan for a model directory (reads config.json only)")
+    plan.add_argument("--model", required=True, help="model directory (config.json)")
+    plan.add_argument("--adapter", action="append", help="adapter directory whose rank to plan for")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    add_engine_flags(plan)
+    demo = sub.add_parser("demo", help="offline mixed-adapter generation on a demo model")
+    demo.add_argument("--model", help="model directory (default: generate a demo model)")
+    demo.add_argument("--workdir", help="where demo files go (default: a temp dir)")
+    demo.add_argument("--num-adapters", type=int, default=4)
+    demo.add_argument("--max-tokens", type=int, default=12)
+    add_engine_flags(demo)
+    args = parser.parse_args(argv)
+    try:
+        return {"plan": cmd_plan, "demo": cmd_demo}[args.command](args)
+    except (ValueError, LoraServeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

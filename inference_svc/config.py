@@ -1,0 +1,138 @@
+"""The engine configuration: fixed before the model is built, validated up front, immutable.
+
+Changing any field means building a new engine (DESIGN.md section 2). Command-line flags and
+environment variables are parsed into this object once, in `inference_svc.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_LORA_RANK_LIMIT = 512
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that sizes the engine's preallocated memory and bounds its batches."""
+
+    # Distinct adapters that can run in one batch = accelerator slots preallocated.
+    max_loras: int = 4
+    # Rank every slot is sized for (1..512); smaller adapters are zero-padded, larger rejected.
+    max_lora_rank: int = 16
+    # Adapters cached in host memory for fast swap; None means "= max_loras".
+    max_cpu_loras: int | None = None
+    # dtype of the slot tensors: "auto" (= model dtype), "float32", "bfloat16" or "float16".
+    lora_dtype: str = "auto"
+    # Linear layers that may carry LoRA; adapters targeting others are rejected.
+    lora_target_modules: tuple[str, ...] = ALL_TARGET_MODULES
+    # Most sequences in one scheduling step.
+    max_num_seqs: int = 64
+    # Most tokens (prefill chunks + decodes) in one scheduling step.
+    max_num_batched_tokens: int = 2048
+    # Longest sequence (prompt + generated); None means the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Bytes of KV cache allocated up front (all layers, keys and values).
+    kv_cache_bytes: int = 256 * 1024**2
+    # Tokens per KV-cache block (the unit of allocation).
+    kv_block_size: int = 16
+    # Requests allowed to wait for a place in the batch before new ones are refused.
+    max_queue_len: int = 1024
+    # Model weights dtype: "auto" (= config.json's torch_dtype on CUDA, float32 on CPU) or a name.
+    dtype: str = "auto"
+    # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    # LoRA op backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    lora_backend: str = "auto"
+    # Allow pickle (.bin) adapter weights; off by default because unpickling runs code.
+    allow_pickle_adapters: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras >= 1, "max_loras", self.max_loras, "must be >= 1")
+        _require(
+            1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT,
+            "max_lora_rank",
+            self.max_lora_rank,
+            f"must be in 1..{MAX_LORA_RANK_LIMIT}",
+        )
+        if self.max_cpu_loras is None:
+            object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        _require(
+            self.lora_dtype == "auto" or self.lora_dtype in DTYPES,
+            "lora_dtype",
+            self.lora_dtype,
+            f"must be 'auto' or one of {sorted(DTYPES)}",
+        )
+        _require(
+            self.dtype == "auto" or self.dtype in DTYPES,
+            "dtype",
+            self.dtype,
+            f"must be 'auto' or one of {sorted(DTYPES)}",
+        )
+        targets = tuple(self.lora_target_modules)
+        object.__setattr__(self, "lora_target_modules", targets)
+        unknown = sorted(set(targets) - set(ALL_TARGET_MODULES))
+        _require(
+            not unknown and len(targets) > 0,
+            "lora_target_modules",
+            list(targets),
+            f"must be a non-empty subset of {list(ALL_TARGET_MODULES)}",
+        )
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _require(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            f"must be >= max_num_seqs ({self.max_num_seqs})",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2,
+            "max_model_len",
+            self.max_model_len,
+            "must be >= 2",
+        )
+        _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
+        _require(self.kv_cache_bytes > 0, "kv_cache_bytes", self.kv_cache_bytes, "must be > 0")
+        _require(self.max_queue_len >= 1, "max_queue_len", self.max_queue_len, "must be >= 1")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            self.device,
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(
+            self.lora_backend in BACKENDS, "lora_backend", self.lora_backend, f"must be one of {BACKENDS}"
+        )
+
+    def replace(self, **changes) -> EngineConfig:
+        """A new, validated config with `changes` applied (the only way to 'change' one)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def model_dtype(self, config_dtype: str | None) -> torch.dtype:
+        """Weights dtype: explicit, else config.json's dtype on CUDA, else float32 on CPU."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.resolved_device().type == "cpu":
+            return torch.float32
+        return DTYPES.get(config_dtype or "", torch.bfloat16)
+
+    def slot_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the LoRA slot tensors ("auto" follows the model)."""
+        return model_dtype if self.lora_dtype == "auto" else DTYPES[self.lora_dtype]
+
+
+def _require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} ({value!r}) {rule}")

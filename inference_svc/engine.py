@@ -1,0 +1,369 @@
+"""The offline engine: requests in, tokens out, one scheduling step at a time.
+
+`LLMEngine.step()` asks the scheduler for a batch, runs one forward pass where every row uses its
+own adapter slot (or none), samples, and returns a `RequestOutput` per sequence that produced a
+token, finished, or failed. The gRPC service drives the same object from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference_svc import errors
+from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
+from inference_svc.adapters import AdapterManifest
+from inference_svc.config import EngineConfig
+from inference_svc.forward_batch import ForwardBatch, SequenceChunk
+from inference_svc.kv_cache import KVCache
+from inference_svc.lora_slots import LoraSlots
+from inference_svc.memory_plan import MemoryPlan, compute_plan, dtype_name
+from inference_svc.model import CausalLM
+from inference_svc.model_config import ModelConfig
+from inference_svc.sampling import SampledToken, SamplingParams, sample
+from inference_svc.scheduler import Scheduler, Sequence, StepRecord
+from inference_svc.tokenizer import IncrementalDecoder, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token: SampledToken | None  # None when the request failed or was aborted
+    text: str  # text delta (held back near a possible stop string)
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" | "abort" | "error"
+    usage: Usage
+    adapter_id: str | None
+    error: Exception | None = None
+    logits: torch.Tensor | None = None  # [V] float32, only when engine.record_logits is set
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole finished request, as returned by `LLMEngine.generate`."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+class LLMEngine:
+    """One base model, its KV cache, its LoRA slots and host cache, and the scheduler."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig,
+        on_residency_change: Callable[[ResidencyEvent], None] | None = None,
+    ):
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.device = config.resolved_device()
+        self.plan: MemoryPlan = compute_plan(self.model_config, config)
+        log.info("memory plan:\n%s", self.plan.render())
+        dtype = config.model_dtype(self.model_config.torch_dtype)
+        lora_dtype = config.slot_dtype(dtype)
+        self.max_model_len = self.plan.max_model_len
+        self.model = CausalLM.load(model_dir, self.model_config, dtype, self.device, self.max_model_len)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.kv = KVCache(
+            self.model_config, self.plan.kv_cache_blocks, config.kv_block_size, dtype, self.device
+        )
+        self.lora = LoraSlots(
+            self.model_config,
+            config.max_loras,
+            config.max_lora_rank,
+            config.lora_target_modules,
+            lora_dtype,
+            self.device,
+            config.lora_backend,
+        )
+        self.adapters = AdapterCache(self.model_config, config, self.lora, lora_dtype, on_residency_change)
+        self.scheduler = Scheduler(config, self.kv, self.adapters)
+        self.sequences: dict[str, Sequence] = {}
+        self.record_logits = False  # attach each sampled row's logits to its RequestOutput
+        self._arrivals = itertools.count()
+        self._generator = torch.Generator(device="cpu").manual_seed(0)
+        log.info(
+            "allocated: KV cache %d blocks x %d tokens, %d LoRA slots (rank %d, %s), %s",
+            self.kv.num_blocks,
+            self.kv.block_size,
+            config.max_loras,
+            config.max_lora_rank,
+            dtype_name(lora_dtype),
+            self.device,
+        )
+
+    # --- adapters -------------------------------------------------------------------------
+
+    def register_adapter(self, adapter_id: str, path: str | Path) -> AdapterManifest:
+        return self.adapters.register(adapter_id, path)
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        self.adapters.unregister(adapter_id)
+
+    def load_adapter(self, adapter_id: str, to_slot: bool = False, pin: bool = False) -> ResidentAdapter:
+        return self.adapters.load(adapter_id, to_slot=to_slot, pin=pin)
+
+    def evict_adapter(self, adapter_id: str) -> bool:
+        return self.adapters.evict(adapter_id)
+
+    def list_resident_adapters(self) -> list[ResidentAdapter]:
+        return self.adapters.list_resident()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter_id: str | None = None,
+    ) -> None:
+        """Queue a request; raises InvalidRequest / AdapterNotFound / QueueFull up front."""
+        if request_id in self.sequences:
+            raise errors.RequestAlreadyExists(f"request {request_id!r} is already in flight")
+        adapter_id = adapter_id or None
+        if adapter_id is not None and not self.adapters.knows(adapter_id):
+            raise errors.AdapterNotFound(adapter_id)
+        params.validate(self.model_config.vocab_size)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise errors.QueueFull(f"the waiting queue is full (max_queue_len={self.config.max_queue_len})")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        seq = Sequence(
+            request_id=request_id,
+            adapter_id=adapter_id,
+            prompt_ids=ids,
+            params=params,
+            decoder=IncrementalDecoder(self.tokenizer),
+            generator=gen or self._generator,
+            arrival=next(self._arrivals),
+            arrival_time=time.monotonic(),
+        )
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise errors.InvalidRequest("prompt", "must contain at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise errors.InvalidRequest("token_ids", f"ids must be in 0..{vocab - 1}")
+        limit = min(self.max_model_len, self.kv.num_blocks * self.kv.block_size)
+        if len(ids) + params.max_tokens > limit:
+            raise errors.PromptTooLong(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"sequence limit ({limit} tokens)",
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now, freeing its KV blocks and slot reference. False if unknown."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        outputs = [self._fail(seq, err) for seq, err in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if not chunks:
+            return outputs
+        seq_chunks = [
+            SequenceChunk(
+                token_ids=c.seq.all_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
+                start_pos=c.seq.num_computed,
+                block_table=c.seq.block_table,
+                slot=c.seq.slot,
+                want_logits=c.seq.num_computed + c.num_tokens == c.seq.total_len,
+            )
+            for c in chunks
+        ]
+        batch = ForwardBatch.build(seq_chunks, self.kv, self.device)
+        logits = self.model.forward(batch, self.kv, self.lora)  # [n_sampling, V]
+        sampling = []
+        for c, sc in zip(chunks, seq_chunks):
+            c.seq.num_computed += c.num_tokens
+            if sc.want_logits:
+                sampling.append(c.seq)
+        if not sampling:
+            return outputs
+        tokens = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling])
+        for i, (seq, tok) in enumerate(zip(sampling, tokens)):
+            outputs.append(self._append(seq, tok, logits[i] if self.record_logits else None))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: SampledToken, logits: torch.Tensor | None) -> RequestOutput:
+        seq.output_ids.append(tok.token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.decoder.push(tok.token_id)
+        p = seq.params
+        reason = None
+        text = seq.decoder.text
+        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text, reason = text[:stop_at], "stop"
+        elif tok.token_id in p.stop_token_ids:
+            reason = "stop"
+        elif not p.ignore_eos and tok.token_id in self.model_config.eos_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is None:
+            hold = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
+            end = max(seq.emitted_chars, len(text) - hold)
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+        else:
+            end = len(text)
+        delta = text[seq.emitted_chars : end]
+        seq.emitted_chars = max(seq.emitted_chars, end)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.sequences[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            token=tok,
+            text=delta,
+            finished=reason is not None,
+            finish_reason=reason,
+            usage=Usage(len(seq.prompt_ids), len(seq.output_ids)),
+            adapter_id=seq.adapter_id,
+            logits=logits,
+        )
+
+    def _fail(self, seq: Sequence, err: Exception) -> RequestOutput:
+        self.scheduler.finish(seq, "error")
+        self.sequences.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            token=None,
+            text="",
+            finished=True,
+            finish_reason="error",
+            usage=Usage(len(seq.prompt_ids), len(seq.output_ids)),
+            adapter_id=seq.adapter_id,
+            error=err,
+        )
+
+    # --- conveniences ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Iterable[str | list[int]],
+        params: SamplingParams,
+        adapter_ids: Iterable[str | None] | None = None,
+    ) -> list[Completion]:
+        """Run prompts to completion in one continuous batch; results in prompt order."""
+        prompts = list(prompts)
+        adapter_ids = list(adapter_ids) if adapter_ids is not None else [None] * len(prompts)
+        ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        for rid, prompt, adapter in zip(ids, prompts, adapter_ids):
+            self.add_request(rid, prompt, params, adapter)
+        acc = {rid: ([], [], []) for rid in ids}
+        reasons = {}
+        while len(reasons) < len(ids):
+            for out in self.step():
+                if out.error is not None:
+                    raise out.error
+                tokens, lps, texts = acc[out.request_id]
+                tokens.append(out.token.token_id)
+                lps.append(out.token.logprob)
+                texts.append(out.text)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+        return [Completion(rid, acc[rid][0], "".join(acc[rid][2]), acc[rid][1], reasons[rid]) for rid in ids]
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], adapter_ids: list[str | None]) -> list[torch.Tensor]:
+        """Logits [len(prompt), V] at every prompt position, all prompts in one mixed batch."""
+        tables: list[list[int]] = [[] for _ in prompts]
+        held: list[str] = []
+        try:
+            chunks = []
+            for ids, adapter, table in zip(prompts, adapter_ids, tables):
+                slot = -1
+                if adapter is not None:
+                    slot = self.adapters.acquire_slot(adapter)
+                    if slot is None:
+                        raise errors.NoEvictableSlot("more distinct adapters than max_loras slots")
+                    held.append(adapter)
+                if not self.kv.allocate(table, len(ids)):
+                    raise errors.ResourceExhausted("KV cache too small for these prompts")
+                chunks.append(SequenceChunk(list(ids), 0, table, slot, True))
+            batch = ForwardBatch.build(chunks, self.kv, self.device, all_logits=True)
+            logits = self.model.forward(batch, self.kv, self.lora)
+            return list(logits.split([len(p) for p in prompts]))
+        finally:
+            for table in tables:
+                self.kv.free(table)
+            for adapter in held:
+                self.adapters.release_slot(adapter)
+
+    @property
+    def step_history(self) -> list[StepRecord]:
+        return list(self.scheduler.history)
+
+    def info(self) -> dict:
+        """Engine configuration, model summary, memory plan and occupancy (GetEngineInfo)."""
+        m = self.model_config
+        return {
+            "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
+            "model": {
+                "path": str(self.model_dir),
+                "architecture": m.architecture,
+                "hidden_size": m.hidden_size,
+                "num_layers": m.num_layers,
+                "num_heads": m.num_heads,
+                "num_kv_heads": m.num_kv_heads,
+                "vocab_size": m.vocab_size,
+                "num_parameters": m.num_parameters(),
+                "dtype": dtype_name(self.model.dtype),
+                "max_model_len": self.max_model_len,
+                "device": str(self.device),
+            },
+            "memory_plan": self.plan.to_dict(),
+            "occupancy": {
+                "slots_used": self.adapters.slots_in_use,
+                "slots_total": self.config.max_loras,
+                "host_cache_used": len(self.adapters.host),
+                "host_cache_total": self.config.max_cpu_loras,
+                "kv_blocks_free": self.kv.num_free_blocks,
+                "kv_blocks_total": self.kv.num_blocks,
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "registered_adapters": len(self.adapters.sources),
+            },
+            "cache_stats": dict(self.adapters.stats),
+        }

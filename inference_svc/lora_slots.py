@@ -1,0 +1,126 @@
+"""Preallocated LoRA slot tensors for every layer, and the per-layer LoRA application.
+
+Layout (DESIGN.md section 4), per layer:
+  - A is stacked per fused projection: `a[group]  [max_loras, n_modules * R, in]`, so one shrink
+    serves q/k/v (and one gate/up) because they read the same input;
+  - B per target module: `b[module]  [max_loras, out, R]`, expanded into its slice of the fused
+    output with `out_offset`.
+Loading copies and zero-pads into a slot; scaling is already folded into B. Nothing is allocated
+here after construction except the small activation-sized intermediates of the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from inference_svc.adapters import LoraAdapter
+from inference_svc.model_config import ModelConfig
+
+# Fused projections of one decoder layer and the modules stacked in each, in output order.
+PROJECTION_GROUPS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+class LoraSlots:
+    """Slot tensors for `max_loras` adapters of rank <= `max_rank` on `target_modules`."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+        target_modules: tuple[str, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: str = "auto",
+    ):
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.backend = backend
+        shapes = model.module_shapes()
+        self.groups: dict[str, tuple[str, ...]] = {}
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        # offsets of each module inside its group's fused output and stacked rank dimension
+        self.out_offset: dict[str, int] = {}
+        self.rank_offset: dict[str, int] = {}
+        for group, modules in PROJECTION_GROUPS.items():
+            out = 0
+            for m in modules:
+                self.out_offset[m] = out
+                out += shapes[m][1]
+            carried = tuple(m for m in modules if m in target_modules)
+            if carried:
+                self.groups[group] = carried
+                for i, m in enumerate(carried):
+                    self.rank_offset[m] = i * max_rank
+        for _ in range(model.num_layers):
+            a, b = {}, {}
+            for group, modules in self.groups.items():
+                fan_in = shapes[modules[0]][0]
+                a[group] = torch.zeros(max_loras, len(modules) * max_rank, fan_in, dtype=dtype, device=device)
+                for m in modules:
+                    b[m] = torch.zeros(max_loras, shapes[m][1], max_rank, dtype=dtype, device=device)
+            self.a.append(a)
+            self.b.append(b)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in (*self.a, *self.b) for t in layer.values())
+
+    def set_slot(self, index: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into slot `index`, zero-padding ranks and modules it does not carry."""
+        self._check_index(index)
+        self.reset_slot(index)
+        for (layer, module), (a, b) in adapter.weights.items():
+            r = a.shape[0]
+            if r > self.max_rank:
+                raise ValueError(f"adapter rank {r} exceeds the slots' max_lora_rank {self.max_rank}")
+            group = next(g for g, mods in self.groups.items() if module in mods)
+            row = self.rank_offset[module]
+            self.a[layer][group][index, row : row + r].copy_(a)
+            self.b[layer][module][index, :, :r].copy_(b)
+
+    def reset_slot(self, index: int) -> None:
+        """Zero slot `index` (the base model's output for rows that still point at it)."""
+        self._check_index(index)
+        for layer_a, layer_b in zip(self.a, self.b):
+            for t in (*layer_a.values(), *layer_b.values()):
+                t[index].zero_()
+
+    def apply(
+        self,
+        layer: int,
+        group: str,
+        y: torch.Tensor,  # [T, fused_out], the base projection's output, updated in place
+        x: torch.Tensor,  # [T, in]
+        slot_ids: torch.Tensor,  # [T] int32
+        meta: kernels.LoraBatchMeta,
+    ) -> None:
+        """Add every row's adapter delta for the fused projection `group`."""
+        modules = self.groups.get(group)
+        if modules is None or not meta.has_lora:
+            return
+        t = kernels.lora_shrink(
+            x, self.a[layer][group], slot_ids, 1.0, meta=meta, backend=self.backend
+        )  # [T, n*R]
+        for m in modules:
+            row = self.rank_offset[m]
+            kernels.lora_expand(
+                y,
+                t[:, row : row + self.max_rank],
+                self.b[layer][m],
+                slot_ids,
+                self.out_offset[m],
+                meta=meta,
+                backend=self.backend,
+            )
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.max_loras:
+            raise IndexError(f"slot {index} out of range 0..{self.max_loras - 1}")

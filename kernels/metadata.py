@@ -1,0 +1,72 @@
+"""Per-step grouping of tokens by LoRA slot, computed once and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraBatchMeta:
+    """Tokens of one step grouped by slot (a stable sort of `slot_ids`).
+
+    Built once per scheduling step by `make_batch_meta`; every LoRA op of every layer reads it,
+    so no op sorts or synchronises on its own.
+    """
+
+    num_tokens: int
+    sorted_token_ids: torch.Tensor  # [T] int64, token indices ordered by slot (stable)
+    active_slots: torch.Tensor  # [A] int32, distinct slots >= 0 present in the step
+    tokens_per_slot: torch.Tensor  # [A] int32, tokens of each active slot
+    segment_starts: torch.Tensor  # [A] int32, offset of each active slot in sorted_token_ids
+    host_groups: tuple[tuple[int, torch.Tensor], ...]  # (slot, token indices) for host loops
+
+    def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
+        """(slot, [n] int64 token indices) for every active slot, in slot order."""
+        return self.host_groups
+
+    @property
+    def has_lora(self) -> bool:
+        return len(self.host_groups) > 0
+
+    @property
+    def num_active(self) -> int:
+        """Number of distinct slots >= 0 in the step (A)."""
+        return len(self.host_groups)
+
+    @cached_property
+    def max_tokens_per_slot(self) -> int:
+        """Largest token count of any active slot (0 if none); sizes kernel grids, no device sync."""
+        return max((len(rows) for _, rows in self.host_groups), default=0)
+
+    @property
+    def max_active_slot(self) -> int:
+        """Largest active slot index (-1 if none); lets ops bounds-check slots without a sync."""
+        return self.host_groups[-1][0] if self.host_groups else -1
+
+
+def make_batch_meta(slot_ids: torch.Tensor) -> LoraBatchMeta:
+    """Group the tokens of `slot_ids` ([T] int32, -1 = no adapter) by slot."""
+    if slot_ids.dim() != 1:
+        raise ValueError(f"slot_ids must be 1-D, got shape {tuple(slot_ids.shape)}")
+    ids = slot_ids.to(torch.int64)
+    order = torch.sort(ids, stable=True).indices  # [T]
+    sorted_ids = ids[order]
+    slots, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    keep = slots >= 0
+    active, counts, starts = slots[keep], counts[keep], starts[keep]
+    host_groups = tuple(
+        (int(s), order[int(b) : int(b) + int(n)])
+        for s, b, n in zip(active.tolist(), starts.tolist(), counts.tolist())
+    )
+    return LoraBatchMeta(
+        num_tokens=int(slot_ids.shape[0]),
+        sorted_token_ids=order,
+        active_slots=active.to(torch.int32),
+        tokens_per_slot=counts.to(torch.int32),
+        segment_starts=starts.to(torch.int32),
+        host_groups=host_groups,
+    )

@@ -1,0 +1,357 @@
+"""Triton implementations of the batched multi-LoRA ops (segmented gather matmul, "SGMV").
+
+Semantics are those of `torch_ops.py` (DESIGN.md section 4); tests compare the two.
+
+Tokens are grouped by slot through `LoraBatchMeta` (a stable sort of `slot_ids`, built once per
+step). The grid has one program per (active slot, token block, output block[, K split]): a
+program gathers its slot's tokens, streams that adapter's weight tile once for all of them and
+scatters its results back to the tokens' rows. Tokens with slot -1 belong to no segment, so no
+program touches them; programs past the end of their slot's segment exit at once. The decode case
+where every token has its own adapter is simply one single-token segment per slot.
+
+Numerics: fp32 accumulation everywhere. Shrink multiplies x and lora_a in their own dtype (both
+upcast to fp32 when they differ). Expand rounds `t` to lora_b's dtype before the dot, so fp16/bf16
+adapters run on tensor cores, and adds into `out` in fp32 before one rounding to out's dtype.
+fp32 dots use IEEE precision (no TF32), to match the torch reference.
+
+Under TRITON_INTERPRET=1 (CPU tensors) the interpreter cannot `tl.dot` bfloat16 (it multiplies
+the raw bits, triton-lang/triton#11584), so bf16 operands are upcast to fp32 after the same
+roundings; the result is the one the GPU path computes up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch_configs import LaunchConfig, get_config
+from kernels.metadata import LoraBatchMeta
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr,  # [T, K]
+    lora_a_ptr,  # [S, R, K]
+    out_ptr,  # [T, R] float32, zero-initialised
+    sorted_token_ids_ptr,  # [T] int64, token indices grouped by slot
+    active_slots_ptr,  # [A] int32
+    tokens_per_slot_ptr,  # [A] int32
+    segment_starts_ptr,  # [A] int32
+    # sizes
+    K,
+    R,
+    scale,
+    # strides
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_ot,
+    stride_or,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """out[tok, r] (+)= scale * sum_k x[tok, k] * lora_a[slot, r, k] for one tile of one slot."""
+    pid_mr = tl.program_id(0)  # token block x rank block
+    pid_k = tl.program_id(1)  # K split
+    pid_a = tl.program_id(2)  # active slot
+    slot = tl.load(active_slots_ptr + pid_a)
+    if slot < 0:
+        return
+    num_tokens = tl.load(tokens_per_slot_ptr + pid_a)
+    num_r_blocks = tl.cdiv(R, BLOCK_R)
+    pid_m = pid_mr // num_r_blocks
+    pid_r = pid_mr % num_r_blocks
+    if pid_m * BLOCK_M >= num_tokens:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_tokens
+    segment = tl.load(segment_starts_ptr + pid_a)
+    tokens = tl.load(sorted_token_ids_ptr + segment + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
+    a_cols = lora_a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar  # [1, BLOCK_R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_cols + ks[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision="ieee")  # [BLOCK_M, BLOCK_R]
+    acc = acc * scale
+
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_r[None, :] * stride_or
+    mask = mask_m[:, None] & mask_r[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    # pointers
+    t_ptr,  # [T, R]
+    lora_b_ptr,  # [S, N, R]
+    out_ptr,  # [T, >= out_offset + N]
+    sorted_token_ids_ptr,  # [T] int64, token indices grouped by slot
+    active_slots_ptr,  # [A] int32
+    tokens_per_slot_ptr,  # [A] int32
+    segment_starts_ptr,  # [A] int32
+    # sizes
+    N,
+    R,
+    out_offset,
+    # strides
+    stride_tt,
+    stride_tr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ot,
+    stride_on,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """out[tok, out_offset + n] += sum_r t[tok, r] * lora_b[slot, n, r] for one tile of one slot."""
+    pid_mn = tl.program_id(0)  # token block x output block
+    pid_a = tl.program_id(1)  # active slot
+    slot = tl.load(active_slots_ptr + pid_a)
+    if slot < 0:
+        return
+    num_tokens = tl.load(tokens_per_slot_ptr + pid_a)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_n_blocks
+    pid_n = pid_mn % num_n_blocks
+    if pid_m * BLOCK_M >= num_tokens:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_tokens
+    segment = tl.load(segment_starts_ptr + pid_a)
+    tokens = tl.load(sorted_token_ids_ptr + segment + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+
+    t_rows = t_ptr + tokens[:, None] * stride_tt  # [BLOCK_M, 1]
+    b_cols = lora_b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + offs_r
+        mask_r = rs < R
+        t = tl.load(t_rows + rs[None, :] * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_cols + rs[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        t = t.to(lora_b_ptr.dtype.element_ty)  # tensor-core dot for fp16/bf16 adapters
+        if DOT_FP32:
+            t = t.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(t, b, acc, input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + (out_offset + offs_n)[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------------------------
+
+# Whether the kernels above run in the Triton interpreter (TRITON_INTERPRET=1 when triton was
+# imported): `triton.jit` then returns an interpreted function instead of a `JITFunction`.
+INTERPRETED = not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [S, R, K]
+    slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
+    scale: float,
+    meta: LoraBatchMeta,
+) -> torch.Tensor:  # [T, R] float32
+    """Return `scale * x[i] @ lora_a[slot_ids[i]].T` per row in float32; rows with slot -1 are 0.
+
+    Raises:
+        ValueError: on a wrong dtype, rank, shape, device or layout of any argument, or a slot id
+            outside lora_a.
+    """
+    _check_float("x", x, 2)
+    _check_float("lora_a", lora_a, 3)
+    num_tokens, hidden = x.shape
+    num_slots, rank, _ = lora_a.shape
+    if lora_a.shape[2] != hidden:
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} must be [S, R, K] with K = x.shape[1] ({hidden})")
+    _check_slots(slot_ids, meta, num_tokens, num_slots, "lora_a")
+    _check_device(x, lora_a=lora_a, slot_ids=slot_ids, meta=meta.sorted_token_ids)
+    out = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)  # [T, R]
+    if not meta.has_lora or rank == 0:
+        return out
+
+    cfg = get_config("shrink", meta.max_tokens_per_slot, rank, x.device)
+    block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
+    block_r = _fit(cfg.block_n, rank)
+    block_k = _fit(cfg.block_k, hidden)
+    split_k = max(1, min(cfg.split_k, triton.cdiv(hidden, block_k)))
+    grid = (
+        triton.cdiv(meta.max_tokens_per_slot, block_m) * triton.cdiv(rank, block_r),
+        split_k,
+        meta.num_active,
+    )
+    _lora_shrink_kernel[grid](
+        x,
+        lora_a,
+        out,
+        meta.sorted_token_ids,
+        meta.active_slots,
+        meta.tokens_per_slot,
+        meta.segment_starts,
+        hidden,
+        rank,
+        float(scale),
+        *x.stride(),
+        *lora_a.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        DOT_FP32=x.dtype != lora_a.dtype or _interpreted_bf16(x, lora_a),
+        **_launch_options(cfg),
+    )
+    return out
+
+
+def lora_expand(
+    out: torch.Tensor,  # [T, >= out_offset + N]
+    t: torch.Tensor,  # [T, R] float32
+    lora_b: torch.Tensor,  # [S, N, R]
+    slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
+    out_offset: int,
+    meta: LoraBatchMeta,
+) -> None:
+    """Add `t[i] @ lora_b[slot_ids[i]].T` into `out[i, out_offset:out_offset+N]` in place.
+
+    Rows with slot -1 and columns outside the slice are not touched.
+
+    Raises:
+        ValueError: on a wrong dtype, rank, shape, device or layout of any argument, a slice that
+            does not fit in `out`, or a slot id outside lora_b.
+    """
+    _check_float("out", out, 2)
+    _check_float("t", t, 2)
+    _check_float("lora_b", lora_b, 3)
+    num_tokens, rank = t.shape
+    num_slots, width, _ = lora_b.shape
+    if lora_b.shape[2] != rank:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} must be [S, N, R] with R = t.shape[1] ({rank})")
+    if out.shape[0] != num_tokens:
+        raise ValueError(f"out has {out.shape[0]} rows, but t has {num_tokens}")
+    if out_offset < 0 or out_offset + width > out.shape[1]:
+        raise ValueError(
+            f"out_offset ({out_offset}) + N ({width}) must lie within out's {out.shape[1]} columns"
+        )
+    _check_slots(slot_ids, meta, num_tokens, num_slots, "lora_b")
+    _check_device(out, t=t, lora_b=lora_b, slot_ids=slot_ids, meta=meta.sorted_token_ids)
+    if not meta.has_lora or rank == 0 or width == 0:
+        return
+
+    cfg = get_config("expand", meta.max_tokens_per_slot, rank, out.device)
+    block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
+    block_n = _fit(cfg.block_n, width)
+    block_r = _fit(cfg.block_k, rank)
+    grid = (
+        triton.cdiv(meta.max_tokens_per_slot, block_m) * triton.cdiv(width, block_n),
+        meta.num_active,
+    )
+    _lora_expand_kernel[grid](
+        t,
+        lora_b,
+        out,
+        meta.sorted_token_ids,
+        meta.active_slots,
+        meta.tokens_per_slot,
+        meta.segment_starts,
+        width,
+        rank,
+        int(out_offset),
+        *t.stride(),
+        *lora_b.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        DOT_FP32=_interpreted_bf16(lora_b),
+        **_launch_options(cfg),
+    )
+
+
+def _check_float(name: str, tensor: torch.Tensor, ndim: int) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype ({tensor.dtype}) must be one of float16, bfloat16, float32")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride 1), got strides {tensor.stride()}"
+        )
+
+
+def _check_slots(
+    slot_ids: torch.Tensor, meta: LoraBatchMeta, num_tokens: int, num_slots: int, weights: str
+) -> None:
+    if slot_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_ids dtype ({slot_ids.dtype}) must be int32")
+    if slot_ids.shape != (num_tokens,):
+        raise ValueError(f"slot_ids shape {tuple(slot_ids.shape)} must be [T] with T = {num_tokens}")
+    if meta.num_tokens != num_tokens:
+        raise ValueError(f"meta was built for {meta.num_tokens} tokens, the batch has {num_tokens}")
+    if meta.max_active_slot >= num_slots:
+        raise ValueError(f"slot_ids use slot {meta.max_active_slot}, but {weights} has {num_slots} slots")
+
+
+def _check_device(first: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, tensor in others.items():
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device}, expected {first.device}")
+    if first.device.type == "cpu" and not INTERPRETED:
+        raise ValueError(
+            "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            "imported to run on CPU tensors; use backend='torch' on CPU"
+        )
+
+
+def _fit(block: int, size: int) -> int:
+    """`block` shrunk to the problem: the next power of two >= size, and never below 16."""
+    return max(16, min(block, triton.next_power_of_2(max(size, 1))))
+
+
+def _interpreted_bf16(*tensors: torch.Tensor) -> bool:
+    return INTERPRETED and any(x.dtype == torch.bfloat16 for x in tensors)
+
+
+def _launch_options(cfg: LaunchConfig) -> dict[str, int]:
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

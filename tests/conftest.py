@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py and helpers
+
+from oracles import ADAPTER_SPECS, MODEL_KINDS, write_hf_model, write_peft_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=sorted(MODEL_KINDS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(kind, model_dir, {adapter_name: adapter_dir}) written by transformers + PEFT."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"hf_{kind}")
+    model_dir = write_hf_model(kind, root / "model")
+    adapters = {
+        name: write_peft_adapter(model_dir, root / "adapters" / name, seed=i, **spec)
+        for i, (name, spec) in enumerate(ADAPTER_SPECS.items())
+    }
+    return kind, model_dir, adapters

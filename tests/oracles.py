@@ -1,0 +1,113 @@
+"""Checkpoints written by Hugging Face transformers and PEFT: the references our engine must match.
+
+Test-only (transformers and peft are test dependencies). Everything is seeded and small.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ADAPTER_SPECS = {
+    # name: (LoraConfig kwargs)
+    "r1_qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+    "r8_all": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "r16_rslora_attn": dict(
+        r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    ),
+    "r32_mlp": dict(r=32, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "pattern": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    ),
+}
+
+MODEL_KINDS = {
+    "llama": dict(
+        cls="LlamaForCausalLM",
+        cfg="LlamaConfig",
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": dict(
+        cls="Qwen2ForCausalLM",
+        cfg="Qwen2Config",
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=128,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
+def write_hf_model(kind: str, out: Path, seed: int = 0) -> Path:
+    import transformers
+
+    spec = MODEL_KINDS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, spec["cfg"])(**spec["kwargs"])
+    model = getattr(transformers, spec["cls"])(config).eval()
+    with torch.no_grad():  # larger-than-default weights so differences are visible
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def load_hf_model(model_dir: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def write_peft_adapter(model_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_hf_model(model_dir)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_model_with(model_dir: Path, adapters: dict[str, Path]):
+    """A PeftModel holding every adapter in `adapters` under its name."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(load_hf_model(model_dir), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
