@@ -34,7 +34,7 @@ lint: setup
 run: setup
 	$(PY) -m inference_svc demo $(RUN_ARGS)
 
-test: setup lint
+test: setup lint protos-check
 	$(PY) -m pytest -q
 
 clean:

@@ -123,9 +123,9 @@ class AdapterCache:
             return adapter
         self.stats["host_misses"] += 1
         path, _ = self._source(adapter_id)
+        adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype)  # may reject
         if len(self.host) >= self.config.max_cpu_loras:
             self._evict_host_lru()
-        adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype)
         self.host[adapter_id] = adapter
         self.last_used[adapter_id] = time.time()
         self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time()))
@@ -150,11 +150,11 @@ class AdapterCache:
         """
         slot = self.slot_of.get(adapter_id)
         if slot is None:
-            slot = self._free_slot()
-            if slot is None:
+            if self._free_slot(dry_run=True) is None:
                 return None
+            adapter = self.ensure_host(adapter_id)  # a rejected adapter changes no slot
+            slot = self._free_slot()
             self.stats["slot_misses"] += 1
-            adapter = self.ensure_host(adapter_id)
             self.slots.set_slot(slot, adapter)
             self.slot_of[adapter_id] = slot
             self.on_change(ResidencyEvent("activated", adapter_id, slot, time.time()))

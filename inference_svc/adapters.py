@@ -292,9 +292,10 @@ def inspect_adapter(path: str | Path, model: ModelConfig, engine: EngineConfig) 
     cfg = read_adapter_config(path)
     check_adapter_config(cfg, engine, str(path))
     weights = _weights_path(path, engine)
-    if weights.suffix == ".bin":
-        raise errors.PickleWeightsNotAllowed(f"{path}: pickle weights cannot be inspected")
     size = weights.stat().st_size
+    if weights.suffix == ".bin":  # allowed explicitly; a pickle has no header to read alone
+        tensors = _pickle_tensor_infos(_load_pickle(weights))
+        return build_manifest(path, cfg, tensors, size, model, engine)
     with weights.open("rb") as f:
         head = f.read(8)
         if len(head) == 8:
@@ -320,7 +321,7 @@ def load_adapter(
     sha = hashlib.sha256(data).hexdigest()
     if weights_path.suffix == ".bin":
         state = _load_pickle(weights_path)
-        tensors = tuple(TensorInfo(k, "F32", tuple(v.shape), 0, 0) for k, v in state.items())
+        tensors = _pickle_tensor_infos(state)
     else:
         tensors = parse_safetensors_header(data, len(data), str(weights_path))
         state = _tensors_from_bytes(data, tensors)
@@ -352,6 +353,16 @@ def _tensors_from_bytes(data: bytes, tensors: tuple[TensorInfo, ...]) -> dict:
         flat = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
         out[t.name] = flat.reshape(t.shape).clone()
     return out
+
+
+def _pickle_tensor_infos(state: dict) -> tuple[TensorInfo, ...]:
+    codes = {dtype: code for code, (dtype, _) in SAFETENSORS_DTYPES.items()}
+    infos = []
+    for name, tensor in state.items():
+        if tensor.dtype not in codes:
+            raise errors.UnsupportedTensorDtype(f"tensor {name!r} has dtype {tensor.dtype}")
+        infos.append(TensorInfo(name, codes[tensor.dtype], tuple(tensor.shape), 0, 0))
+    return tuple(infos)
 
 
 def _load_pickle(path: Path) -> dict:

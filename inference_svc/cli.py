@@ -1,4 +1,4 @@
-"""`python -m inference_svc {plan,demo}`: flags and environment variables -> EngineConfig, once.
+"""`python -m inference_svc {plan,demo,serve}`: flags and environment variables -> config, once.
 
 Every EngineConfig field is a flag (`--max-loras`) and an environment variable
 (`LORASERVE_MAX_LORAS`); a flag wins over the variable, the variable over the default.
@@ -123,6 +123,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lora_modules(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`name=path` pairs (vLLM's --lora-modules syntax); ValueError naming a malformed one."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules entry ({spec!r}) must be NAME=PATH")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gRPC inference server until SIGTERM/SIGINT."""
+    import asyncio
+    import logging
+
+    from inference_svc.server import ServerConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        model=args.model,
+        engine=engine_config_from(args),
+        host=args.host,
+        port=args.port,
+        lora_modules=parse_lora_modules(args.lora_modules),
+        adapter_roots=tuple(args.adapter_root),
+        grace_s=args.grace_s,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    env = os.environ
+    serve = sub.add_parser(
+        "serve", help="run the gRPC inference server (InferenceService, health, reflection)"
+    )
+    serve.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer)")
+    serve.add_argument(
+        "--host",
+        default=env.get(ENV_PREFIX + "HOST", "127.0.0.1"),
+        help="listen address (env LORASERVE_HOST)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get(ENV_PREFIX + "PORT", "50051")),
+        help="listen port, 0 = any free port (env LORASERVE_PORT; default 50051)",
+    )
+    serve.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters registered and loaded into the host cache at start-up",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory LoadAdapter(path=...) may load adapters from (repeatable; none = disabled)",
+    )
+    serve.add_argument(
+        "--grace-s",
+        type=float,
+        default=10.0,
+        help="seconds from SIGTERM to exit; in-flight streams may finish",
+    )
+    serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    add_engine_flags(serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference_svc")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--num-adapters", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=12)
     add_engine_flags(demo)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"plan": cmd_plan, "demo": cmd_demo}[args.command](args)
+        return {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve}[args.command](args)
     except (ValueError, LoraServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

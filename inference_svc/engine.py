@@ -139,7 +139,7 @@ class LLMEngine:
         params: SamplingParams,
         adapter_id: str | None = None,
     ) -> None:
-        """Queue a request; raises InvalidRequest / AdapterNotFound / QueueFull up front."""
+        """Queue a request; raises InvalidRequest / AdapterNotFound / NoEvictableSlot / QueueFull up front."""
         if request_id in self.sequences:
             raise errors.RequestAlreadyExists(f"request {request_id!r} is already in flight")
         adapter_id = adapter_id or None
@@ -148,6 +148,12 @@ class LLMEngine:
         params.validate(self.model_config.vocab_size)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids, params)
+        if adapter_id is not None and adapter_id not in self.adapters.slot_of:
+            pinned = sorted(a for a in self.adapters.slot_of if a in self.adapters.pinned)
+            if len(pinned) >= self.config.max_loras:  # it would wait for a slot forever
+                raise errors.NoEvictableSlot(
+                    f"all {self.config.max_loras} slots (max_loras) are pinned by other adapters: {pinned}"
+                )
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
             raise errors.QueueFull(f"the waiting queue is full (max_queue_len={self.config.max_queue_len})")
         gen = None

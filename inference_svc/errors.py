@@ -126,3 +126,14 @@ class FailedPrecondition(LoraServeError):
 
 class AdapterInUse(FailedPrecondition):
     """The adapter has running requests or is pinned, so it cannot be evicted."""
+
+
+# --- UNAVAILABLE -------------------------------------------------------------------------------
+
+
+class Unavailable(LoraServeError):
+    """The service cannot take the request now; retrying later or elsewhere may work (UNAVAILABLE)."""
+
+
+class Draining(Unavailable):
+    """The server is starting or shutting down and accepts no new requests."""

@@ -41,6 +41,16 @@ class LoraBatchMeta:
         """Largest token count of any active slot (0 if none); sizes kernel grids, no device sync."""
         return max((len(rows) for _, rows in self.host_groups), default=0)
 
+    @cached_property
+    def host_segments(self) -> tuple[tuple[int, int, int], ...]:
+        """(slot, begin, end) of each active slot's run inside `sorted_token_ids`, for host loops."""
+        segments, begin = [], None
+        for slot, rows in self.host_groups:
+            begin = self.num_tokens - sum(len(r) for _, r in self.host_groups) if begin is None else begin
+            segments.append((slot, begin, begin + len(rows)))
+            begin += len(rows)
+        return tuple(segments)
+
     @property
     def max_active_slot(self) -> int:
         """Largest active slot index (-1 if none); lets ops bounds-check slots without a sync."""

@@ -2,6 +2,10 @@
 
 Semantics are the contract in DESIGN.md section 4; the Triton kernels in `triton_ops.py` must
 match these functions exactly (tests compare the two).
+
+Tokens are taken in slot order (`meta.sorted_token_ids`, where rows with slot -1 come first and are
+skipped), so each active slot is one contiguous run: one matmul per slot reads that adapter's
+weights once for all its tokens, then one scatter puts rows back in place.
 """
 
 from __future__ import annotations
@@ -20,9 +24,22 @@ def lora_shrink(
 ) -> torch.Tensor:  # [T, R] float32
     """Return `scale * x[i] @ lora_a[slot_ids[i]].T` per row in float32; rows with slot -1 are 0."""
     out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    for slot, rows in meta.groups():
-        xs = x.index_select(0, rows).float()  # [n, K]
-        out.index_copy_(0, rows, (xs @ lora_a[slot].float().t()) * scale)
+    if not meta.has_lora:
+        return out
+    first = meta.host_segments[0][1]
+    rows = meta.sorted_token_ids[first:]  # [n] tokens with an adapter, in slot order
+    xs = x.index_select(0, rows)  # [n, K]
+    ts = torch.empty(rows.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [n, R]
+    exact = x.dtype == lora_a.dtype == torch.float32
+    for slot, begin, end in meta.host_segments:
+        b, e = begin - first, end - first
+        if exact:
+            torch.mm(xs[b:e], lora_a[slot].t(), out=ts[b:e])
+        else:
+            ts[b:e] = xs[b:e].float() @ lora_a[slot].float().t()
+    if scale != 1.0:
+        ts *= scale
+    out.index_copy_(0, rows, ts)
     return out
 
 
@@ -35,9 +52,19 @@ def lora_expand(
     meta: LoraBatchMeta,
 ) -> None:
     """Add `t[i] @ lora_b[slot_ids[i]].T` into `out[i, out_offset:out_offset+N]` in place."""
-    n = lora_b.shape[1]
-    target = out[:, out_offset : out_offset + n]  # [T, N] view
-    for slot, rows in meta.groups():
-        ts = t.index_select(0, rows)  # [n, R]
-        delta = ts @ lora_b[slot].to(ts.dtype).t()  # [n, N]
-        target.index_add_(0, rows, delta.to(out.dtype))
+    if not meta.has_lora:
+        return
+    n_out = lora_b.shape[1]
+    first = meta.host_segments[0][1]
+    rows = meta.sorted_token_ids[first:]  # [n]
+    ts = t.index_select(0, rows)  # [n, R] float32
+    delta = torch.empty(rows.shape[0], n_out, dtype=torch.float32, device=out.device)  # [n, N]
+    exact = lora_b.dtype == torch.float32
+    for slot, begin, end in meta.host_segments:
+        b, e = begin - first, end - first
+        if exact:
+            torch.mm(ts[b:e], lora_b[slot].t(), out=delta[b:e])
+        else:
+            delta[b:e] = ts[b:e] @ lora_b[slot].float().t()
+    target = out[:, out_offset : out_offset + n_out]  # [T, N] view
+    target.index_add_(0, rows, delta.to(out.dtype))

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from oracles import peft_model_with
 
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
 from inference_svc.sampling import SamplingParams
+
+from oracles import peft_model_with
 
 ATOL = 1e-4
 PROMPTS = [

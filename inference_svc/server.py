@@ -1,0 +1,164 @@
+"""Bootstrap of the inference gRPC server: `serve(config)` and the `InferenceServer` it runs.
+
+The server listens before the model is loaded so that health checks answer at once:
+NOT_SERVING while the engine is built and the start-up adapters are loaded, SERVING when ready,
+NOT_SERVING again from the moment shutdown begins. Shutdown (SIGTERM/SIGINT) refuses new
+requests, lets in-flight streams finish for most of the grace period, aborts the rest (UNAVAILABLE),
+then stops the gRPC server and the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from inference_svc.async_engine import AsyncEngine
+from inference_svc.config import EngineConfig
+from inference_svc.errors_grpc import ErrorInterceptor
+from inference_svc.servicer import SERVICE_NAME, InferenceServicer
+from loraserve.v1 import inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Largest message accepted or sent. A token-id prompt costs at most 5 bytes per token on the wire,
+# so 8 MiB admits prompts far longer than any model's context; responses are a few tokens each.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# The server pings a connection after 30 s without traffic and closes it if no ack comes within
+# 10 s: the streams of a client that vanished are then cancelled, freeing their KV blocks and slots.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+# Clients may send keepalive pings, also on idle connections, but not more often than every 10 s.
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ("grpc.http2.max_pings_without_data", 0),  # our own keepalive pings need no data in between
+    ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared with another server
+)
+# Of the shutdown grace period, this much (at most) is kept for cancelling what is left after the
+# drain and for stopping the gRPC server; the rest is the drain.
+CANCEL_MARGIN_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the inference server needs; the engine's own settings are in `engine`."""
+
+    # Model directory: config.json, model.safetensors, tokenizer.json.
+    model: str
+    # Engine configuration (slots, host cache, KV cache, batch limits).
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Address to listen on; 127.0.0.1 keeps it local, 0.0.0.0 exposes it.
+    host: str = "127.0.0.1"
+    # Port to listen on; 0 picks a free one (logged and available as InferenceServer.port).
+    port: int = 50051
+    # (adapter_id, directory) pairs registered and loaded into the host cache at start-up.
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    # Directories LoadAdapter(path=...) may register adapters from; empty disables it.
+    adapter_roots: tuple[str, ...] = ()
+    # Seconds from SIGTERM until the process is down: in-flight streams may finish meanwhile.
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port ({self.port}) must be in 0..65535")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s ({self.grace_s}) must be >= 0")
+        ids = [name for name, _ in self.lora_modules]
+        if any(not name for name in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"lora_modules ({ids}) must have distinct, non-empty names")
+
+
+class InferenceServer:
+    """One replica's gRPC server: InferenceService, health and reflection over one engine."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine = AsyncEngine(self._build_engine)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.engine, config.adapter_roots), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+
+    def _build_engine(self):
+        from inference_svc.engine import LLMEngine  # torch is imported on the engine thread
+
+        engine = LLMEngine(self.config.model, self.config.engine)
+        for i, (adapter_id, path) in enumerate(self.config.lora_modules):
+            engine.register_adapter(adapter_id, path)
+            if i < engine.config.max_cpu_loras:  # more would only evict the first ones again
+                engine.load_adapter(adapter_id)
+                log.info("preloaded adapter %r from %s into the host cache", adapter_id, path)
+            else:
+                log.info(
+                    "registered adapter %r from %s (host cache full: loads on first use)", adapter_id, path
+                )
+        return engine
+
+    async def start(self) -> None:
+        """Listen (NOT_SERVING), build the engine and preload adapters, then report SERVING.
+
+        Raises whatever building the engine raised, after stopping the server.
+        """
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        log.info("listening on %s:%d (NOT_SERVING until the engine is ready)", self.config.host, self.port)
+        try:
+            await self.engine.start()
+        except BaseException:
+            await self._server.stop(0)
+            raise
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", SERVICE_NAME, self.config.host, self.port)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown within `grace_s` (default: the config's): drain, cancel, stop."""
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        margin = min(CANCEL_MARGIN_S, grace_s / 2)
+        await self.health.enter_graceful_shutdown()
+        aborted = await self.engine.drain(grace_s - margin)
+        if aborted:
+            log.warning("grace period over: aborted %d in-flight requests", aborted)
+        await self._server.stop(margin)
+        await self.engine.stop()
+        log.info("stopped")
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down within `config.grace_s` seconds."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    server = InferenceServer(config)
+    await server.start()
+    await stopping.wait()
+    log.info("shutting down: draining for up to %.1f s", config.grace_s)
+    await server.stop()

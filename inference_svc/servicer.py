@@ -1,0 +1,186 @@
+"""`InferenceService` (loraserve.v1): proto -> engine call -> proto, nothing else.
+
+Errors are raised as the typed errors of `inference_svc.errors`; `errors_grpc.ErrorInterceptor`
+turns them into status codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from inference_svc import errors
+from inference_svc.adapter_cache import ResidentAdapter
+from inference_svc.async_engine import AsyncEngine
+from inference_svc.engine import RequestOutput
+from inference_svc.sampling import SamplingParams
+from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+FINISH_REASONS = {
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "stop": inference_pb2.FINISH_REASON_STOP,
+}
+TIERS = {"host": common_pb2.ADAPTER_TIER_HOST, "slot": common_pb2.ADAPTER_TIER_SLOT}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Serves one `AsyncEngine`.
+
+    Args:
+        engine: the running engine bridge.
+        adapter_roots: directories LoadAdapter may register adapters from (standalone mode); empty
+            disables loading by path.
+    """
+
+    def __init__(self, engine: AsyncEngine, adapter_roots: tuple[str | Path, ...] = ()):
+        self.engine = engine
+        self.adapter_roots = tuple(Path(r).resolve() for r in adapter_roots)
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        prompt = prompt_from(request)
+        params = sampling_params_from(request.params)
+        stream = self.engine.generate(prompt, params, request.adapter_id or None, request.request_id or None)
+        async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
+            async for batch in stream:
+                yield response_from(batch, with_alternatives=params.logprobs > 0)
+
+    async def GetEngineInfo(self, request, context) -> inference_pb2.GetEngineInfoResponse:
+        return engine_info_to_proto(await self.engine.call(lambda engine: engine.info()))
+
+    async def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest, context):
+        adapter_id = _adapter_id(request.adapter_id)
+        path = self._allowed_path(request.path) if request.HasField("path") else None
+
+        def load(engine):
+            if path is not None:
+                engine.register_adapter(adapter_id, path)
+            return engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=request.pin)
+
+        resident = await self.engine.call(load)
+        return inference_pb2.LoadAdapterResponse(adapter=resident_to_proto(resident))
+
+    async def EvictAdapter(self, request: inference_pb2.EvictAdapterRequest, context):
+        adapter_id = _adapter_id(request.adapter_id)
+
+        def evict(engine):
+            if request.unpin:
+                engine.adapters.unpin(adapter_id)
+            return engine.evict_adapter(adapter_id)
+
+        return inference_pb2.EvictAdapterResponse(evicted=await self.engine.call(evict))
+
+    async def ListResidentAdapters(self, request, context):
+        resident = await self.engine.call(lambda engine: engine.list_resident_adapters())
+        return inference_pb2.ListResidentAdaptersResponse(adapters=[resident_to_proto(r) for r in resident])
+
+    def _allowed_path(self, path: str) -> Path:
+        if not self.adapter_roots:
+            raise errors.FailedPrecondition(
+                "loading adapters by path is disabled: start the server with --adapter-root DIR"
+            )
+        if not Path(path).is_absolute():
+            raise errors.InvalidRequest("path", f"must be an absolute path, got {path!r}")
+        resolved = Path(path).resolve()  # follows symlinks, so a link cannot escape the roots
+        if not any(resolved.is_relative_to(root) for root in self.adapter_roots):
+            roots = ", ".join(str(r) for r in self.adapter_roots)
+            raise errors.InvalidRequest("path", f"{path!r} is not under an adapter root ({roots})")
+        return resolved
+
+
+def _adapter_id(adapter_id: str) -> str:
+    if not adapter_id:
+        raise errors.InvalidRequest("adapter_id", "must be non-empty")
+    return adapter_id
+
+
+# --- proto -> domain ---------------------------------------------------------------------------
+
+
+def prompt_from(request: inference_pb2.GenerateRequest) -> str | list[int]:
+    """The prompt oneof: text or token ids (InvalidRequest "prompt" when neither is set)."""
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return request.text
+    if which == "token_ids":
+        return list(request.token_ids.ids)
+    raise errors.InvalidRequest("prompt", "set `text` or `token_ids`")
+
+
+def sampling_params_from(p: inference_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take SamplingParams' defaults; validation happens in the engine."""
+    d = SamplingParams()
+    return SamplingParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else d.max_tokens,
+        temperature=p.temperature if p.HasField("temperature") else d.temperature,
+        top_p=p.top_p if p.HasField("top_p") else d.top_p,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+    )
+
+
+# --- domain -> proto ---------------------------------------------------------------------------
+
+
+def response_from(batch: list[RequestOutput], with_alternatives: bool) -> inference_pb2.GenerateResponse:
+    """One message for the outputs one request has accumulated since its previous message."""
+    last = batch[-1]
+    response = inference_pb2.GenerateResponse(
+        request_id=last.request_id,
+        adapter_id=last.adapter_id or "",
+        token_ids=[o.token.token_id for o in batch],
+        text="".join(o.text for o in batch),
+        logprobs=[o.token.logprob for o in batch],
+    )
+    if with_alternatives:
+        for o in batch:
+            alternatives = [
+                inference_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in o.token.top_logprobs
+            ]
+            response.top_logprobs.add(alternatives=alternatives)
+    if last.finished:
+        response.finish_reason = FINISH_REASONS[last.finish_reason]
+        response.usage.prompt_tokens = last.usage.prompt_tokens
+        response.usage.completion_tokens = last.usage.completion_tokens
+    return response
+
+
+def resident_to_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
+    last_used = Timestamp()
+    last_used.FromNanoseconds(int(r.last_used * 1e9))
+    return common_pb2.ResidentAdapter(
+        adapter_id=r.adapter_id,
+        tier=TIERS[r.tier],
+        slot=r.slot,
+        pinned=r.pinned,
+        last_used=last_used,
+        in_flight=r.in_flight,
+        rank=r.rank,
+        size_bytes=r.size_bytes,
+        sha256=r.sha256,
+    )
+
+
+def engine_info_to_proto(info: dict) -> inference_pb2.GetEngineInfoResponse:
+    return inference_pb2.GetEngineInfoResponse(
+        config=_message(inference_pb2.EngineConfig, info["config"]),
+        model=_message(inference_pb2.ModelSummary, info["model"]),
+        memory_plan=_message(inference_pb2.MemoryPlan, info["memory_plan"]),
+        occupancy=_message(inference_pb2.Occupancy, info["occupancy"]),
+        cache_stats=_message(inference_pb2.CacheStats, info["cache_stats"]),
+    )
+
+
+def _message(cls, values: dict):
+    """`cls` from the entries of `values` it has fields for; None leaves a field unset."""
+    fields = cls.DESCRIPTOR.fields_by_name
+    return cls(**{k: v for k, v in values.items() if k in fields and v is not None})

@@ -1,0 +1,45 @@
+"""Small builders shared by the inference_svc tests."""
+
+from inference_svc.config import EngineConfig
+from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.engine import LLMEngine
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=258,
+)
+
+
+def tiny_model(root):
+    return write_demo_model(root / "model", **TINY)
+
+
+def tiny_engine(model_dir, adapter_root, n_adapters=0, **config):
+    """An engine on the tiny model with adapters a0..a{n-1} registered (rank 4 and 8 alternating)."""
+    defaults = dict(
+        max_loras=2, max_cpu_loras=4, max_lora_rank=8, device="cpu", kv_cache_bytes=1 << 20, kv_block_size=4
+    )
+    engine = LLMEngine(model_dir, EngineConfig(**{**defaults, **config}))
+    for i in range(n_adapters):
+        path = adapter_root / f"a{i}"
+        if not path.exists():
+            write_demo_adapter(path, engine.model_config, rank=4 + 4 * (i % 2), seed=100 + i)
+        engine.register_adapter(f"a{i}", path)
+    return engine
+
+
+def run_to_completion(engine):
+    """Step until idle; {request_id: [RequestOutput, ...]}."""
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def tokens_of(outputs):
+    return [o.token.token_id for o in outputs if o.token is not None]

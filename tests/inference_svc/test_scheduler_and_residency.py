@@ -1,0 +1,184 @@
+"""Continuous batching under the slot, sequence and KV limits; host-cache and slot residency."""
+
+import pytest
+import torch
+
+from inference_svc import errors
+from inference_svc.forward_batch import ForwardBatch, SequenceChunk
+from inference_svc.sampling import SamplingParams
+
+from helpers import run_to_completion, tiny_engine, tiny_model, tokens_of
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("m"))
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
+
+
+def prompt(i):
+    return [(13 * i + j) % 250 + 1 for j in range(3 + i % 5)]
+
+
+def solo_tokens(model_dir, adapter_root, adapter, ids, params=GREEDY):
+    engine = tiny_engine(model_dir, adapter_root, 8, max_loras=1, max_cpu_loras=1)
+    engine.add_request("solo", ids, params, adapter)
+    return tokens_of(run_to_completion(engine)["solo"])
+
+
+def test_many_adapters_share_few_slots_and_match_solo_runs(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 8, max_loras=2, max_cpu_loras=4)
+    requests = {f"r{i}": (prompt(i), [None, *[f"a{j}" for j in range(8)]][i % 9]) for i in range(18)}
+    for rid, (ids, adapter) in requests.items():
+        engine.add_request(rid, ids, GREEDY, adapter)
+    results = run_to_completion(engine)
+    history = engine.step_history
+    assert all(len(r.slots) <= 2 for r in history)
+    assert max(len(r.slots) for r in history) == 2  # batches really mixed adapters
+    for rid, (ids, adapter) in requests.items():
+        assert tokens_of(results[rid]) == solo_tokens(model_dir, adapter_root, adapter, ids), rid
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.adapters.refcount == {}
+
+
+def test_waiting_adapter_is_not_starved_by_a_stream_of_resident_ones(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 2, max_loras=1, max_cpu_loras=2)
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request("a-0", [1, 2], short, "a0")
+    engine.add_request("starving", [3, 4], short, "a1")
+    admitted_at = None
+    for step in range(200):
+        engine.add_request(f"a-{step + 1}", [1, 2], short, "a0")  # a0 always has fresh work
+        engine.step()
+        seq = engine.sequences.get("starving")
+        if seq is None or seq.status != "waiting":
+            admitted_at = step
+            break
+    assert admitted_at is not None, "a1's request never got the slot"
+    assert admitted_at <= engine.scheduler.aging_limit + 2 * short.max_tokens + 2
+
+
+def test_kv_pressure_preempts_and_recomputes_without_changing_results(model_dir, adapter_root):
+    # 10 blocks of 4 tokens: not enough for 6 sequences of up to 7 + 6 tokens at once
+    engine = tiny_engine(model_dir, adapter_root, 2, kv_cache_bytes=10 * 4 * 2 * 2 * 2 * 16 * 4)
+    assert engine.kv.num_blocks == 10
+    requests = {f"r{i}": (prompt(i), [None, "a0", "a1"][i % 3]) for i in range(6)}
+    for rid, (ids, adapter) in requests.items():
+        engine.add_request(rid, ids, GREEDY, adapter)
+    results = run_to_completion(engine)
+    for rid, (ids, adapter) in requests.items():
+        assert tokens_of(results[rid]) == solo_tokens(model_dir, adapter_root, adapter, ids), rid
+    assert engine.kv.num_free_blocks == 10
+
+
+def test_abort_frees_kv_blocks_and_slot_reference_at_once(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 2)
+    start = engine.kv.num_free_blocks
+    for i in range(4):
+        engine.add_request(f"r{i}", prompt(i), SamplingParams(max_tokens=50, temperature=0), f"a{i % 2}")
+    engine.step()
+    engine.step()
+    assert engine.kv.num_free_blocks < start and engine.adapters.refcount
+    for i in range(4):
+        assert engine.abort_request(f"r{i}")
+    assert engine.kv.num_free_blocks == start
+    assert engine.adapters.refcount == {}
+    assert not engine.abort_request("r0")  # already gone
+
+
+def test_request_validation_names_the_field(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 1)
+    cases = [
+        (SamplingParams(max_tokens=0), [1], None, "max_tokens"),
+        (SamplingParams(temperature=-1), [1], None, "temperature"),
+        (SamplingParams(top_p=0), [1], None, "top_p"),
+        (SamplingParams(top_k=-2), [1], None, "top_k"),
+        (SamplingParams(logprobs=99), [1], None, "logprobs"),
+        (SamplingParams(stop_token_ids=(999,)), [1], None, "stop_token_ids"),
+        (SamplingParams(), [], None, "prompt"),
+        (SamplingParams(), [1, 9999], None, "token_ids"),
+        (SamplingParams(max_tokens=10**6), [1], None, "max_tokens"),
+    ]
+    for params, ids, adapter, field in cases:
+        with pytest.raises(errors.InvalidRequest) as err:
+            engine.add_request("x", ids, params, adapter)
+        assert err.value.field == field
+    with pytest.raises(errors.AdapterNotFound):
+        engine.add_request("x", [1], SamplingParams(), "nope")
+    assert not engine.has_unfinished_requests()
+
+
+def test_queue_limit(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 0, max_queue_len=2)
+    engine.add_request("a", [1], SamplingParams())
+    engine.add_request("b", [1], SamplingParams())
+    with pytest.raises(errors.QueueFull):
+        engine.add_request("c", [1], SamplingParams())
+    with pytest.raises(errors.RequestAlreadyExists):
+        engine.add_request("a", [1], SamplingParams())
+
+
+def test_host_cache_is_lru_with_pins(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 5, max_loras=1, max_cpu_loras=3)
+    for name in ["a0", "a1", "a2", "a3"]:
+        engine.load_adapter(name)
+    assert {r.adapter_id for r in engine.list_resident_adapters()} == {"a1", "a2", "a3"}  # a0 was LRU
+    engine.load_adapter("a1", pin=True)
+    for name in ["a4", "a0", "a2"]:
+        engine.load_adapter(name)
+    resident = {r.adapter_id: r for r in engine.list_resident_adapters()}
+    assert set(resident) == {"a1", "a0", "a2"} and resident["a1"].pinned
+    with pytest.raises(errors.AdapterInUse):
+        engine.evict_adapter("a1")
+    engine.load_adapter("a0", pin=True)
+    engine.load_adapter("a2", pin=True)
+    with pytest.raises(errors.NoEvictableSlot):
+        engine.load_adapter("a3")
+    assert {r.adapter_id for r in engine.list_resident_adapters()} == {"a0", "a1", "a2"}
+    engine.adapters.unpin("a2")
+    assert engine.evict_adapter("a2") and not engine.evict_adapter("a2")  # idempotent
+
+
+def test_slot_tier_is_lru_and_busy_slots_are_never_taken(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 3, max_loras=2, max_cpu_loras=3)
+    engine.add_request("long", [1, 2], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), "a0")
+    engine.step()
+    slot_a0 = engine.adapters.slot_of["a0"]
+    for name in ["a1", "a2", "a1", "a2"]:
+        engine.load_adapter(name, to_slot=True)
+        assert engine.adapters.slot_of["a0"] == slot_a0  # running requests keep their slot
+    assert engine.adapters.slot_of.get("a1") is None  # a2 took the one free slot from a1
+    with pytest.raises(errors.AdapterInUse):
+        engine.evict_adapter("a0")
+
+
+def forward_logits(engine, ids, slot):
+    table = []
+    engine.kv.allocate(table, len(ids))
+    try:
+        batch = ForwardBatch.build([SequenceChunk(ids, 0, table, slot, True)], engine.kv, engine.device)
+        return engine.model.forward(batch, engine.kv, engine.lora)[0]
+    finally:
+        engine.kv.free(table)
+
+
+def test_slot_replace_and_reset(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 2, max_loras=2, max_cpu_loras=2)
+    ids = [5, 6, 7, 8]
+    base = forward_logits(engine, ids, -1)
+    engine.load_adapter("a0", to_slot=True)
+    engine.load_adapter("a1", to_slot=True)
+    s0, s1 = engine.adapters.slot_of["a0"], engine.adapters.slot_of["a1"]
+    with_a0, with_a1 = forward_logits(engine, ids, s0), forward_logits(engine, ids, s1)
+    assert not torch.allclose(with_a0, base) and not torch.allclose(with_a0, with_a1)
+    engine.lora.set_slot(s0, engine.adapters.host["a1"])  # load into an occupied slot: replaces it
+    torch.testing.assert_close(forward_logits(engine, ids, s0), with_a1, atol=1e-6, rtol=0)
+    engine.lora.reset_slot(s0)
+    torch.testing.assert_close(forward_logits(engine, ids, s0), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(forward_logits(engine, ids, s1), with_a1, atol=1e-6, rtol=0)
