@@ -51,6 +51,20 @@ class LoraBatchMeta:
             begin += len(rows)
         return tuple(segments)
 
+    @cached_property
+    def uniform_run(self) -> tuple[int, int, int] | None:
+        """(first_slot, end_slot, tokens_each) when the active slots are consecutive and each has
+        the same number of tokens (the usual decode step): the ops then run one batched matmul over
+        the slot tensors' own memory, with no gather and no per-slot loop. None otherwise."""
+        segments = self.host_segments
+        if not segments:
+            return None
+        first, last = segments[0][0], segments[-1][0]
+        each = segments[0][2] - segments[0][1]
+        if last - first + 1 != len(segments) or any(e - b != each for _, b, e in segments):
+            return None
+        return first, last + 1, each
+
     @property
     def max_active_slot(self) -> int:
         """Largest active slot index (-1 if none); lets ops bounds-check slots without a sync."""

@@ -5,7 +5,9 @@ match these functions exactly (tests compare the two).
 
 Tokens are taken in slot order (`meta.sorted_token_ids`, where rows with slot -1 come first and are
 skipped), so each active slot is one contiguous run: one matmul per slot reads that adapter's
-weights once for all its tokens, then one scatter puts rows back in place.
+weights once for all its tokens, then one scatter puts rows back in place. When the active slots
+are consecutive and hold the same number of tokens each (`meta.uniform_run`, the usual decode
+step), one batched matmul over a view of the slot tensor replaces the per-slot loop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ def lora_shrink(
     xs = x.index_select(0, rows)  # [n, K]
     ts = torch.empty(rows.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [n, R]
     exact = x.dtype == lora_a.dtype == torch.float32
+    if exact and meta.uniform_run is not None:
+        lo, hi, each = meta.uniform_run
+        xs3 = xs.view(hi - lo, each, xs.shape[1])  # [A, c, K]
+        torch.bmm(lora_a[lo:hi], xs3.transpose(1, 2), out=ts.view(hi - lo, each, -1).transpose(1, 2))
+        if scale != 1.0:
+            ts *= scale
+        out.index_copy_(0, rows, ts)
+        return out
     for slot, begin, end in meta.host_segments:
         b, e = begin - first, end - first
         if exact:
@@ -60,6 +70,12 @@ def lora_expand(
     ts = t.index_select(0, rows)  # [n, R] float32
     delta = torch.empty(rows.shape[0], n_out, dtype=torch.float32, device=out.device)  # [n, N]
     exact = lora_b.dtype == torch.float32
+    if exact and meta.uniform_run is not None:
+        lo, hi, each = meta.uniform_run
+        ts3 = ts.view(hi - lo, each, ts.shape[1])  # [A, c, R]
+        torch.bmm(lora_b[lo:hi], ts3.transpose(1, 2), out=delta.view(hi - lo, each, -1).transpose(1, 2))
+        out[:, out_offset : out_offset + n_out].index_add_(0, rows, delta.to(out.dtype))
+        return
     for slot, begin, end in meta.host_segments:
         b, e = begin - first, end - first
         if exact:

@@ -1,7 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton runs on CPU tensors only through its interpreter, which must be chosen before triton is
+# first imported: hence here, at collection time. An explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py and helpers
 
