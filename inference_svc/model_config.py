@@ -125,5 +125,5 @@ def _rope(raw: dict) -> tuple[float, str | None]:
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     theta = raw.get("rope_theta", params.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    return float(theta), rope_type
+    types = {params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")} - {None, "default"}
+    return float(theta), (types.pop() if types else None)

@@ -1,0 +1,106 @@
+"""Loading checkpoints: sharded safetensors, dtypes, architectures, tokenizers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from inference_svc.config import EngineConfig
+from inference_svc.engine import LLMEngine
+from inference_svc.errors import InvalidModel
+from inference_svc.model_config import ModelConfig
+from inference_svc.tokenizer import ByteTokenizer, IncrementalDecoder, load_tokenizer
+
+from oracles import load_hf_model, write_hf_model
+
+CPU = dict(device="cpu", kv_cache_bytes=1 << 20, max_loras=1)
+IDS = [[4, 8, 15, 16, 23, 42]]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_hf_model("llama", tmp_path_factory.mktemp("llama") / "m")
+
+
+def logits_of(model_dir, **config):
+    engine = LLMEngine(model_dir, EngineConfig(**{**CPU, **config}))
+    return engine.score(IDS, [None])[0]
+
+
+def test_sharded_checkpoint_gives_the_same_logits(llama_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    load_hf_model(llama_dir).save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    torch.testing.assert_close(logits_of(sharded), logits_of(llama_dir), atol=0, rtol=0)
+
+
+def test_missing_shard_is_named(llama_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    load_hf_model(llama_dir).save_pretrained(sharded, max_shard_size="40KB")
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(InvalidModel, match=victim.name):
+        logits_of(sharded)
+
+
+@pytest.mark.parametrize("dtype, atol", [("bfloat16", 0.15), ("float16", 0.02)])
+def test_half_precision_models_run_close_to_float32(llama_dir, dtype, atol):
+    half = logits_of(llama_dir, dtype=dtype)
+    full = logits_of(llama_dir, dtype="float32")
+    assert half.dtype == torch.float32  # logits are returned in float32
+    torch.testing.assert_close(half, full, atol=atol, rtol=0)
+
+
+def test_mistral_is_served_like_llama(llama_dir, tmp_path):
+    mistral = tmp_path / "mistral"
+    shutil.copytree(llama_dir, mistral)
+    cfg = json.loads((mistral / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    (mistral / "config.json").write_text(json.dumps(cfg))
+    torch.testing.assert_close(logits_of(mistral), logits_of(llama_dir), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(architectures=["GPT2LMHeadModel"]), "not supported"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn'"),
+    ],
+)
+def test_unsupported_models_are_rejected_clearly(llama_dir, tmp_path, change, message):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidModel, match=message):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_missing_config_and_weights(tmp_path, llama_dir):
+    with pytest.raises(InvalidModel, match="config.json does not exist"):
+        ModelConfig.from_dir(tmp_path)
+    shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(InvalidModel, match="neither model.safetensors"):
+        logits_of(tmp_path)
+
+
+def test_demo_tokenizer_round_trips_and_byte_fallback(tmp_path):
+    from inference_svc.demo_model import write_demo_model
+
+    model_dir = write_demo_model(
+        tmp_path / "demo",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    tok = load_tokenizer(model_dir)
+    text = "Grüße, LoRA! 🚀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < 256
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    dec = IncrementalDecoder(tok)
+    assert "".join(dec.push(i) for i in ids) == text  # multi-byte characters are never split
