@@ -9,9 +9,13 @@ RUN_ARGS ?=
 
 setup: system-deps $(VENV)/.installed
 
-# redis-server and the tools the tests drive; installed from Debian when missing.
+# Debian tools the stack and the tests drive, installed when missing: redis-server (the control
+# plane's state) and docker-compose 1.29 (validates docker-compose.yml; no Docker engine needed).
+# Each is both the command and its Debian package.
+SYSTEM_TOOLS := redis-server docker-compose
 system-deps:
-	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -122,3 +122,27 @@ def write_demo_adapter(
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m inference_svc.demo_model --model-dir D --adapter-dir A`: write the demo files once."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m inference_svc.demo_model", description=main.__doc__)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--adapter-dir", required=True, help="demo adapters go to ADAPTER_DIR/demo-N")
+    parser.add_argument("--num-adapters", type=int, default=4)
+    args = parser.parse_args(argv)
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        write_demo_model(model_dir)
+    model = ModelConfig.from_dir(model_dir)
+    for i in range(args.num_adapters):
+        path = Path(args.adapter_dir) / f"demo-{i}"
+        if not (path / "adapter_config.json").is_file():
+            write_demo_adapter(path, model, rank=8 * (1 + i % 2), seed=i)
+    print(f"demo model in {model_dir}, {args.num_adapters} adapters in {args.adapter_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The compose file validates against the Compose specification, and every healthcheck command
+exists in the image it runs in."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def compose_config(*profiles):
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose (Debian's 1.29) is missing: `make setup` installs it")
+    args = ["docker-compose", "-f", str(COMPOSE)]
+    for p in profiles:
+        args += ["--profile", p]
+    proc = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+@pytest.mark.parametrize("profiles", [(), ("cpu",), ("gpu",), ("cpu", "gpu")])
+def test_compose_file_validates(profiles):
+    config = compose_config(*profiles)
+    services = config["services"]
+    assert {"redis", "adapter-svc", "demo-assets"} <= set(services)
+    if "cpu" in profiles:
+        assert "inference-cpu" in services
+    if "gpu" in profiles:
+        devices = services["inference-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_redis_keeps_an_append_only_file_on_a_named_volume():
+    redis = compose_config()["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert "redis-data:/data:rw" in redis["volumes"] or "redis-data:/data" in redis["volumes"]
+
+
+def test_services_wait_for_healthy_dependencies():
+    services = compose_config("cpu")["services"]
+    assert services["adapter-svc"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["inference-cpu"]["depends_on"]["adapter-svc"]["condition"] == "service_healthy"
+
+
+def copied_packages() -> set[str]:
+    return set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE.read_text(), flags=re.M))
+
+
+def test_every_healthcheck_command_exists_in_its_image():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    services = compose_config("cpu", "gpu")["services"]
+    checked = 0
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test")
+        if not test:
+            continue
+        command = test[1:] if test[0] in ("CMD", "CMD-SHELL") else test
+        if service["image"].startswith("redis:"):
+            assert command[0] == "redis-cli", name  # ships in the official redis image
+        else:
+            assert service["image"].startswith("loraserve:"), name
+            assert command[:2] == ["python", "-m"], name
+            module = command[2]
+            assert module.split(".")[0] in copied_packages(), f"{name}: {module} is not copied into the image"
+            assert importlib.util.find_spec(module) is not None, module
+            assert any(d.startswith("grpcio-health-checking") for d in deps)
+        checked += 1
+    assert checked == 4  # redis, adapter-svc, inference-cpu, inference-gpu
+
+
+def test_healthcheck_module_reports_a_real_server():
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from loraserve.healthcheck import main
+
+    async def scenario():
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            down = await asyncio.to_thread(main, [f"127.0.0.1:{port}"])
+            await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            up = await asyncio.to_thread(main, [f"127.0.0.1:{port}"])
+        finally:
+            await server.stop(0)
+        return down, up
+
+    assert asyncio.run(scenario()) == (1, 0)
