@@ -52,13 +52,17 @@ def _signature(names: list[str], pointer_types: dict[str, str], consts: dict) ->
 
 def _launch_attrs(sig: dict[str, str]) -> dict[tuple[int, ...], list]:
     """What a real launch specialises on: pointers and sizes/strides divisible by 16."""
-    aligned = [i for i, (name, kind) in enumerate(sig.items()) if kind.startswith("*") or (
-        kind == "i32" and name != "out_offset")]
+    aligned = [
+        i
+        for i, (name, kind) in enumerate(sig.items())
+        if kind.startswith("*") or (kind == "i32" and name != "out_offset")
+    ]
     return {(i,): [["tt.divisibility", 16]] for i in aligned}
 
 
 def compile_kernel(op: str, dtype: str, cfg, rank: int, arch: int):
-    """Compile one kernel variant; returns Triton's compiled kernel (asm and metadata)."""
+    """Compile one kernel variant as the host wrapper would launch it with `cfg` (already passed
+    through `for_dtype`); returns Triton's compiled kernel (asm and metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
 
-    from kernels.launch_configs import DEFAULT_CONFIGS, parse_config_table
+    from kernels.launch_configs import DEFAULT_CONFIGS, for_dtype, parse_config_table
 
     table = DEFAULT_CONFIGS
     if args.configs:
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for op, cls, rank in keys:
         for dtype in DTYPES:
             try:
-                kernel = compile_kernel(op, dtype, table[(op, cls, rank)], rank, args.arch)
+                cfg = for_dtype(table[(op, cls, rank)], 4 if dtype == "fp32" else 2)
+                kernel = compile_kernel(op, dtype, cfg, rank, args.arch)
                 regs, spills = ptxas_report(kernel.asm["ptx"], args.arch)
                 shared_kb = kernel.metadata.shared / 1024
                 ok = spills == 0 and shared_kb <= args.max_shared_kb

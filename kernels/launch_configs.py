@@ -22,10 +22,12 @@ Write one with `python -m kernels.tune` on the target GPU (see kernels/README.md
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -68,8 +70,10 @@ def _cfg(bm: int, bn: int, bk: int, sk: int = 1, warps: int = 4, stages: int = 2
     return LaunchConfig(bm, bn, bk, sk, warps, stages)
 
 
-# Starting points: decode tiles are thin in M and long in K (memory bound, split K to fill the
-# GPU when few adapters are active); prefill tiles are square-ish to reuse each weight tile.
+# Starting points, not measured: decode tiles are thin in M and long in K (memory bound; split K
+# to fill the GPU when few adapters are active), prefill tiles reuse each weight tile over 64
+# tokens. Every entry compiles without register spills for fp16, bf16 and fp32 on sm_80 and
+# sm_90 (`python -m kernels.compile_check --arch 80|90`).
 DEFAULT_CONFIGS: dict[tuple[str, str, int], LaunchConfig] = {
     ("shrink", "decode", 16): _cfg(16, 16, 256, 8),
     ("shrink", "decode", 32): _cfg(16, 32, 256, 8),
@@ -78,7 +82,7 @@ DEFAULT_CONFIGS: dict[tuple[str, str, int], LaunchConfig] = {
     ("shrink", "decode", 256): _cfg(16, 128, 64, 4, stages=3),
     ("shrink", "decode", 512): _cfg(16, 128, 64, 2, stages=3),
     ("shrink", "prefill", 16): _cfg(64, 16, 128, 2, stages=3),
-    ("shrink", "prefill", 32): _cfg(64, 32, 128, 2, stages=3),
+    ("shrink", "prefill", 32): _cfg(64, 32, 128, 2, 8, 3),
     ("shrink", "prefill", 64): _cfg(64, 64, 64, 1, stages=3),
     ("shrink", "prefill", 128): _cfg(64, 128, 64, 1, 8, 3),
     ("shrink", "prefill", 256): _cfg(64, 128, 64, 1, 8, 3),
@@ -89,17 +93,17 @@ DEFAULT_CONFIGS: dict[tuple[str, str, int], LaunchConfig] = {
     ("expand", "decode", 128): _cfg(16, 64, 64, stages=3),
     ("expand", "decode", 256): _cfg(16, 64, 64, stages=3),
     ("expand", "decode", 512): _cfg(16, 64, 64, stages=3),
-    ("expand", "prefill", 16): _cfg(64, 128, 16),
-    ("expand", "prefill", 32): _cfg(64, 128, 32),
-    ("expand", "prefill", 64): _cfg(64, 128, 64, 1, 8, 3),
-    ("expand", "prefill", 128): _cfg(64, 128, 64, 1, 8, 3),
-    ("expand", "prefill", 256): _cfg(64, 128, 64, 1, 8, 3),
-    ("expand", "prefill", 512): _cfg(64, 128, 64, 1, 8, 3),
+    ("expand", "prefill", 16): _cfg(64, 128, 16, 1, 8),
+    ("expand", "prefill", 32): _cfg(64, 128, 32, 1, 8),
+    ("expand", "prefill", 64): _cfg(64, 128, 32, 1, 8, 3),
+    ("expand", "prefill", 128): _cfg(64, 128, 32, 1, 8, 3),
+    ("expand", "prefill", 256): _cfg(64, 128, 32, 1, 8, 3),
+    ("expand", "prefill", 512): _cfg(64, 128, 32, 1, 8, 3),
 }
 
 
 def shape_class(max_tokens_per_slot: int) -> str:
-    """"decode" if every active slot fits one thin token block, else "prefill"."""
+    """Return "decode" if every active slot fits one thin token block, else "prefill"."""
     return "decode" if max_tokens_per_slot <= DECODE_MAX_TOKENS else "prefill"
 
 
@@ -108,9 +112,9 @@ def rank_bucket(rank: int) -> int:
     return next((b for b in RANK_BUCKETS if rank <= b), RANK_BUCKETS[-1])
 
 
-def config_file_stem(device_name: str) -> str:
+def config_file_stem(name: str) -> str:
     """File name (without .json) of the tuned table for a device name."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def parse_config_table(table: dict, source: str) -> dict[tuple[str, str, int], LaunchConfig]:
@@ -149,22 +153,44 @@ def config_table_to_json(entries: dict[tuple[str, str, int], LaunchConfig]) -> d
     return table
 
 
-@lru_cache(maxsize=None)
-def device_table(device_name: str) -> dict[tuple[str, str, int], LaunchConfig]:
+@cache
+def device_table(name: str) -> dict[tuple[str, str, int], LaunchConfig]:
     """Defaults overlaid with `kernels/configs/<device>.json` when that file exists."""
     table = dict(DEFAULT_CONFIGS)
-    path = CONFIG_DIR / f"{config_file_stem(device_name)}.json"
+    path = CONFIG_DIR / f"{config_file_stem(name)}.json"
     if path.is_file():
         table.update(parse_config_table(json.loads(path.read_text()), str(path)))
     return table
 
 
-@lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
+@cache
+def device_name(device: torch.device) -> str:
+    """The name tuned tables are keyed by: the CUDA device name, or the device type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def get_config(op: str, max_tokens_per_slot: int, rank: int, device: torch.device) -> LaunchConfig:
-    """Launch parameters for `op` on `device` for this step's shape class and rank bucket."""
+@contextlib.contextmanager
+def overridden(device: torch.device, key: tuple[str, str, int], cfg: LaunchConfig) -> Iterator[None]:
+    """Use `cfg` for `key` on `device` inside the block (for `kernels.tune`; not thread-safe)."""
+    table = device_table(device_name(device))
+    previous = table[key]
+    table[key] = cfg
+    try:
+        yield
+    finally:
+        table[key] = previous
+
+
+def for_dtype(cfg: LaunchConfig, itemsize: int) -> LaunchConfig:
+    """`cfg` for operands of `itemsize` bytes: 4-byte (fp32) operands get half the reduction
+    block, so one pipeline stage holds the same bytes as with fp16/bf16 (and fits registers)."""
+    return replace(cfg, block_k=max(16, cfg.block_k // 2)) if itemsize >= 4 else cfg
+
+
+def get_config(
+    op: str, max_tokens_per_slot: int, rank: int, device: torch.device, itemsize: int
+) -> LaunchConfig:
+    """Launch parameters for `op` on `device` for this step's shape class, rank bucket and the
+    byte size of the dot operands (see `for_dtype`)."""
     key = (op, shape_class(max_tokens_per_slot), rank_bucket(rank))
-    return device_table(_device_name(device))[key]
+    return for_dtype(device_table(device_name(device))[key], itemsize)

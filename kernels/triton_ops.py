@@ -21,6 +21,8 @@ roundings; the result is the one the GPU path computes up to summation order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -211,7 +213,9 @@ def lora_shrink(
     if not meta.has_lora or rank == 0:
         return out
 
-    cfg = get_config("shrink", meta.max_tokens_per_slot, rank, x.device)
+    dot_fp32 = x.dtype != lora_a.dtype or _interpreted_bf16(x, lora_a)
+    itemsize = 4 if x.dtype != lora_a.dtype else x.element_size()
+    cfg = get_config("shrink", meta.max_tokens_per_slot, rank, x.device, itemsize)
     block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
     block_r = _fit(cfg.block_n, rank)
     block_k = _fit(cfg.block_k, hidden)
@@ -221,27 +225,28 @@ def lora_shrink(
         split_k,
         meta.num_active,
     )
-    _lora_shrink_kernel[grid](
-        x,
-        lora_a,
-        out,
-        meta.sorted_token_ids,
-        meta.active_slots,
-        meta.tokens_per_slot,
-        meta.segment_starts,
-        hidden,
-        rank,
-        float(scale),
-        *x.stride(),
-        *lora_a.stride(),
-        *out.stride(),
-        BLOCK_M=block_m,
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        SPLIT_K=split_k,
-        DOT_FP32=x.dtype != lora_a.dtype or _interpreted_bf16(x, lora_a),
-        **_launch_options(cfg),
-    )
+    with _on_device(x):
+        _lora_shrink_kernel[grid](
+            x,
+            lora_a,
+            out,
+            meta.sorted_token_ids,
+            meta.active_slots,
+            meta.tokens_per_slot,
+            meta.segment_starts,
+            hidden,
+            rank,
+            float(scale),
+            *x.stride(),
+            *lora_a.stride(),
+            *out.stride(),
+            BLOCK_M=block_m,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            SPLIT_K=split_k,
+            DOT_FP32=dot_fp32,
+            **_launch_options(cfg),
+        )
     return out
 
 
@@ -263,6 +268,8 @@ def lora_expand(
     """
     _check_float("out", out, 2)
     _check_float("t", t, 2)
+    if t.dtype != torch.float32:
+        raise ValueError(f"t dtype ({t.dtype}) must be float32 (the output of lora_shrink)")
     _check_float("lora_b", lora_b, 3)
     num_tokens, rank = t.shape
     num_slots, width, _ = lora_b.shape
@@ -279,7 +286,7 @@ def lora_expand(
     if not meta.has_lora or rank == 0 or width == 0:
         return
 
-    cfg = get_config("expand", meta.max_tokens_per_slot, rank, out.device)
+    cfg = get_config("expand", meta.max_tokens_per_slot, rank, out.device, lora_b.element_size())
     block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
     block_n = _fit(cfg.block_n, width)
     block_r = _fit(cfg.block_k, rank)
@@ -287,26 +294,27 @@ def lora_expand(
         triton.cdiv(meta.max_tokens_per_slot, block_m) * triton.cdiv(width, block_n),
         meta.num_active,
     )
-    _lora_expand_kernel[grid](
-        t,
-        lora_b,
-        out,
-        meta.sorted_token_ids,
-        meta.active_slots,
-        meta.tokens_per_slot,
-        meta.segment_starts,
-        width,
-        rank,
-        int(out_offset),
-        *t.stride(),
-        *lora_b.stride(),
-        *out.stride(),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=block_r,
-        DOT_FP32=_interpreted_bf16(lora_b),
-        **_launch_options(cfg),
-    )
+    with _on_device(out):
+        _lora_expand_kernel[grid](
+            t,
+            lora_b,
+            out,
+            meta.sorted_token_ids,
+            meta.active_slots,
+            meta.tokens_per_slot,
+            meta.segment_starts,
+            width,
+            rank,
+            int(out_offset),
+            *t.stride(),
+            *lora_b.stride(),
+            *out.stride(),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            DOT_FP32=_interpreted_bf16(lora_b),
+            **_launch_options(cfg),
+        )
 
 
 def _check_float(name: str, tensor: torch.Tensor, ndim: int) -> None:
@@ -324,7 +332,7 @@ def _check_slots(
     slot_ids: torch.Tensor, meta: LoraBatchMeta, num_tokens: int, num_slots: int, weights: str
 ) -> None:
     if slot_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_ids dtype ({slot_ids.dtype}) must be int32")
+        raise ValueError(f"slot_ids dtype ({slot_ids.dtype}) must be int32 (or int64)")
     if slot_ids.shape != (num_tokens,):
         raise ValueError(f"slot_ids shape {tuple(slot_ids.shape)} must be [T] with T = {num_tokens}")
     if meta.num_tokens != num_tokens:
@@ -339,7 +347,7 @@ def _check_device(first: torch.Tensor, **others: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {tensor.device}, expected {first.device}")
     if first.device.type == "cpu" and not INTERPRETED:
         raise ValueError(
-            "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels.triton_ops is "
             "imported to run on CPU tensors; use backend='torch' on CPU"
         )
 
@@ -353,5 +361,13 @@ def _interpreted_bf16(*tensors: torch.Tensor) -> bool:
     return INTERPRETED and any(x.dtype == torch.bfloat16 for x in tensors)
 
 
+def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def _launch_options(cfg: LaunchConfig) -> dict[str, int]:
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # FMA fusion is requested explicitly: Triton 3.9 warns that its default will change.
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
