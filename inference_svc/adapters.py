@@ -106,16 +106,16 @@ def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[T
         if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
             raise errors.CorruptSafetensors(f"{where}: tensor {name!r} has a malformed entry")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise errors.UnsupportedTensorDtype(
                 f"{where}: tensor {name!r} has dtype {dtype}; LoRA weights must be one of "
                 f"{sorted(SAFETENSORS_DTYPES)}"
             )
-        ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
         ok_offsets = (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
+            and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size
         )
         if not ok_shape or not ok_offsets:
@@ -140,6 +140,14 @@ def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[T
             f"{where}: data section is {data_size} bytes but tensors end at {spans[-1][1]}"
         )
     return tuple(tensors)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -176,8 +184,19 @@ def check_adapter_config(cfg: dict, engine: EngineConfig, where: str) -> None:
         )
     if cfg.get("fan_in_fan_out"):
         raise errors.AdapterConfigInvalid(f"{where}: fan_in_fan_out=true is not supported")
-    if not isinstance(cfg["lora_alpha"], (int, float)) or isinstance(cfg["lora_alpha"], bool):
-        raise errors.AdapterConfigInvalid(f"{where}: lora_alpha must be a number")
+    if not _is_number(cfg["lora_alpha"]):
+        raise errors.AdapterConfigInvalid(f"{where}: lora_alpha must be a finite number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise errors.AdapterConfigInvalid(f"{where}: {key} must be an object of pattern -> value")
+        for regex in pattern:
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise errors.AdapterConfigInvalid(f"{where}: {key} key {regex!r} is not a regex ({e})") from e
+    if not all(_is_number(a) for a in (cfg.get("alpha_pattern") or {}).values()):
+        raise errors.AdapterConfigInvalid(f"{where}: alpha_pattern values must be finite numbers")
     ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
     for r in ranks:
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -185,6 +204,12 @@ def check_adapter_config(cfg: dict, engine: EngineConfig, where: str) -> None:
         if r > engine.max_lora_rank:
             raise errors.RankTooLarge(f"{where}: rank {r} exceeds max_lora_rank ({engine.max_lora_rank})")
     targets = cfg["target_modules"]
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise errors.AdapterConfigInvalid(
+            f"{where}: target_modules must be a list of names or a regex string"
+        )
     if isinstance(targets, list):
         unknown = sorted(set(targets) - set(engine.lora_target_modules))
         if unknown:

@@ -1,0 +1,117 @@
+"""Property-based fuzzing of adapter parsing: whatever the bytes, only the project's own
+validation errors come out (never a KeyError, TypeError, struct.error, ...)."""
+
+import json
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inference_svc import errors
+from inference_svc.adapters import check_adapter_config, inspect_adapter, parse_safetensors_header
+from inference_svc.config import EngineConfig
+from inference_svc.model_config import ModelConfig
+
+MODEL = ModelConfig.from_dict(
+    {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
+)
+ENGINE = EngineConfig(max_lora_rank=16, device="cpu")
+VALID_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
+    max_leaves=12,
+)
+config_keys = st.sampled_from(
+    [
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "use_dora",
+        "modules_to_save",
+        "bias",
+        "lora_bias",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "peft_type",
+    ]
+)
+tensor_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I8", "F64"]), json_values),
+        "shape": st.one_of(st.lists(st.integers(-2, 70), max_size=3), json_values),
+        "data_offsets": st.one_of(st.lists(st.integers(-5, 5000), min_size=2, max_size=2), json_values),
+    }
+)
+tensor_names = st.one_of(
+    st.sampled_from(
+        [
+            f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+            for i in (0, 1, 5)
+            for m in ("q_proj", "v_proj", "lm_head")
+            for ab in "AB"
+        ]
+    ),
+    st.text(max_size=20),
+)
+
+
+@FUZZ
+@given(st.dictionaries(config_keys, json_values, max_size=8))
+def test_adapter_config_fuzz_raises_only_validation_errors(cfg):
+    try:
+        check_adapter_config({**VALID_CONFIG, **cfg}, ENGINE, "fuzz")
+    except errors.InvalidAdapter:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=256), st.integers(0, 10_000))
+def test_random_bytes_as_safetensors_raise_only_validation_errors(data, claimed_size):
+    try:
+        parse_safetensors_header(data, max(claimed_size, len(data)), "fuzz")
+    except errors.InvalidAdapter:
+        pass
+
+
+@FUZZ
+@given(st.dictionaries(tensor_names, st.one_of(tensor_entry, json_values), max_size=5), st.integers(0, 4096))
+def test_structured_headers_raise_only_validation_errors(header, data_size):
+    raw = json.dumps(header).encode()
+    data = struct.pack("<Q", len(raw)) + raw
+    try:
+        parse_safetensors_header(data, len(data) + data_size, "fuzz")
+    except errors.InvalidAdapter:
+        pass
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cfg=st.dictionaries(config_keys, json_values, max_size=6),
+    header=st.dictionaries(tensor_names, tensor_entry, max_size=4),
+    payload=st.binary(max_size=512),
+)
+def test_whole_adapter_directories_raise_only_validation_errors(tmp_path_factory, cfg, header, payload):
+    path = tmp_path_factory.mktemp("fuzz")
+    (path / "adapter_config.json").write_text(json.dumps({**VALID_CONFIG, **cfg}))
+    raw = json.dumps(header).encode()
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+    try:
+        inspect_adapter(path, MODEL, ENGINE)
+    except errors.InvalidAdapter:
+        pass
