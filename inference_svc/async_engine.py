@@ -44,10 +44,15 @@ class AsyncEngine:
     Args:
         build: called on the engine thread to construct the engine (model loading happens there,
             so the event loop stays responsive while the server starts).
+        on_crash: called on the event loop if the engine thread dies of an unexpected error
+            (in-flight streams then end with UNAVAILABLE and new calls are refused).
     """
 
-    def __init__(self, build: Callable[[], LLMEngine]):
+    def __init__(
+        self, build: Callable[[], LLMEngine], on_crash: Callable[[BaseException], None] | None = None
+    ):
         self._build = build
+        self._on_crash = on_crash or (lambda error: None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs (loop side)
         self._no_streams: asyncio.Event | None = None
@@ -79,6 +84,8 @@ class AsyncEngine:
         """
         if self.state == READY:
             self.state = DRAINING
+        if self._no_streams is None:  # never started
+            return 0
         try:
             await asyncio.wait_for(self._no_streams.wait(), timeout)
             return 0
@@ -176,6 +183,17 @@ class AsyncEngine:
             built.set_exception(e)
             return
         built.set_result(None)
+        try:
+            self._serve(engine)
+        except BaseException as e:  # a bug outside a step: nothing can run any more
+            log.critical("the engine thread crashed; the engine is stopped", exc_info=e)
+            self.state = STOPPED
+            self._loop.call_soon_threadsafe(self._on_crash, e)
+        finally:
+            self._shut_down(engine)
+
+    def _serve(self, engine: LLMEngine) -> None:
+        """Commands, then a step, until told to stop."""
         blocked = False  # the last step scheduled nothing although requests are queued
         while True:
             idle = not engine.has_unfinished_requests()
@@ -185,9 +203,8 @@ class AsyncEngine:
             for fn, future in commands:
                 self._execute(engine, fn, future)
             if stop:
-                break
+                return
             blocked = engine.has_unfinished_requests() and not self._step(engine)
-        self._shut_down(engine)
 
     def _take_commands(self, block: bool, timeout: float | None) -> tuple[list[Command], bool]:
         """Everything in the inbox (waiting up to `timeout` for the first if `block`), and stop?"""

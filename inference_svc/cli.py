@@ -152,6 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_modules=parse_lora_modules(args.lora_modules),
         adapter_roots=tuple(args.adapter_root),
         grace_s=args.grace_s,
+        adapter_manager=args.adapter_manager,
+        replica_id=args.replica_id,
+        advertise_address=args.advertise_address,
+        adapter_cache_dir=args.adapter_cache_dir,
     )
     asyncio.run(serve(config))
     return 0
@@ -193,6 +197,28 @@ def add_serve_parser(sub) -> None:
         type=float,
         default=10.0,
         help="seconds from SIGTERM to exit; in-flight streams may finish",
+    )
+    serve.add_argument(
+        "--adapter-manager",
+        default=env.get(ENV_PREFIX + "ADAPTER_MANAGER"),
+        metavar="HOST:PORT",
+        help="join this adapter manager and fetch adapters from it (env LORASERVE_ADAPTER_MANAGER)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=env.get(ENV_PREFIX + "REPLICA_ID", ""),
+        help="this replica's id with the manager, stable across restarts (default: advertise address)",
+    )
+    serve.add_argument(
+        "--advertise-address",
+        default=env.get(ENV_PREFIX + "ADVERTISE_ADDRESS", ""),
+        metavar="HOST:PORT",
+        help="where the manager reaches this replica (default: --host:bound port)",
+    )
+    serve.add_argument(
+        "--adapter-cache-dir",
+        default=env.get(ENV_PREFIX + "ADAPTER_CACHE_DIR"),
+        help="where adapters fetched from the manager are written (default: a temp dir)",
     )
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     add_engine_flags(serve)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
 from inference_svc.errors_grpc import ErrorInterceptor
+from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
 from loraserve.v1 import inference_pb2_grpc
 
@@ -69,6 +70,14 @@ class ServerConfig:
     adapter_roots: tuple[str, ...] = ()
     # Seconds from SIGTERM until the process is down: in-flight streams may finish meanwhile.
     grace_s: float = 10.0
+    # host:port of the adapter manager (control plane); None = standalone, no manager.
+    adapter_manager: str | None = None
+    # This replica's id with the manager, stable across restarts; "" = the advertised address.
+    replica_id: str = ""
+    # host:port the manager reaches this replica at; "" = host:bound port.
+    advertise_address: str = ""
+    # Where adapters fetched from the manager are written; None = a new temporary directory.
+    adapter_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -85,12 +94,22 @@ class InferenceServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine = AsyncEngine(self._build_engine)
+        self.engine = AsyncEngine(self._build_engine, on_crash=self._engine_crashed)
+        self.agent: ReplicaAgent | None = None
+        if config.adapter_manager:
+            self.agent = ReplicaAgent(
+                self.engine,
+                config.adapter_manager,
+                config.replica_id,
+                config.advertise_address,
+                config.adapter_cache_dir,
+            )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
+        self._crash_handling: asyncio.Task | None = None
         self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.engine, config.adapter_roots), self._server
+            InferenceServicer(self.engine, config.adapter_roots, self.agent), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -105,7 +124,8 @@ class InferenceServer:
     def _build_engine(self):
         from inference_svc.engine import LLMEngine  # torch is imported on the engine thread
 
-        engine = LLMEngine(self.config.model, self.config.engine)
+        on_change = self.agent.on_residency_change if self.agent is not None else None
+        engine = LLMEngine(self.config.model, self.config.engine, on_residency_change=on_change)
         for i, (adapter_id, path) in enumerate(self.config.lora_modules):
             engine.register_adapter(adapter_id, path)
             if i < engine.config.max_cpu_loras:  # more would only evict the first ones again
@@ -128,8 +148,15 @@ class InferenceServer:
         log.info("listening on %s:%d (NOT_SERVING until the engine is ready)", self.config.host, self.port)
         try:
             await self.engine.start()
+            if self.agent is not None:  # purge, then join with the snapshot, before SERVING
+                self.agent.advertise_address = (
+                    self.agent.advertise_address or f"{self.config.host}:{self.port}"
+                )
+                self.agent.replica_id = self.agent.replica_id or self.agent.advertise_address
+                await self.agent.start()
         except BaseException:
             await self._server.stop(0)
+            await self.engine.stop()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", SERVICE_NAME, self.config.host, self.port)
@@ -139,12 +166,17 @@ class InferenceServer:
         grace_s = self.config.grace_s if grace_s is None else grace_s
         margin = min(CANCEL_MARGIN_S, grace_s / 2)
         await self.health.enter_graceful_shutdown()
+        if self.agent is not None:  # leave first, so the manager stops sending work here
+            await self.agent.stop()
         aborted = await self.engine.drain(grace_s - margin)
         if aborted:
             log.warning("grace period over: aborted %d in-flight requests", aborted)
         await self._server.stop(margin)
         await self.engine.stop()
         log.info("stopped")
+
+    def _engine_crashed(self, error: BaseException) -> None:
+        self._crash_handling = asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):

@@ -16,6 +16,7 @@ from inference_svc import errors
 from inference_svc.adapter_cache import ResidentAdapter
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
+from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.sampling import SamplingParams
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -34,18 +35,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine: the running engine bridge.
         adapter_roots: directories LoadAdapter may register adapters from (standalone mode); empty
             disables loading by path.
+        agent: the adapter manager's agent (managed mode): it resolves aliases and routing rules
+            and fetches adapters the engine does not hold; None = standalone.
     """
 
-    def __init__(self, engine: AsyncEngine, adapter_roots: tuple[str | Path, ...] = ()):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        adapter_roots: tuple[str | Path, ...] = (),
+        agent: ReplicaAgent | None = None,
+    ):
         self.engine = engine
         self.adapter_roots = tuple(Path(r).resolve() for r in adapter_roots)
+        self.agent = agent
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         prompt = prompt_from(request)
         params = sampling_params_from(request.params)
-        stream = self.engine.generate(prompt, params, request.adapter_id or None, request.request_id or None)
+        adapter_id = request.adapter_id
+        if self.agent is not None:
+            adapter_id = await self.agent.resolve(adapter_id, dict(context.invocation_metadata() or ()))
+        stream = self.engine.generate(prompt, params, adapter_id or None, request.request_id or None)
         async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
             async for batch in stream:
                 yield response_from(batch, with_alternatives=params.logprobs > 0)
@@ -56,6 +68,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest, context):
         adapter_id = _adapter_id(request.adapter_id)
         path = self._allowed_path(request.path) if request.HasField("path") else None
+        if path is None and self.agent is not None:
+            await self.agent.ensure_local(adapter_id)  # fetched from the manager if not held
 
         def load(engine):
             if path is not None:
