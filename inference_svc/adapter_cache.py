@@ -176,8 +176,16 @@ class AdapterCache:
             self.refcount.pop(adapter_id, None)
         self.last_used[adapter_id] = time.time()
 
-    def can_acquire(self, adapter_id: str) -> bool:
-        return adapter_id in self.slot_of or self._free_slot(dry_run=True) is not None
+    def check_slot_reachable(self, adapter_id: str) -> None:
+        """Raise NoEvictableSlot when pins of other adapters hold every slot: a request for
+        `adapter_id` would otherwise wait forever."""
+        if adapter_id in self.slot_of:
+            return
+        pinned = sorted(a for a in self.slot_of if a in self.pinned)
+        if len(pinned) >= self.config.max_loras:
+            raise errors.NoEvictableSlot(
+                f"all {self.config.max_loras} slots (max_loras) are pinned by other adapters: {pinned}"
+            )
 
     def _free_slot(self, dry_run: bool = False) -> int | None:
         used = set(self.slot_of.values())

@@ -148,12 +148,8 @@ class LLMEngine:
         params.validate(self.model_config.vocab_size)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids, params)
-        if adapter_id is not None and adapter_id not in self.adapters.slot_of:
-            pinned = sorted(a for a in self.adapters.slot_of if a in self.adapters.pinned)
-            if len(pinned) >= self.config.max_loras:  # it would wait for a slot forever
-                raise errors.NoEvictableSlot(
-                    f"all {self.config.max_loras} slots (max_loras) are pinned by other adapters: {pinned}"
-                )
+        if adapter_id is not None:
+            self.adapters.check_slot_reachable(adapter_id)
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
             raise errors.QueueFull(f"the waiting queue is full (max_queue_len={self.config.max_queue_len})")
         gen = None
@@ -237,7 +233,9 @@ class LLMEngine:
         p = seq.params
         reason = None
         text = seq.decoder.text
-        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        # text before emitted_chars holds no stop string, so only its tail needs searching
+        found = (text.find(s, max(0, seq.emitted_chars - len(s) + 1)) for s in p.stop)
+        stop_at = min((i for i in found if i >= 0), default=-1)
         if stop_at >= 0:
             text, reason = text[:stop_at], "stop"
         elif tok.token_id in p.stop_token_ids:
@@ -249,8 +247,6 @@ class LLMEngine:
         if reason is None:
             hold = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
             end = max(seq.emitted_chars, len(text) - hold)
-            if text.endswith("\ufffd"):
-                end = min(end, len(text) - 1)
         else:
             end = len(text)
         delta = text[seq.emitted_chars : end]

@@ -129,7 +129,9 @@ class Scheduler:
             if seq.adapter_id is not None:
                 try:
                     slot = self.adapters.acquire_slot(seq.adapter_id)
-                except errors.LoraServeError as e:  # the adapter could not be loaded
+                    if slot is None:
+                        self.adapters.check_slot_reachable(seq.adapter_id)  # pins came after it queued
+                except errors.LoraServeError as e:  # the adapter cannot be loaded, or never get a slot
                     self.waiting.remove(seq)
                     self.failed.append((seq, e))
                     continue

@@ -44,22 +44,27 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | ByteTokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas without splitting multi-byte characters."""
+    """Turns a growing list of ids into text deltas without splitting multi-byte characters.
+
+    Each push decodes only a short window (the ids since the last emitted text, plus the ids of
+    the previous delta as context), so a sequence's detokenization is linear in its length.
+    """
 
     def __init__(self, tokenizer: Tokenizer | ByteTokenizer):
         self._tok = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._prefix = 0  # start of the context window
+        self._read = 0  # ids before this are already in `text`
+        self.text = ""  # everything decoded so far
 
     def push(self, token_id: int) -> str:
+        """Add one id; return the new text it completes ("" while a character is incomplete)."""
         self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        after = self._tok.decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        delta = text[self._emitted :]
-        self._emitted = len(text)
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
-
-    @property
-    def text(self) -> str:
-        return self._tok.decode(self._ids)

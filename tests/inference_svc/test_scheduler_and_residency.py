@@ -182,3 +182,17 @@ def test_slot_replace_and_reset(model_dir, adapter_root):
     engine.lora.reset_slot(s0)
     torch.testing.assert_close(forward_logits(engine, ids, s0), base, atol=1e-6, rtol=0)
     torch.testing.assert_close(forward_logits(engine, ids, s1), with_a1, atol=1e-6, rtol=0)
+
+
+def test_queued_request_fails_when_pins_later_take_every_slot(model_dir, adapter_root):
+    engine = tiny_engine(model_dir, adapter_root, 3, max_loras=1, max_cpu_loras=3)
+    engine.add_request("long", [1, 2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a0")
+    engine.add_request("queued", [1, 2], GREEDY, "a1")
+    engine.step()
+    engine.load_adapter("a0", pin=True)  # the only slot is now pinned by another adapter
+    results = run_to_completion(engine)
+    assert results["queued"][-1].finish_reason == "error"
+    assert isinstance(results["queued"][-1].error, errors.NoEvictableSlot)
+    assert len(tokens_of(results["long"])) == 3  # the pinned adapter's request still finished
+    with pytest.raises(errors.NoEvictableSlot):
+        engine.add_request("new", [1], GREEDY, "a2")  # and new ones are refused up front
