@@ -1,0 +1,153 @@
+"""The manager's store of canonical adapter copies, content-addressed.
+
+An adapter's files live in `<store>/blobs/<sha[:2]>/<sha>-<config_sha[:16]>/` (`sha` = sha256 of the
+weights file, `config_sha` = sha256 of adapter_config.json), so identical uploads share one copy and
+a directory's contents never change once written. New files are staged under `<store>/staging/`,
+hashed while they are copied, validated there, then renamed into place (atomic on one filesystem).
+
+Blobs are kept when an adapter is unregistered: another id, or a later re-registration, may share
+the same bytes, and deleting one safely needs a lock shared by every manager copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter_svc import errors
+from inference_svc.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
+
+COPY_CHUNK = 1024**2
+
+
+@dataclass(frozen=True)
+class StagedAdapter:
+    """Adapter files copied into the staging area, with their checksums."""
+
+    directory: Path
+    sha256: str  # of the weights file
+    config_sha256: str
+    size_bytes: int  # of the weights file
+
+
+class BlobStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.blobs = self.root / "blobs"
+        self.staging = self.root / "staging"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str, config_sha256: str) -> Path:
+        return self.blobs / sha256[:2] / f"{sha256}-{config_sha256[:16]}"
+
+    def new_staging_dir(self) -> Path:
+        path = self.staging / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def stage_directory(self, source: Path) -> StagedAdapter:
+        """Copy an adapter directory's two files into staging, hashing them. Blocking.
+
+        Raises InvalidAdapter when a file is missing (pickle-only weights are never accepted).
+        """
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (source / name).is_file():
+                pickle = " (only pickle weights, adapter_model.bin, are there: convert them)"
+                hint = pickle if name == WEIGHTS_FILE and (source / PICKLE_WEIGHTS_FILE).is_file() else ""
+                raise errors.InvalidAdapter(f"{source}: {name} is missing{hint}")
+        target = self.new_staging_dir()
+        try:
+            config = (source / CONFIG_FILE).read_bytes()
+            (target / CONFIG_FILE).write_bytes(config)
+            digest, size = hashlib.sha256(), 0
+            with (source / WEIGHTS_FILE).open("rb") as src, (target / WEIGHTS_FILE).open("wb") as dst:
+                while block := src.read(COPY_CHUNK):
+                    digest.update(block)
+                    dst.write(block)
+                    size += len(block)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        return StagedAdapter(target, digest.hexdigest(), hashlib.sha256(config).hexdigest(), size)
+
+    def commit(self, staged: StagedAdapter) -> Path:
+        """Move staged files to their content address (keeping an existing identical copy)."""
+        final = self.path_for(staged.sha256, staged.config_sha256)
+        if final.is_dir():
+            self.discard(staged)
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staged.directory, final)
+        except OSError:  # another manager committed the same content first
+            if not final.is_dir():
+                raise
+            self.discard(staged)
+        return final
+
+    @staticmethod
+    def discard(staged: StagedAdapter) -> None:
+        shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+class UploadWriter:
+    """Writes an upload's weights into a staging directory, hashing and bounding its size."""
+
+    def __init__(self, store: BlobStore, config_json: bytes, max_bytes: int):
+        self.store = store
+        self.max_bytes = max_bytes
+        self.directory = store.new_staging_dir()
+        (self.directory / CONFIG_FILE).write_bytes(config_json)
+        self.config_sha256 = hashlib.sha256(config_json).hexdigest()
+        self._file = (self.directory / WEIGHTS_FILE).open("wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise errors.UploadTooLarge(
+                f"upload exceeds max_upload_bytes ({self.max_bytes} bytes); the weights are larger"
+            )
+        self._digest.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> StagedAdapter:
+        self._file.close()
+        return StagedAdapter(self.directory, self._digest.hexdigest(), self.config_sha256, self.size)
+
+    def abort(self) -> None:
+        self._file.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def resolve_allowed(path: str, roots: tuple[str, ...]) -> Path:
+    """The real directory `path` names, if it and its adapter files lie under an allowed root.
+
+    Raises PathNotAllowed for relative paths, `..`, and anything (the directory or a file in it)
+    whose symlinks resolve outside every root; InvalidAdapter if the directory does not exist.
+    """
+    if not roots:
+        raise errors.PathNotAllowed(
+            "registering from a directory is disabled: the manager was started without --adapter-root"
+        )
+    given = Path(path)
+    if not given.is_absolute():
+        raise errors.PathNotAllowed(f"path {path!r} must be absolute")
+    if ".." in given.parts:
+        raise errors.PathNotAllowed(f"path {path!r} must not contain '..'")
+    if not given.is_dir():
+        raise errors.InvalidAdapter(f"{path}: adapter directory does not exist")
+    real = given.resolve(strict=True)
+    candidates = [real] + [(real / name).resolve() for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    for root in roots:
+        if all(c.is_relative_to(root) for c in candidates):
+            return real
+    raise errors.PathNotAllowed(
+        f"path {path!r} resolves (through symlinks) outside the adapter roots {list(roots)}"
+    )

@@ -1,0 +1,111 @@
+"""`python -m adapter_svc {serve,events}`: flags and environment variables -> ManagerConfig, once.
+
+Every ManagerConfig field is a flag (`--heartbeat-interval-s`) and an environment variable
+(`LORASERVE_MANAGER_HEARTBEAT_INTERVAL_S`); a flag wins over the variable, the variable over the
+default. `--adapter-root` may be repeated (the variable takes a comma-separated list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+from adapter_svc.config import ManagerConfig
+from inference_svc.errors import LoraServeError
+
+ENV_PREFIX = "LORASERVE_MANAGER_"
+# Flags whose name differs from their field: repeated, one value each.
+REPEATED = {"adapter_roots": "--adapter-root"}
+
+
+def _parser_for(field: dataclasses.Field):
+    t = str(field.type)
+    if "tuple" in t:
+        return lambda s: tuple(x for x in s.replace(",", " ").split() if x)
+    if "float" in t:
+        return float
+    if "int" in t:
+        return int
+    return str
+
+
+def add_manager_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("manager configuration (flag, or env LORASERVE_MANAGER_<NAME>)")
+    for f in dataclasses.fields(ManagerConfig):
+        env = ENV_PREFIX + f.name.upper()
+        help_ = f"(env {env}; default {f.default!r})"
+        if f.name in REPEATED:
+            group.add_argument(REPEATED[f.name], dest=f.name, action="append", metavar="DIR", help=help_)
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            group.add_argument(flag, dest=f.name, type=_parser_for(f), default=None, help=help_)
+
+
+def manager_config_from(args: argparse.Namespace, environ=os.environ) -> ManagerConfig:
+    """flag > environment variable > ManagerConfig default; raises ValueError naming the field."""
+    values = {}
+    for f in dataclasses.fields(ManagerConfig):
+        value = getattr(args, f.name, None)
+        if isinstance(value, list):
+            value = tuple(value)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if value is None and env is not None:
+            value = _parser_for(f)(env)
+        if value is not None:
+            values[f.name] = value
+    return ManagerConfig(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adapter_svc.server import serve
+
+    config = manager_config_from(args)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print events as they happen (one line each) until interrupted."""
+    import grpc
+
+    from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
+
+    async def tail() -> None:
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            stub = adapter_pb2_grpc.AdapterServiceStub(channel)
+            request = adapter_pb2.WatchEventsRequest(
+                after_id=args.after, adapter_id=args.adapter or "", replica_id=args.replica or ""
+            )
+            async for e in stub.WatchEvents(request):
+                print(
+                    f"{e.id} {e.type:<15} adapter={e.adapter_id or '-'} replica={e.replica_id or '-'} {e.detail}"
+                )
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter_svc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the adapter manager (gRPC AdapterService)")
+    add_manager_flags(serve)
+    events = sub.add_parser("events", help="tail the manager's event stream")
+    events.add_argument("--target", default="127.0.0.1:50052", help="manager host:port")
+    events.add_argument("--after", default="", help="stream id to start after ('0' = oldest kept)")
+    events.add_argument("--adapter", help="only events about this adapter")
+    events.add_argument("--replica", help="only events about this replica")
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "events": cmd_events}[args.command](args)
+    except (ValueError, LoraServeError) as e:  # a bad setting, or an unusable --model-config
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,211 @@
+"""Typed errors of the control plane, and their one mapping to gRPC status codes.
+
+Domain code raises these; `ErrorInterceptor` ends the call with the status code of the error's
+family and its message. Redis connection loss (after the client's retries) maps to UNAVAILABLE;
+anything else unexpected is a bug: INTERNAL, with its traceback logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+import redis.exceptions
+
+log = logging.getLogger(__name__)
+
+
+class ManagerError(Exception):
+    """Base class of every error the adapter manager raises on purpose."""
+
+
+# --- INVALID_ARGUMENT --------------------------------------------------------------------------
+
+
+class InvalidArgument(ManagerError):
+    """A request field is malformed."""
+
+
+class InvalidAdapter(InvalidArgument):
+    """The adapter's files fail validation (rank, target modules, shapes, format ...)."""
+
+
+class PathNotAllowed(InvalidArgument):
+    """A RegisterAdapter path is not under an allow-listed adapter root (or escapes one)."""
+
+
+class ChecksumMismatch(InvalidArgument):
+    """Uploaded bytes do not hash to the sha256 the client declared."""
+
+
+# --- NOT_FOUND / ALREADY_EXISTS ----------------------------------------------------------------
+
+
+class NotFound(ManagerError):
+    """Something named by the request does not exist."""
+
+
+class AdapterNotFound(NotFound):
+    def __init__(self, adapter_id: str):
+        super().__init__(f"adapter {adapter_id!r} is not registered")
+        self.adapter_id = adapter_id
+
+
+class ReplicaNotFound(NotFound):
+    def __init__(self, replica_id: str):
+        super().__init__(f"replica {replica_id!r} has never joined")
+        self.replica_id = replica_id
+
+
+class AliasNotFound(NotFound):
+    def __init__(self, name: str):
+        super().__init__(f"alias {name!r} does not exist")
+
+
+class AlreadyExists(ManagerError):
+    """The id is taken (by other content, or by an alias / adapter in the shared namespace)."""
+
+
+# --- FAILED_PRECONDITION -----------------------------------------------------------------------
+
+
+class FailedPrecondition(ManagerError):
+    """The current state forbids the operation."""
+
+
+class AdapterPinned(FailedPrecondition):
+    """The adapter is pinned; unpin it or pass force."""
+
+
+class AdapterInUse(FailedPrecondition):
+    """The adapter is in a slot, or an alias or routing rule names it."""
+
+
+class NoValidationContext(FailedPrecondition):
+    """No replica has joined and the manager has no --model-config to validate against."""
+
+
+# --- ABORTED ----------------------------------------------------------------------------------
+
+
+class StaleReplica(ManagerError):
+    """A replica's call carries an epoch that is not its current one (or it was marked down):
+    the replica must join again with a snapshot, then retry (ABORTED: retry at a higher level)."""
+
+
+# --- RESOURCE_EXHAUSTED ------------------------------------------------------------------------
+
+
+class ResourceExhausted(ManagerError):
+    """A capacity limit refused the operation."""
+
+
+class NoEvictableAdapter(ResourceExhausted):
+    """Every host-cache entry of the replica is pinned (or being loaded)."""
+
+
+class UploadTooLarge(ResourceExhausted):
+    """An upload exceeds max_upload_bytes."""
+
+
+# --- UNAVAILABLE -------------------------------------------------------------------------------
+
+
+class Unavailable(ManagerError):
+    """A dependency is down or no replica can take the work; retrying later may succeed."""
+
+
+class NoReplicaAvailable(Unavailable):
+    """No live replica can hold the adapter."""
+
+
+class ReplicaCommandFailed(ManagerError):
+    """A replica refused or failed a command; carries the replica's own status code."""
+
+    def __init__(self, replica_id: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"replica {replica_id!r}: {details}")
+        self.replica_id = replica_id
+        self.code = code
+
+
+# Most specific first: the first family an error belongs to decides its code.
+STATUS_BY_FAMILY: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (StaleReplica, grpc.StatusCode.ABORTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (redis.exceptions.ConnectionError, grpc.StatusCode.UNAVAILABLE),
+    (redis.exceptions.TimeoutError, grpc.StatusCode.UNAVAILABLE),
+    (redis.exceptions.BusyLoadingError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The status code a raised error ends its call with (INTERNAL for anything unexpected)."""
+    if isinstance(error, ReplicaCommandFailed):
+        return error.code
+    for family, code in STATUS_BY_FAMILY:
+        if isinstance(error, family):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def message_for(error: BaseException) -> str:
+    if isinstance(error, redis.exceptions.RedisError):
+        return f"the registry store (Redis) is unavailable: {error}"
+    return str(error)
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    code = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed with an unexpected error", method, exc_info=error)
+        await context.abort(code, f"internal error: {type(error).__name__}: {error}")
+    await context.abort(code, message_for(error))
+
+
+def _wrap(method: str, behavior):
+    if inspect.isasyncgenfunction(behavior):
+
+        @functools.wraps(behavior)
+        async def stream_wrapper(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await _abort(context, method, e)
+
+        return stream_wrapper
+
+    @functools.wraps(behavior)
+    async def wrapper(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, method, e)
+
+    return wrapper
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Ends every call that raised with the status code `status_for` gives."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return handler._replace(**{kind: _wrap(method, behavior)})
+        return handler

@@ -1,0 +1,52 @@
+"""Commands the manager sends to replicas: their InferenceService at the address they advertised."""
+
+from __future__ import annotations
+
+import grpc
+
+from adapter_svc import errors
+from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+# A replica restarted on the same address is reached again within 2 s.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000))
+
+
+class ReplicaClient:
+    """One channel per replica address, reused across calls."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> inference_pb2_grpc.InferenceServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return inference_pb2_grpc.InferenceServiceStub(channel)
+
+    async def load(
+        self, replica_id: str, address: str, adapter_id: str, to_slot: bool, pin: bool
+    ) -> common_pb2.ResidentAdapter:
+        """LoadAdapter on the replica; raises ReplicaCommandFailed with the replica's status."""
+        request = inference_pb2.LoadAdapterRequest(adapter_id=adapter_id, to_slot=to_slot, pin=pin)
+        try:
+            response = await self._stub(address).LoadAdapter(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise errors.ReplicaCommandFailed(replica_id, e.code(), e.details() or "") from e
+        return response.adapter
+
+    async def evict(self, replica_id: str, address: str, adapter_id: str, unpin: bool) -> bool:
+        """EvictAdapter on the replica (idempotent); True if it was resident."""
+        request = inference_pb2.EvictAdapterRequest(adapter_id=adapter_id, unpin=unpin)
+        try:
+            response = await self._stub(address).EvictAdapter(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return False  # the replica never heard of it: nothing to evict
+            raise errors.ReplicaCommandFailed(replica_id, e.code(), e.details() or "") from e
+        return response.evicted
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,132 @@
+"""Bootstrap of the adapter manager: `serve(config)` and the `ManagerServer` it runs.
+
+Health (grpc.health.v1) is SERVING while Redis answers and NOT_SERVING while it does not (the
+manager keeps running and answers UNAVAILABLE meanwhile), and from the moment shutdown begins.
+Background tasks: the replica sweeper (marks lapsed replicas down) and the Redis health probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from adapter_svc.blobs import BlobStore
+from adapter_svc.config import ManagerConfig
+from adapter_svc.errors import ErrorInterceptor
+from adapter_svc.manager import AdapterManager
+from adapter_svc.registry import Registry, connect
+from adapter_svc.replica_client import ReplicaClient
+from adapter_svc.servicer import AdapterServicer
+from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
+# Upload and fetch chunks are at most 4 MiB (ManagerConfig.fetch_chunk_bytes); requests are small.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+)
+# How often Redis is pinged to keep the health status current.
+HEALTH_PROBE_S = 1.0
+
+
+class ManagerServer:
+    """AdapterService, health and reflection on one grpc.aio server, plus background tasks."""
+
+    def __init__(self, config: ManagerConfig):
+        self.config = config
+        self.redis = connect(config)
+        self.registry = Registry(self.redis, config.cluster, config.events_maxlen)
+        self.manager = AdapterManager(
+            config, self.registry, BlobStore(config.store_dir), ReplicaClient(config.replica_rpc_timeout_s)
+        )
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self._serving: bool | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        adapter_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.manager), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+
+    async def start(self) -> None:
+        """Listen, then start the sweeper and the health probe (the first probe runs now)."""
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        await self._probe()
+        self._tasks = [
+            asyncio.create_task(self.manager.run_sweeper(), name="replica-sweeper"),
+            asyncio.create_task(self._probe_forever(), name="redis-probe"),
+        ]
+        log.info(
+            "serving %s on %s:%d (cluster %r)", SERVICE_NAME, self.config.host, self.port, self.config.cluster
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, let in-flight calls finish within `grace_s`, then close everything."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._server.stop(grace_s)
+        await self.manager.close()
+        await self.redis.aclose()
+        log.info("stopped")
+
+    async def _probe(self) -> None:
+        try:
+            serving = bool(await asyncio.wait_for(self.registry.ping(), HEALTH_PROBE_S * 2))
+        except Exception:  # any failure to reach Redis means "not serving", never a crash
+            serving = False
+        if serving != self._serving:
+            self._serving = serving
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, status)
+            (log.info if serving else log.warning)(
+                "redis %s", "reachable: SERVING" if serving else "unreachable: NOT_SERVING"
+            )
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_PROBE_S)
+            await self._probe()
+
+
+async def serve(config: ManagerConfig) -> None:
+    """Run the manager until SIGTERM or SIGINT, then shut down within `config.shutdown_grace_s`."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    server = ManagerServer(config)
+    await server.start()
+    await stopping.wait()
+    log.info("shutting down: in-flight calls get %.1f s", config.shutdown_grace_s)
+    await server.stop()

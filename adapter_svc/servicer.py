@@ -1,0 +1,344 @@
+"""AdapterService over gRPC: proto -> domain call -> proto. No Redis, no files, no policy here.
+
+Errors are raised by the manager and mapped to status codes by `errors.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from adapter_svc import errors
+from adapter_svc.manager import AdapterManager, UploadHeader, WeightsInfo
+from adapter_svc.registry import AdapterRecord, Change, ReplicaRecord, Resident
+from adapter_svc.routing import Rule
+from loraserve.v1 import adapter_pb2 as pb
+from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
+
+CHANGE_KINDS = {
+    pb.RESIDENCY_CHANGE_KIND_LOADED: "loaded",
+    pb.RESIDENCY_CHANGE_KIND_ACTIVATED: "activated",
+    pb.RESIDENCY_CHANGE_KIND_DEACTIVATED: "deactivated",
+    pb.RESIDENCY_CHANGE_KIND_EVICTED: "evicted",
+    pb.RESIDENCY_CHANGE_KIND_LOAD_FAILED: "load_failed",
+}
+
+
+# --- conversions --------------------------------------------------------------------------------
+
+
+def state_proto(state: str) -> int:
+    return pb.AdapterState.Value(f"ADAPTER_STATE_{state}")
+
+
+def state_name(value: int) -> str:
+    """'' for UNSPECIFIED (no filter), else the registry's state name."""
+    return (
+        ""
+        if value == pb.ADAPTER_STATE_UNSPECIFIED
+        else pb.AdapterState.Name(value).removeprefix("ADAPTER_STATE_")
+    )
+
+
+def adapter_proto(r: AdapterRecord) -> pb.RegisteredAdapter:
+    return pb.RegisteredAdapter(
+        adapter_id=r.adapter_id,
+        source=r.source,
+        sha256=r.sha256,
+        rank=r.rank,
+        lora_alpha=r.lora_alpha,
+        use_rslora=r.use_rslora,
+        target_modules=r.target_modules,
+        size_bytes=r.size_bytes,
+        tenant=r.tenant,
+        metadata=r.metadata,
+        state=state_proto(r.state),
+        reason=r.reason,
+        pinned=r.pinned,
+        created_at_ms=r.created_at_ms,
+        updated_at_ms=r.updated_at_ms,
+        placements=[
+            pb.AdapterPlacement(replica_id=k, state=state_proto(v)) for k, v in sorted(r.placements.items())
+        ],
+    )
+
+
+def engine_dict(engine: inference_pb2.EngineConfig) -> dict:
+    out = {}
+    for f in engine.DESCRIPTOR.fields:
+        if f.has_presence and not engine.HasField(f.name):
+            continue
+        value = getattr(engine, f.name)
+        out[f.name] = list(value) if f.is_repeated else value
+    return out
+
+
+def engine_proto(engine: dict) -> inference_pb2.EngineConfig:
+    known = {f.name for f in inference_pb2.EngineConfig.DESCRIPTOR.fields}
+    return inference_pb2.EngineConfig(**{k: v for k, v in engine.items() if k in known and v is not None})
+
+
+def resident_proto(r: Resident) -> common_pb2.ResidentAdapter:
+    last_used = Timestamp()
+    last_used.FromMilliseconds(r.last_used_ms)
+    return common_pb2.ResidentAdapter(
+        adapter_id=r.adapter_id,
+        tier=common_pb2.ADAPTER_TIER_SLOT if r.slot >= 0 else common_pb2.ADAPTER_TIER_HOST,
+        slot=r.slot if r.slot >= 0 else None,
+        pinned=r.pinned,
+        last_used=last_used,
+        sha256=r.sha256,
+    )
+
+
+def resident_from(r: common_pb2.ResidentAdapter) -> Resident:
+    return Resident(
+        adapter_id=r.adapter_id,
+        slot=r.slot if r.HasField("slot") else -1,
+        pinned=r.pinned,
+        last_used_ms=r.last_used.ToMilliseconds(),
+        sha256=r.sha256,
+    )
+
+
+def change_from(c: pb.ResidencyChange) -> Change:
+    if c.kind not in CHANGE_KINDS:
+        raise errors.InvalidArgument(f"residency change {c.seq}: kind {c.kind} is not a known kind")
+    return Change(
+        seq=c.seq,
+        kind=CHANGE_KINDS[c.kind],
+        adapter_id=c.adapter_id,
+        slot=c.slot if c.HasField("slot") else -1,
+        at_ms=c.at_ms,
+        reason=c.reason,
+    )
+
+
+def replica_proto(r: ReplicaRecord) -> pb.ReplicaState:
+    return pb.ReplicaState(
+        replica_id=r.replica_id,
+        address=r.address,
+        status=pb.REPLICA_STATUS_UP if r.up else pb.REPLICA_STATUS_DOWN,
+        epoch=r.epoch,
+        joined_at_ms=r.joined_at_ms,
+        last_heartbeat_ms=r.last_heartbeat_ms,
+        engine=engine_proto(r.engine),
+        adapters=[resident_proto(a) for a in r.residents],
+        loading=r.loading,
+        down_reason=r.down_reason,
+    )
+
+
+def rule_proto(r: Rule) -> pb.RoutingRule:
+    return pb.RoutingRule(
+        name=r.name,
+        match_tenant=r.match_tenant,
+        match_headers=dict(r.match_headers),
+        match_adapter_id=r.match_adapter_id,
+        target=r.target,
+    )
+
+
+def rule_from(r: pb.RoutingRule) -> Rule:
+    return Rule(
+        name=r.name,
+        target=r.target,
+        match_tenant=r.match_tenant,
+        match_headers=tuple(sorted((k.lower(), v) for k, v in r.match_headers.items())),
+        match_adapter_id=r.match_adapter_id,
+    )
+
+
+def alias_proto(name: str, variants) -> pb.Alias:
+    return pb.Alias(name=name, variants=[pb.AliasVariant(adapter_id=a, weight=w) for a, w in variants])
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
+    def __init__(self, manager: AdapterManager):
+        self.manager = manager
+
+    # registry
+
+    async def RegisterAdapter(self, request, context):
+        record = await self.manager.register_dir(
+            request.adapter_id, request.path, request.tenant, dict(request.metadata)
+        )
+        return adapter_proto(record)
+
+    async def UploadAdapter(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise errors.InvalidArgument("UploadAdapter must start with a header message")
+        h = first.header
+        header = UploadHeader(h.adapter_id, h.adapter_config_json, h.tenant, dict(h.metadata), h.sha256)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise errors.InvalidArgument("UploadAdapter takes one header, then only chunks")
+                yield message.chunk
+
+        return adapter_proto(await self.manager.upload(header, chunks()))
+
+    async def GetAdapter(self, request, context):
+        return adapter_proto(await self.manager.get(request.adapter_id))
+
+    async def ListAdapters(self, request, context):
+        records, token = await self.manager.list_adapters(
+            request.page_size,
+            request.page_token,
+            request.tenant,
+            state_name(request.state),
+            request.replica_id,
+        )
+        return pb.ListAdaptersResponse(adapters=[adapter_proto(r) for r in records], next_page_token=token)
+
+    async def UnregisterAdapter(self, request, context):
+        evicted = await self.manager.unregister(request.adapter_id, request.force)
+        return pb.UnregisterAdapterResponse(evicted_from=evicted)
+
+    # placement
+
+    async def LoadAdapter(self, request, context):
+        replica_id, resident = await self.manager.load(
+            request.adapter_id, request.replica_id, request.to_slot
+        )
+        return pb.ClusterLoadAdapterResponse(replica_id=replica_id, adapter=resident)
+
+    async def EvictAdapter(self, request, context):
+        evicted = await self.manager.evict(request.adapter_id, request.replica_id, request.force)
+        return pb.ClusterEvictAdapterResponse(evicted_from=evicted)
+
+    async def PinAdapter(self, request, context):
+        return pb.PinAdapterResponse(replica_ids=await self.manager.pin(request.adapter_id))
+
+    async def UnpinAdapter(self, request, context):
+        await self.manager.unpin(request.adapter_id)
+        return pb.UnpinAdapterResponse()
+
+    async def GetClusterState(self, request, context):
+        return pb.ClusterState(replicas=[replica_proto(r) for r in await self.manager.cluster_state()])
+
+    # routing
+
+    async def SetAlias(self, request, context):
+        variants = [(v.adapter_id, v.weight) for v in request.alias.variants]
+        return alias_proto(request.alias.name, await self.manager.set_alias(request.alias.name, variants))
+
+    async def GetAlias(self, request, context):
+        return alias_proto(request.name, await self.manager.get_alias(request.name))
+
+    async def DeleteAlias(self, request, context):
+        await self.manager.delete_alias(request.name)
+        return pb.DeleteAliasResponse()
+
+    async def SetRoutingRules(self, request, context):
+        rules = await self.manager.set_rules([rule_from(r) for r in request.rules.rules])
+        return pb.RoutingRules(rules=[rule_proto(r) for r in rules])
+
+    async def GetRoutingRules(self, request, context):
+        table = await self.manager.routing_table()
+        return pb.RoutingRules(rules=[rule_proto(r) for r in table.rules])
+
+    async def GetRoutingTable(self, request, context):
+        table = await self.manager.routing_table()
+        return pb.RoutingTable(
+            version=table.version,
+            aliases=[alias_proto(name, v) for name, v in sorted(table.aliases.items())],
+            rules=[rule_proto(r) for r in table.rules],
+        )
+
+    async def ResolveAdapter(self, request, context):
+        res = await self.manager.resolve(
+            request.adapter_id, request.request_key, request.tenant, dict(request.headers)
+        )
+        return pb.ResolveAdapterResponse(adapter_id=res.adapter_id, alias=res.alias, rule=res.rule)
+
+    # events
+
+    async def WatchEvents(self, request, context):
+        async for e in self.manager.events(request.after_id, request.adapter_id, request.replica_id):
+            yield pb.AdapterEvent(
+                id=e.event_id,
+                type=e.type,
+                adapter_id=e.adapter_id,
+                replica_id=e.replica_id,
+                detail=e.detail,
+                at_ms=e.at_ms,
+            )
+
+    # replicas
+
+    async def JoinReplica(self, request, context):
+        joined = await self.manager.join(
+            request.replica_id,
+            request.address,
+            engine_dict(request.engine),
+            request.model_config_json,
+            [resident_from(r) for r in request.snapshot],
+            request.snapshot_seq,
+        )
+        return pb.JoinReplicaResponse(
+            epoch=joined.epoch,
+            heartbeat_interval_ms=joined.heartbeat_interval_ms,
+            drop=joined.drop,
+            routing_version=joined.routing_version,
+        )
+
+    async def Heartbeat(self, request, context):
+        answer = await self.manager.heartbeat(
+            request.replica_id,
+            request.epoch,
+            [resident_from(r) for r in request.snapshot],
+            request.snapshot_seq,
+        )
+        return pb.HeartbeatResponse(
+            rejoin=answer.rejoin,
+            routing_version=answer.routing_version,
+            unpin=answer.unpin,
+            pin=answer.pin,
+            drop=answer.drop,
+        )
+
+    async def ReportResidency(self, request, context):
+        changes = [change_from(c) for c in request.changes]
+        ok = await self.manager.report(request.replica_id, request.epoch, changes)
+        return pb.ReportResidencyResponse(rejoin=not ok)
+
+    async def LeaveReplica(self, request, context):
+        await self.manager.leave(request.replica_id, request.epoch)
+        return pb.LeaveReplicaResponse()
+
+    async def AcquireAdapter(self, request, context):
+        acquired = await self.manager.acquire(
+            request.replica_id,
+            request.epoch,
+            request.adapter_id,
+            [resident_from(r) for r in request.snapshot],
+        )
+        return pb.AcquireAdapterResponse(
+            adapter_id=acquired.adapter_id,
+            sha256=acquired.sha256,
+            size_bytes=acquired.size_bytes,
+            resident=acquired.resident,
+            evict=acquired.evict,
+            pin=acquired.pin,
+        )
+
+    async def FetchAdapterWeights(self, request, context):
+        async for part in self.manager.fetch(request.adapter_id):
+            if isinstance(part, WeightsInfo):
+                yield pb.AdapterWeightsChunk(
+                    header=pb.WeightsHeader(
+                        adapter_id=part.adapter_id,
+                        sha256=part.sha256,
+                        size_bytes=part.size_bytes,
+                        adapter_config_json=part.adapter_config_json,
+                    )
+                )
+            else:
+                yield pb.AdapterWeightsChunk(data=part)

@@ -1,0 +1,293 @@
+"""Logs, request ids and the metrics HTTP endpoint, shared by both services.
+
+- Logs are JSON lines on stderr (`setup_logging`), one object per record: `ts`, `level`,
+  `service`, `logger`, `msg`, `request_id` when the record belongs to a request, any `extra`
+  fields, and `exc` with the traceback.
+- A request id comes from the client's `x-request-id` metadata, or is generated. The server
+  interceptor puts it in a context variable for the whole call; client channels built with
+  `client_interceptors()` copy it into the metadata of every call made on the request's behalf
+  (the replica's calls to the manager, the manager's calls to replicas), so one id is logged by
+  every service a request touched.
+- The same interceptor logs one line per RPC (method, status code, duration) and reports it to the
+  service's metrics.
+- `MetricsServer` serves a Prometheus registry over HTTP (`GET /metrics`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import functools
+import inspect
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REQUEST_ID_HEADER = "x-request-id"
+# Longest request id accepted from a client; longer ones are cut (they are logged on every line).
+MAX_REQUEST_ID_CHARS = 128
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("loraserve_request_id", default="")
+
+# LogRecord attributes that are not `extra` fields.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def current_request_id() -> str:
+    """The id of the request being served on this task ("" outside a request)."""
+    return REQUEST_ID.get()
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module docstring for the keys)."""
+
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line = {
+            "ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", "") or REQUEST_ID.get()
+        if request_id:
+            line["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(service: str, level: str | int = "INFO") -> None:
+    """Route every logger to stderr as JSON lines tagged with `service`, at `level`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+# --- server side ----------------------------------------------------------------------------------
+
+# Status codes that describe the caller's request, not a fault of the server: logged at INFO.
+CALLER_OUTCOMES = frozenset(
+    {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS", "INVALID_ARGUMENT"}
+    | {"FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE"}
+)
+# Codes that mean a bug or lost data: logged at ERROR (the rest at WARNING).
+SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
+
+# (method, status code name, seconds, the exception the handler raised or None)
+RpcObserver = Callable[[str, str, float, BaseException | None], None]
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id, logs one line per RPC and reports it to `observe`.
+
+    Put it after the service's error interceptor (`interceptors=[ErrorInterceptor(), this]`), so
+    it sees the exceptions handlers raise and names their status code with `status_for`.
+
+    Args:
+        status_for: the service's exception -> grpc.StatusCode mapping.
+        observe: called once per finished RPC (metrics).
+        quiet: method names (e.g. "Heartbeat") logged at DEBUG instead of INFO; health checks and
+            reflection always are.
+    """
+
+    def __init__(
+        self,
+        status_for: Callable[[Exception], grpc.StatusCode],
+        observe: RpcObserver | None = None,
+        quiet: frozenset[str] = frozenset(),
+    ):
+        self.status_for = status_for
+        self.observe = observe or (lambda method, code, seconds, error: None)
+        self.quiet = quiet
+        self.log = logging.getLogger("loraserve.rpc")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full = handler_call_details.method  # "/package.Service/Method"
+        service, _, method = full.rpartition("/")
+        quiet = method in self.quiet or not service.startswith("/loraserve.")
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id = str(metadata.get(REQUEST_ID_HEADER, ""))[:MAX_REQUEST_ID_CHARS] or None
+        for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrapped = self._wrap(behavior, method, request_id, quiet)
+                return handler._replace(**{kind: wrapped})
+        return handler
+
+    def _wrap(self, behavior, method: str, request_id: str | None, quiet: bool):
+        if inspect.isasyncgenfunction(behavior):
+
+            @functools.wraps(behavior)
+            async def stream_wrapper(request, context):
+                # Each RPC runs on its own task, so the id is set for this call only.
+                REQUEST_ID.set(request_id or new_request_id())
+                start, error = time.perf_counter(), None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    self._done(method, context, start, error, quiet)
+
+            return stream_wrapper
+
+        @functools.wraps(behavior)
+        async def wrapper(request, context):
+            REQUEST_ID.set(request_id or new_request_id())
+            start, error = time.perf_counter(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                self._done(method, context, start, error, quiet)
+
+        return wrapper
+
+    def _done(self, method: str, context, start: float, error: BaseException | None, quiet: bool) -> None:
+        seconds = time.perf_counter() - start
+        code = self._code(context, error)
+        observed = error if isinstance(error, Exception) else None
+        try:
+            self.observe(method, code, seconds, observed)
+        except Exception:  # metrics must never fail a call
+            self.log.exception("recording metrics for %s failed", method)
+        if code in SERVER_FAULTS:
+            level = logging.ERROR
+        elif code not in CALLER_OUTCOMES:
+            level = logging.WARNING
+        else:
+            level = logging.DEBUG if quiet else logging.INFO
+        self.log.log(
+            level,
+            "%s %s %.1f ms",
+            method,
+            code,
+            seconds * 1000,
+            extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 3)},
+        )
+
+    def _code(self, context, error: BaseException | None) -> str:
+        if error is None:
+            code = context.code()  # set when the handler called context.set_code / abort
+            return code.name if isinstance(code, grpc.StatusCode) else "OK"
+        if isinstance(error, grpc.aio.AbortError):
+            code = context.code()
+            return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        if isinstance(error, Exception):
+            return self.status_for(error).name
+        return "CANCELLED"  # asyncio.CancelledError: the client went away or the deadline passed
+
+
+# --- client side ----------------------------------------------------------------------------------
+
+
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    request_id = REQUEST_ID.get()
+    if not request_id:
+        return details
+    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+    if REQUEST_ID_HEADER not in metadata:
+        metadata.add(REQUEST_ID_HEADER, request_id)
+    return details._replace(metadata=metadata)
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with_request_id(client_call_details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_request_id(client_call_details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_request_id(client_call_details), request_iterator)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a `grpc.aio` channel that forward the current request id."""
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary()]
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric as exposed; the README's metrics tables are generated from these."""
+
+    name: str  # exposed name; counters end in _total
+    kind: str  # "counter" | "gauge" | "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # histograms only
+
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+def build_metrics(specs: Iterable[MetricSpec], registry: CollectorRegistry) -> dict:
+    """{spec.name: the prometheus_client metric}, registered in `registry`."""
+    out = {}
+    for spec in specs:
+        kwargs = {"registry": registry}
+        if spec.buckets is not None:
+            kwargs["buckets"] = spec.buckets
+        out[spec.name] = _KINDS[spec.kind](spec.name, spec.help, spec.labels, **kwargs)
+    return out
+
+
+
+class MetricsServer:
+    """`GET http://host:port/metrics` for one registry, on a daemon thread; `close()` stops it.
+
+    Raises OSError if the port is taken.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port = self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

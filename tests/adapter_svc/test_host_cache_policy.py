@@ -1,0 +1,99 @@
+"""The host-cache policy the manager applies for a replica: LRU by last use, pins never evicted.
+
+One real replica (max_cpu_loras=3, max_loras=1) serves five adapters it fetches from the manager.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from manager_harness import TIMEOUT_S, ReplicaHandle, code_of, mirror, register, truth, wait_for
+
+from loraserve.v1 import adapter_pb2 as pb
+
+
+@pytest.fixture
+def replica(loop, manager, model_dir, adapters):
+    for i in range(5):
+        register(manager.stub, f"ad-{i}", adapters[f"ad-{i}"])
+    handle = ReplicaHandle(loop, model_dir, manager.address, "r1", max_loras=1, max_cpu_loras=3)
+    yield handle
+    handle.close()
+
+
+def evictions(redis_proc) -> list[str]:
+    entries = redis_proc.client().xrange(redis_proc.keys.events)
+    return [f["adapter"] for _, f in entries if f["type"] == "evicted" and f["replica"] == "r1"]
+
+
+def decisions(redis_proc) -> list[str]:
+    """The manager's own choices of victims (AcquireAdapter), as its events record them."""
+    entries = redis_proc.client().xrange(redis_proc.keys.events)
+    return [f["detail"] for _, f in entries if f["type"] == "loading" and f["detail"]]
+
+
+def settled(redis_proc, replica) -> dict:
+    """The replica's residency once Redis mirrors it exactly."""
+    r = redis_proc.client()
+
+    def same():
+        held = truth(replica.stub)
+        return (held,) if held == mirror(r, "r1") else None
+
+    return wait_for(same, "Redis to mirror the replica")[0]
+
+
+def use(replica, redis_proc, adapter_id: str) -> set[str]:
+    out = replica.generate(adapter_id)
+    assert out[-1].adapter_id == adapter_id
+    return set(settled(redis_proc, replica))
+
+
+def test_lru_eviction_pins_and_exhaustion(manager, replica, redis_proc):
+    assert [use(replica, redis_proc, f"ad-{i}") for i in range(3)] == [
+        {"ad-0"},
+        {"ad-0", "ad-1"},
+        {"ad-0", "ad-1", "ad-2"},
+    ]
+    assert use(replica, redis_proc, "ad-3") == {"ad-1", "ad-2", "ad-3"}
+    assert use(replica, redis_proc, "ad-4") == {"ad-2", "ad-3", "ad-4"}
+    assert use(replica, redis_proc, "ad-0") == {"ad-3", "ad-4", "ad-0"}
+    assert use(replica, redis_proc, "ad-3") == {"ad-3", "ad-4", "ad-0"}  # a hit refreshes ad-3
+    assert use(replica, redis_proc, "ad-1") == {"ad-3", "ad-0", "ad-1"}  # so ad-4 is the LRU
+    assert evictions(redis_proc) == ["ad-0", "ad-1", "ad-2", "ad-4"]
+    assert decisions(redis_proc) == ["evicting ad-0", "evicting ad-1", "evicting ad-2", "evicting ad-4"]
+
+    # A pinned adapter survives every later load.
+    pinned = manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id="ad-3"), timeout=TIMEOUT_S)
+    assert list(pinned.replica_ids) == ["r1"]
+    assert settled(redis_proc, replica)["ad-3"] == (-1, True)
+    for adapter_id in ("ad-2", "ad-4", "ad-0", "ad-1", "ad-2"):
+        assert "ad-3" in use(replica, redis_proc, adapter_id)
+    assert "ad-3" not in evictions(redis_proc)[4:]
+
+    # Every entry pinned: nothing can be evicted, and the answer is RESOURCE_EXHAUSTED, not a hang.
+    held = set(settled(redis_proc, replica))
+    for adapter_id in sorted(held - {"ad-3"}):
+        manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S)
+    cold = sorted({f"ad-{i}" for i in range(5)} - held)[0]
+    with pytest.raises(grpc.RpcError) as e:
+        replica.generate(cold)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_cpu_loras=3" in e.value.details()
+    load = code_of(manager.stub.LoadAdapter, pb.ClusterLoadAdapterRequest(adapter_id=cold))
+    assert load == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert set(settled(redis_proc, replica)) == held
+    evict = code_of(manager.stub.EvictAdapter, pb.ClusterEvictAdapterRequest(adapter_id="ad-3"))
+    assert evict == grpc.StatusCode.FAILED_PRECONDITION
+    unregister = code_of(manager.stub.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id="ad-3"))
+    assert unregister == grpc.StatusCode.FAILED_PRECONDITION
+
+    # Unpinned, adapters are evictable again (at once for the manager, by heartbeat on the replica;
+    # the engine also pins the slot of a pinned adapter, so every pin must go for `cold` to run).
+    for adapter_id in sorted(held):
+        manager.stub.UnpinAdapter(pb.UnpinAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S)
+    wait_for(lambda: not any(p for _, p in truth(replica.stub).values()), "the replica to drop its pins")
+    settled(redis_proc, replica)
+    (lru,) = redis_proc.client().zrange(redis_proc.keys.replica_host("r1"), 0, 0)
+    assert use(replica, redis_proc, cold) == held - {lru} | {cold}
+    assert evictions(redis_proc)[-1] == lru
