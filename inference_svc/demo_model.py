@@ -24,6 +24,15 @@ DEMO_SHAPE = dict(
     num_key_value_heads=4,
     vocab_size=258,
 )
+# The smallest shape that still has grouped-query attention: tests and smoke runs.
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=258,
+)
 BOS_ID, EOS_ID = 256, 257
 
 

@@ -29,7 +29,7 @@ from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
 from loraserve.v1 import adapter_pb2 as pb
@@ -37,14 +37,6 @@ from loraserve.v1 import adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60  # bound on any single wait
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 CLUSTER = "test"
 
 

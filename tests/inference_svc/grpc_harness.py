@@ -15,19 +15,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 NUM_ADAPTERS = 8
 TIMEOUT_S = 60  # bound on any single wait in these tests
 

@@ -1,21 +1,12 @@
 """Small builders shared by the inference_svc tests."""
 
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
-
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 
 
 def tiny_model(root):
-    return write_demo_model(root / "model", **TINY)
+    return write_demo_model(root / "model", **TINY_SHAPE)
 
 
 def tiny_engine(model_dir, adapter_root, n_adapters=0, **config):

@@ -11,25 +11,17 @@ from safetensors.torch import load_file, save_file
 from inference_svc import errors
 from inference_svc.adapters import inspect_adapter
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
 from inference_svc.model_config import ModelConfig
 from inference_svc.sampling import SamplingParams
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_demo_model(tmp_path_factory.mktemp("model"), **TINY)
+    return write_demo_model(tmp_path_factory.mktemp("model"), **TINY_SHAPE)
 
 
 @pytest.fixture
