@@ -7,6 +7,7 @@ returns per-(layer, module) tensors with the scaling folded into B, ready for a 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -333,7 +334,11 @@ def inspect_adapter(path: str | Path, model: ModelConfig, engine: EngineConfig) 
 def load_adapter(
     adapter_id: str, path: str | Path, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype
 ) -> LoraAdapter:
-    """Read and validate an adapter; B is pre-multiplied by its scaling, all cast to `dtype`."""
+    """Read and validate an adapter; B is pre-multiplied by its scaling, all cast to `dtype`.
+
+    The file is read once into a buffer that the returned tensors share where they can (no copy
+    for tensors already in `dtype`); its sha256 is computed on another thread meanwhile.
+    """
     path = Path(path)
     if not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
@@ -343,40 +348,90 @@ def load_adapter(
     data = bytearray(weights_path.stat().st_size)
     with weights_path.open("rb") as f:  # the one read of the weights
         f.readinto(data)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())  # hashlib releases the GIL
+    section = None
     if weights_path.suffix == ".bin":
         state = _load_pickle(weights_path)
         tensors = _pickle_tensor_infos(state)
     else:
         tensors = parse_safetensors_header(data, len(data), str(weights_path))
-        state = _tensors_from_bytes(data, tensors)
+        section = _data_section(data, tensors)
+        state = _tensors_from_bytes(data, tensors, section)
     manifest = build_manifest(path, cfg, tensors, len(data), model, engine)
+    max_abs = _check_finite(state, str(weights_path), section)
+    if max_abs * max(manifest.module_scales.values()) >= torch.finfo(dtype).max:
+        raise errors.NonFiniteWeights(
+            f"{weights_path}: weights up to {max_abs:.3g} overflow {dtype} once scaled by "
+            f"{max(manifest.module_scales.values()):.3g}"
+        )
     by_name = {}
     for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise errors.NonFiniteWeights(f"{weights_path}: tensor {name!r} holds NaN or Inf")
         m = _KEY_RE.match(name)
         by_name[(int(m["layer"]), m["module"], m["kind"])] = tensor
     weights = {}
     for key, scale in manifest.module_scales.items():
-        a = by_name[(*key, "lora_A")].float()
-        b = by_name[(*key, "lora_B")].float() * scale
-        if not torch.isfinite(b).all():
-            raise errors.NonFiniteWeights(f"{weights_path}: {key} overflows after scaling")
+        a = by_name[(*key, "lora_A")]
+        b = by_name[(*key, "lora_B")].to(torch.float32) * scale  # not in place: `data` is being hashed
         weights[key] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
-    return LoraAdapter(adapter_id=adapter_id, manifest=manifest, sha256=sha, weights=weights)
+    return LoraAdapter(adapter_id=adapter_id, manifest=manifest, sha256=sha.result(), weights=weights)
 
 
-def _tensors_from_bytes(data: bytes, tensors: tuple[TensorInfo, ...]) -> dict:
+_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-sha256")
+
+
+def _data_section(data: bytearray, tensors: tuple[TensorInfo, ...]) -> torch.Tensor | None:
+    """The whole data section as one flat tensor, when every tensor shares one aligned dtype."""
+    if not tensors or len({t.dtype for t in tensors}) != 1 or tensors[0].end == tensors[0].start == 0:
+        return None
+    dtype, size = SAFETENSORS_DTYPES[tensors[0].dtype]
+    (n,) = struct.unpack("<Q", data[:8])
+    span = len(data) - 8 - n
+    if (8 + n) % size or span % size or span == 0 or any(t.start % size for t in tensors):
+        return None
+    return torch.frombuffer(data, dtype=dtype, count=span // size, offset=8 + n)
+
+
+def _check_finite(state: dict, where: str, section: torch.Tensor | None = None) -> float:
+    """Raise NonFiniteWeights naming the first tensor with NaN/Inf; else the largest |value|.
+
+    `section` (all tensors' bytes as one tensor) answers in one pass when every value is finite.
+    """
+    if section is not None and section.dtype != torch.float64:
+        lo, hi = torch.aminmax(section)
+        if torch.isfinite(lo) and torch.isfinite(hi):
+            return max(-lo.item(), hi.item())
+    max_abs = 0.0
+    for name, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(tensor.float() if tensor.dtype == torch.float64 else tensor)
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN or Inf reach min or max
+            raise errors.NonFiniteWeights(f"{where}: tensor {name!r} holds NaN or Inf")
+        max_abs = max(max_abs, -lo.item(), hi.item())
+    return max_abs
+
+
+def _tensors_from_bytes(
+    data: bytearray, tensors: tuple[TensorInfo, ...], section: torch.Tensor | None
+) -> dict:
+    """Tensors viewing `data` (copied only where an offset is misaligned for the dtype)."""
     (n,) = struct.unpack("<Q", data[:8])
     base = 8 + n
-    buf = memoryview(data)
     out = {}
     for t in tensors:
-        dtype = SAFETENSORS_DTYPES[t.dtype][0]
-        raw = buf[base + t.start : base + t.end]
-        flat = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
-        out[t.name] = flat.reshape(t.shape).clone()
+        dtype, size = SAFETENSORS_DTYPES[t.dtype]
+        count = (t.end - t.start) // size
+        if section is not None:  # slices of one flat view: cheaper than a frombuffer each
+            out[t.name] = section[t.start // size : t.start // size + count].view(t.shape)
+        elif count == 0:
+            out[t.name] = torch.empty(t.shape, dtype=dtype)
+        elif (base + t.start) % size == 0:
+            out[t.name] = torch.frombuffer(data, dtype=dtype, count=count, offset=base + t.start).view(
+                t.shape
+            )
+        else:
+            raw = bytes(data[base + t.start : base + t.end])
+            out[t.name] = torch.frombuffer(bytearray(raw), dtype=dtype).view(t.shape)
     return out
 
 
