@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 run: setup
-	$(PY) -m inference_svc demo $(RUN_ARGS)
+	$(PY) -m loraserve.run $(RUN_ARGS)
 
 test: setup lint protos-check
 	$(PY) -m pytest -q

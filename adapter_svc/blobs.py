@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from adapter_svc import errors
 from inference_svc.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 COPY_CHUNK = 1024**2
+# Staging entries untouched this long are left over from a manager that died mid-upload (an
+# upload in progress writes to its entry all the time); they are removed when a store is opened.
+STALE_STAGING_S = 3600
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,20 @@ class BlobStore:
         self.staging = self.root / "staging"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
+        self.sweep_staging()
+
+    def sweep_staging(self, older_than_s: float = STALE_STAGING_S) -> int:
+        """Remove staging entries no file of which changed for `older_than_s`; -> how many."""
+        cutoff, removed = time.time() - older_than_s, 0
+        for entry in self.staging.iterdir():
+            try:
+                changed = max([entry.stat().st_mtime, *(f.stat().st_mtime for f in entry.iterdir())])
+            except OSError:  # removed meanwhile by whoever owned it
+                continue
+            if changed < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
 
     def path_for(self, sha256: str, config_sha256: str) -> Path:
         return self.blobs / sha256[:2] / f"{sha256}-{config_sha256[:16]}"
@@ -75,9 +93,28 @@ class BlobStore:
             raise
         return StagedAdapter(target, digest.hexdigest(), hashlib.sha256(config).hexdigest(), size)
 
+    def verify(self, sha256: str, config_sha256: str) -> str | None:
+        """Re-hash a stored copy. Blocking; -> what is wrong with it, or None if it is intact."""
+        directory = self.path_for(sha256, config_sha256)
+        try:
+            weights = _file_sha256(directory / WEIGHTS_FILE)
+            config = _file_sha256(directory / CONFIG_FILE)
+        except OSError as e:
+            return f"cannot be read ({e})"
+        if weights != sha256:
+            return f"{WEIGHTS_FILE} hashes to {weights}, registered as {sha256}"
+        if config != config_sha256:
+            return f"{CONFIG_FILE} hashes to {config}, registered as {config_sha256}"
+        return None
+
     def commit(self, staged: StagedAdapter) -> Path:
-        """Move staged files to their content address (keeping an existing identical copy)."""
+        """Move staged files to their content address, keeping an existing intact identical copy
+        (a corrupt one is replaced, so registering the files again repairs the store)."""
         final = self.path_for(staged.sha256, staged.config_sha256)
+        if final.is_dir() and self.verify(staged.sha256, staged.config_sha256) is not None:
+            trash = self.staging / f"corrupt-{uuid.uuid4().hex}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         if final.is_dir():
             self.discard(staged)
             return final
@@ -124,6 +161,14 @@ class UploadWriter:
     def abort(self) -> None:
         self._file.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(COPY_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_allowed(path: str, roots: tuple[str, ...]) -> Path:

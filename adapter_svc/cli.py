@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import sys
 
 from adapter_svc.config import ManagerConfig
 from inference_svc.errors import LoraServeError
+from loraserve.security import add_security_flags
 
 ENV_PREFIX = "LORASERVE_MANAGER_"
 # Flags whose name differs from their field: repeated, one value each.
@@ -62,10 +62,13 @@ def manager_config_from(args: argparse.Namespace, environ=os.environ) -> Manager
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from adapter_svc.server import serve
+    from loraserve.security import security_config_from
+    from loraserve.telemetry import setup_logging
 
     config = manager_config_from(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    security = security_config_from(args)
+    setup_logging("manager", config.log_level)
+    asyncio.run(serve(config, security))
     return 0
 
 
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the adapter manager (gRPC AdapterService)")
     add_manager_flags(serve)
+    add_security_flags(serve)
     events = sub.add_parser("events", help="tail the manager's event stream")
     events.add_argument("--target", default="127.0.0.1:50052", help="manager host:port")
     events.add_argument("--after", default="", help="stream id to start after ('0' = oldest kept)")

@@ -27,6 +27,8 @@ class ManagerConfig:
     host: str = "0.0.0.0"
     # Port the gRPC server binds; 0 picks a free one (tests).
     port: int = 50052
+    # Port of the Prometheus endpoint (http://host:port/metrics, same host as gRPC); 0 = off.
+    metrics_port: int = 0
     # Directories RegisterAdapter may read adapters from (symlinks resolved; none = disabled).
     adapter_roots: tuple[str, ...] = ()
     # Where canonical adapter copies are kept, content-addressed by sha256.
@@ -77,6 +79,7 @@ class ManagerConfig:
             "must start with redis://, rediss:// or unix://",
         )
         _require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be in 0..65535")
         roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)
         object.__setattr__(self, "adapter_roots", roots)
         for root in roots:

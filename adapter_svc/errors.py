@@ -87,6 +87,10 @@ class NoValidationContext(FailedPrecondition):
     """No replica has joined and the manager has no --model-config to validate against."""
 
 
+class StoredCopyCorrupt(FailedPrecondition):
+    """The store's copy of an adapter no longer hashes to its registered sha256 (never served)."""
+
+
 # --- ABORTED ----------------------------------------------------------------------------------
 
 

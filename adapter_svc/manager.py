@@ -505,6 +505,12 @@ class AdapterManager:
             raise errors.FailedPrecondition(
                 f"the stored copy of adapter {adapter_id!r} is missing from {directory}"
             )
+        problem = await asyncio.to_thread(self.blobs.verify, record.sha256, record.config_sha256)
+        if problem is not None:  # bit rot or tampering: never hand out bytes that do not match
+            log.error("stored copy of adapter %s is corrupt: %s (%s)", adapter_id, problem, directory)
+            raise errors.StoredCopyCorrupt(
+                f"the stored copy of adapter {adapter_id!r} is corrupt: {problem}; register it again"
+            )
         config = await asyncio.to_thread((directory / CONFIG_FILE).read_bytes)
         self.fetches += 1
         yield WeightsInfo(adapter_id, record.sha256, record.size_bytes, config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 
 from adapter_svc import errors
+from loraserve.security import SecurityConfig, aio_channel
+from loraserve.telemetry import client_interceptors
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 # A replica restarted on the same address is reached again within 2 s.
@@ -12,16 +14,20 @@ CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconn
 
 
 class ReplicaClient:
-    """One channel per replica address, reused across calls."""
+    """One channel per replica address, reused across calls (TLS and the service token per
+    `security`; None = plaintext, no token)."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, security: SecurityConfig | None = None):
         self.timeout_s = timeout_s
+        self.security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> inference_pb2_grpc.InferenceServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = aio_channel(
+                self.security, address, CHANNEL_OPTIONS, client_interceptors()
+            )
         return inference_pb2_grpc.InferenceServiceStub(channel)
 
     async def load(

@@ -8,7 +8,6 @@ Background tasks: the replica sweeper (marks lapsed replicas down) and the Redis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -17,13 +16,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from adapter_svc import errors
 from adapter_svc.blobs import BlobStore
 from adapter_svc.config import ManagerConfig
-from adapter_svc.errors import ErrorInterceptor
+from adapter_svc.errors import ErrorInterceptor, status_for
 from adapter_svc.manager import AdapterManager
+from adapter_svc.metrics import ManagerMetrics
 from adapter_svc.registry import Registry, connect
 from adapter_svc.replica_client import ReplicaClient
 from adapter_svc.servicer import AdapterServicer
+from loraserve.auth import MANAGER_POLICY
+from loraserve.security import SecurityConfig
+from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,23 +44,38 @@ SERVER_OPTIONS = (
 )
 # How often Redis is pinged to keep the health status current.
 HEALTH_PROBE_S = 1.0
+# Replica bookkeeping calls, logged at DEBUG when they succeed (they come every heartbeat).
+QUIET_METHODS = frozenset({"Heartbeat", "ReportResidency", "GetRoutingTable"})
 
 
 class ManagerServer:
-    """AdapterService, health and reflection on one grpc.aio server, plus background tasks."""
+    """AdapterService, health and reflection on one grpc.aio server, plus background tasks.
 
-    def __init__(self, config: ManagerConfig):
+    `security`: authentication, TLS, and how replicas are called (None: all off).
+    """
+
+    def __init__(self, config: ManagerConfig, security: SecurityConfig | None = None):
         self.config = config
+        self.security = security or SecurityConfig()
         self.redis = connect(config)
         self.registry = Registry(self.redis, config.cluster, config.events_maxlen)
         self.manager = AdapterManager(
-            config, self.registry, BlobStore(config.store_dir), ReplicaClient(config.replica_rpc_timeout_s)
+            config,
+            self.registry,
+            BlobStore(config.store_dir),
+            ReplicaClient(config.replica_rpc_timeout_s, self.security),
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._serving: bool | None = None
         self._tasks: list[asyncio.Task] = []
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.metrics = ManagerMetrics()
+        self.metrics_server: MetricsServer | None = None
+        telemetry = TelemetryInterceptor(status_for, self.metrics.observe_rpc, QUIET_METHODS)
+        auth = self.security.interceptors(MANAGER_POLICY, self._tenant_of, errors.AdapterNotFound)
+        self._server = grpc.aio.server(
+            interceptors=[*auth, ErrorInterceptor(), telemetry], options=SERVER_OPTIONS
+        )
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.manager), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -70,13 +89,21 @@ class ManagerServer:
 
     async def start(self) -> None:
         """Listen, then start the sweeper and the health probe (the first probe runs now)."""
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = self.security.add_port(self._server, f"{self.config.host}:{self.config.port}")
         await self._server.start()
         await self._probe()
         self._tasks = [
             asyncio.create_task(self.manager.run_sweeper(), name="replica-sweeper"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
         ]
+        if self.config.metrics_port:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.config.host, self.config.metrics_port
+            )
+            self._tasks.append(
+                asyncio.create_task(self.metrics.refresh_forever(self.registry), name="metrics")
+            )
+            log.info("metrics on %s", self.metrics_server.url)
         log.info(
             "serving %s on %s:%d (cluster %r)", SERVICE_NAME, self.config.host, self.port, self.config.cluster
         )
@@ -85,15 +112,19 @@ class ManagerServer:
         """NOT_SERVING, let in-flight calls finish within `grace_s`, then close everything."""
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         await self._server.stop(grace_s)
         await self.manager.close()
         await self.redis.aclose()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         log.info("stopped")
+
+    async def _tenant_of(self, adapter_id: str) -> str | None:
+        """The registry's owner of an adapter, for tenant-scoped calls (None: not registered)."""
+        record = await self.registry.get(adapter_id)
+        return record.tenant if record is not None else None
 
     async def _probe(self) -> None:
         try:
@@ -119,13 +150,27 @@ class ManagerServer:
             await self._probe()
 
 
-async def serve(config: ManagerConfig) -> None:
+async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until they are done, cancelling again while any is not.
+
+    redis-py (8.1) sometimes swallows a CancelledError that arrives during a command, so a single
+    cancel can leave a background loop running (and `stop` waiting for it forever).
+    """
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, still = await asyncio.wait(pending, timeout=0.1)
+        pending = list(still)
+
+
+async def serve(config: ManagerConfig, security: SecurityConfig | None = None) -> None:
     """Run the manager until SIGTERM or SIGINT, then shut down within `config.shutdown_grace_s`."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    server = ManagerServer(config)
+    server = ManagerServer(config, security)
     await server.start()
     await stopping.wait()
     log.info("shutting down: in-flight calls get %.1f s", config.shutdown_grace_s)

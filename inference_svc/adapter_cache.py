@@ -32,6 +32,7 @@ class ResidencyEvent:
     adapter_id: str
     slot: int | None
     at: float  # wall-clock seconds
+    seconds: float = 0.0  # "loaded" / "activated": how long reading the files / the slot copy took
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,14 @@ class AdapterCache:
             return adapter
         self.stats["host_misses"] += 1
         path, _ = self._source(adapter_id)
+        start = time.perf_counter()
         adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype)  # may reject
+        seconds = time.perf_counter() - start
         if len(self.host) >= self.config.max_cpu_loras:
             self._evict_host_lru()
         self.host[adapter_id] = adapter
         self.last_used[adapter_id] = time.time()
-        self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time()))
+        self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time(), seconds))
         return adapter
 
     def _evict_host_lru(self) -> None:
@@ -155,9 +158,11 @@ class AdapterCache:
             adapter = self.ensure_host(adapter_id)  # a rejected adapter changes no slot
             slot = self._free_slot()
             self.stats["slot_misses"] += 1
+            start = time.perf_counter()
             self.slots.set_slot(slot, adapter)
+            seconds = time.perf_counter() - start
             self.slot_of[adapter_id] = slot
-            self.on_change(ResidencyEvent("activated", adapter_id, slot, time.time()))
+            self.on_change(ResidencyEvent("activated", adapter_id, slot, time.time(), seconds))
         else:
             self.stats["slot_hits"] += 1
             self.host.move_to_end(adapter_id)

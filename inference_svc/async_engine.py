@@ -19,7 +19,7 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from inference_svc import errors
 from inference_svc.engine import LLMEngine, RequestOutput
@@ -38,6 +38,16 @@ STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
 _STOP = object()
 
 
+class EngineObserver(Protocol):
+    """Watches the engine from its thread (metrics); must be cheap and must not raise."""
+
+    def after_commands(self, engine: LLMEngine) -> None:
+        """A batch of commands (adds, aborts, residency commands) has run."""
+
+    def after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        """One `engine.step()` has run and returned `outputs`."""
+
+
 class AsyncEngine:
     """Runs an `LLMEngine` on its own thread and serves it to coroutines on one event loop.
 
@@ -46,13 +56,18 @@ class AsyncEngine:
             so the event loop stays responsive while the server starts).
         on_crash: called on the event loop if the engine thread dies of an unexpected error
             (in-flight streams then end with UNAVAILABLE and new calls are refused).
+        observer: told, on the engine thread, after each batch of commands and each step.
     """
 
     def __init__(
-        self, build: Callable[[], LLMEngine], on_crash: Callable[[BaseException], None] | None = None
+        self,
+        build: Callable[[], LLMEngine],
+        on_crash: Callable[[BaseException], None] | None = None,
+        observer: EngineObserver | None = None,
     ):
         self._build = build
         self._on_crash = on_crash or (lambda error: None)
+        self._observer = observer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs (loop side)
         self._no_streams: asyncio.Event | None = None
@@ -202,6 +217,8 @@ class AsyncEngine:
             )
             for fn, future in commands:
                 self._execute(engine, fn, future)
+            if commands:
+                self._observe(lambda observer: observer.after_commands(engine))
             if stop:
                 return
             blocked = engine.has_unfinished_requests() and not self._step(engine)
@@ -241,9 +258,18 @@ class AsyncEngine:
                 engine.abort_request(request_id)
             self._loop.call_soon_threadsafe(self._fail_streams, failed, e)
             return True
+        self._observe(lambda observer: observer.after_step(engine, outputs))
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
         return bool(engine.scheduler.history) and engine.scheduler.history[-1].num_seqs > 0
+
+    def _observe(self, notify: Callable[[EngineObserver], None]) -> None:
+        if self._observer is None:
+            return
+        try:
+            notify(self._observer)
+        except Exception:  # an observer's bug must not stop the engine
+            log.exception("engine observer failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

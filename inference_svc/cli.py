@@ -17,6 +17,7 @@ from pathlib import Path
 
 from inference_svc.config import EngineConfig
 from inference_svc.errors import LoraServeError
+from loraserve.security import add_security_flags
 
 ENV_PREFIX = "LORASERVE_"
 
@@ -137,13 +138,12 @@ def parse_lora_modules(specs: list[str]) -> tuple[tuple[str, str], ...]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gRPC inference server until SIGTERM/SIGINT."""
     import asyncio
-    import logging
 
     from inference_svc.server import ServerConfig, serve
+    from loraserve.security import security_config_from
+    from loraserve.telemetry import setup_logging
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging("inference", args.log_level)
     config = ServerConfig(
         model=args.model,
         engine=engine_config_from(args),
@@ -156,8 +156,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replica_id=args.replica_id,
         advertise_address=args.advertise_address,
         adapter_cache_dir=args.adapter_cache_dir,
+        metrics_port=args.metrics_port,
+        max_concurrent_per_tenant=args.max_concurrent_per_tenant,
     )
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, security_config_from(args)))
     return 0
 
 
@@ -220,7 +222,23 @@ def add_serve_parser(sub) -> None:
         default=env.get(ENV_PREFIX + "ADAPTER_CACHE_DIR"),
         help="where adapters fetched from the manager are written (default: a temp dir)",
     )
-    serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env.get(ENV_PREFIX + "METRICS_PORT", "0")),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env LORASERVE_METRICS_PORT)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", help="debug, info, warning, error (JSON lines on stderr)"
+    )
+    serve.add_argument(
+        "--max-concurrent-per-tenant",
+        type=int,
+        default=int(env.get(ENV_PREFIX + "MAX_CONCURRENT_PER_TENANT", "0")),
+        help="Generate streams one tenant may have in flight; 0 = no limit "
+        "(env LORASERVE_MAX_CONCURRENT_PER_TENANT)",
+    )
+    add_security_flags(serve)
     add_engine_flags(serve)
 
 

@@ -43,6 +43,10 @@ class EngineConfig:
     kv_block_size: int = 16
     # Requests allowed to wait for a place in the batch before new ones are refused.
     max_queue_len: int = 1024
+    # Longest prompt accepted, in tokens (INVALID_ARGUMENT above it); None = only max_model_len.
+    max_prompt_tokens: int | None = None
+    # Largest max_tokens a request may ask for (INVALID_ARGUMENT above it); None = only max_model_len.
+    max_output_tokens: int | None = None
     # Model weights dtype: "auto" (= config.json's torch_dtype on CUDA, float32 on CPU) or a name.
     dtype: str = "auto"
     # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
@@ -101,6 +105,9 @@ class EngineConfig:
         _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
         _require(self.kv_cache_bytes > 0, "kv_cache_bytes", self.kv_cache_bytes, "must be > 0")
         _require(self.max_queue_len >= 1, "max_queue_len", self.max_queue_len, "must be >= 1")
+        for name in ("max_prompt_tokens", "max_output_tokens"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "must be >= 1 (or unset)")
         _require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",

@@ -174,6 +174,15 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise errors.InvalidRequest("token_ids", f"ids must be in 0..{vocab - 1}")
+        if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
+            raise errors.PromptTooLong(
+                "prompt", f"{len(ids)} tokens exceed max_prompt_tokens ({self.config.max_prompt_tokens})"
+            )
+        if self.config.max_output_tokens is not None and params.max_tokens > self.config.max_output_tokens:
+            raise errors.InvalidRequest(
+                "max_tokens",
+                f"{params.max_tokens} exceeds max_output_tokens ({self.config.max_output_tokens})",
+            )
         limit = min(self.max_model_len, self.kv.num_blocks * self.kv.block_size)
         if len(ids) + params.max_tokens > limit:
             raise errors.PromptTooLong(

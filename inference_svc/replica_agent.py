@@ -43,6 +43,8 @@ from adapter_svc.routing import RoutingTable, Rule, resolve
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidencyEvent, ResidentAdapter
 from inference_svc.adapters import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.security import SecurityConfig, aio_channel
+from loraserve.telemetry import client_interceptors
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
 
@@ -99,6 +101,7 @@ class ReplicaAgent:
         cache_dir: where fetched adapters are written (default: a new temporary directory).
         join_timeout_s: how long `start` keeps trying to reach the manager.
         rpc_timeout_s: deadline of each call to the manager (fetches get 10x).
+        security: TLS and the service token for the channel to the manager (None: plaintext).
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class ReplicaAgent:
         cache_dir: str | Path | None = None,
         join_timeout_s: float = 30.0,
         rpc_timeout_s: float = 10.0,
+        security: SecurityConfig | None = None,
     ):
         self.engine = engine
         self.manager_target = manager_target
+        self.security = security
         self.replica_id = replica_id
         self.advertise_address = advertise_address
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="loraserve-adapters-"))
@@ -145,7 +150,9 @@ class ReplicaAgent:
         self._wake = asyncio.Event()
         self._join_lock = asyncio.Lock()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._channel = grpc.aio.insecure_channel(self.manager_target, options=MANAGER_CHANNEL_OPTIONS)
+        self._channel = aio_channel(
+            self.security, self.manager_target, MANAGER_CHANNEL_OPTIONS, client_interceptors()
+        )
         self._stub = adapter_pb2_grpc.AdapterServiceStub(self._channel)
         deadline = time.monotonic() + self.join_timeout_s
         delay = RETRY_BASE_S

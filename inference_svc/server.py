@@ -19,11 +19,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
-from inference_svc.errors_grpc import ErrorInterceptor
+from inference_svc.errors_grpc import ErrorInterceptor, status_for
+from inference_svc.limits import TenantConcurrencyLimiter
+from inference_svc.metrics import EngineMetrics
+from inference_svc.ownership import ManagerOwnership, static_owners
 from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
+from loraserve.auth import INFERENCE_POLICY
+from loraserve.security import SecurityConfig
+from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -78,10 +85,20 @@ class ServerConfig:
     advertise_address: str = ""
     # Where adapters fetched from the manager are written; None = a new temporary directory.
     adapter_cache_dir: str | None = None
+    # Port of the Prometheus endpoint (http://host:port/metrics, same host as gRPC); 0 = off.
+    metrics_port: int = 0
+    # Generate streams one tenant may have in flight (RESOURCE_EXHAUSTED beyond); 0 = no limit.
+    max_concurrent_per_tenant: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port ({self.port}) must be in 0..65535")
+        if self.max_concurrent_per_tenant < 0:
+            raise ValueError(
+                f"max_concurrent_per_tenant ({self.max_concurrent_per_tenant}) must be >= 0 (0 = no limit)"
+            )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
         if self.grace_s < 0:
             raise ValueError(f"grace_s ({self.grace_s}) must be >= 0")
         ids = [name for name, _ in self.lora_modules]
@@ -90,11 +107,17 @@ class ServerConfig:
 
 
 class InferenceServer:
-    """One replica's gRPC server: InferenceService, health and reflection over one engine."""
+    """One replica's gRPC server: InferenceService, health and reflection over one engine.
 
-    def __init__(self, config: ServerConfig):
+    `security`: authentication, TLS, and how the manager is called (None: all off).
+    """
+
+    def __init__(self, config: ServerConfig, security: SecurityConfig | None = None):
         self.config = config
-        self.engine = AsyncEngine(self._build_engine, on_crash=self._engine_crashed)
+        self.security = security or SecurityConfig()
+        self.metrics = EngineMetrics()
+        self.metrics_server: MetricsServer | None = None
+        self.engine = AsyncEngine(self._build_engine, on_crash=self._engine_crashed, observer=self.metrics)
         self.agent: ReplicaAgent | None = None
         if config.adapter_manager:
             self.agent = ReplicaAgent(
@@ -103,11 +126,21 @@ class InferenceServer:
                 config.replica_id,
                 config.advertise_address,
                 config.adapter_cache_dir,
+                security=self.security,
             )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._crash_handling: asyncio.Task | None = None
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.ownership = self._ownership()
+        auth = self.security.interceptors(INFERENCE_POLICY, self.ownership, errors.AdapterNotFound)
+        self.limiter = None
+        if config.max_concurrent_per_tenant:
+            self.limiter = TenantConcurrencyLimiter(config.max_concurrent_per_tenant)
+        limits = [self.limiter] if self.limiter is not None else []
+        self._server = grpc.aio.server(
+            interceptors=[*auth, *limits, ErrorInterceptor(), TelemetryInterceptor(status_for)],
+            options=SERVER_OPTIONS,
+        )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.engine, config.adapter_roots, self.agent), self._server
         )
@@ -121,10 +154,23 @@ class InferenceServer:
             self._server,
         )
 
+    def _ownership(self):
+        """Who owns each adapter: the manager's registry, or the token file's `adapters` map."""
+        if self.config.adapter_manager and self.security.auth_enabled:
+            return ManagerOwnership(self.config.adapter_manager, self.security)
+        tokens = self.security.tokens
+        return static_owners(tokens.adapter_tenants if tokens is not None else {})
+
     def _build_engine(self):
         from inference_svc.engine import LLMEngine  # torch is imported on the engine thread
 
-        on_change = self.agent.on_residency_change if self.agent is not None else None
+        agent, metrics = self.agent, self.metrics
+
+        def on_change(event) -> None:
+            metrics.on_residency_change(event)
+            if agent is not None:
+                agent.on_residency_change(event)
+
         engine = LLMEngine(self.config.model, self.config.engine, on_residency_change=on_change)
         for i, (adapter_id, path) in enumerate(self.config.lora_modules):
             engine.register_adapter(adapter_id, path)
@@ -143,11 +189,17 @@ class InferenceServer:
         Raises whatever building the engine raised, after stopping the server.
         """
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = self.security.add_port(self._server, f"{self.config.host}:{self.config.port}")
         await self._server.start()
         log.info("listening on %s:%d (NOT_SERVING until the engine is ready)", self.config.host, self.port)
         try:
+            if self.config.metrics_port:
+                self.metrics_server = MetricsServer(
+                    self.metrics.registry, self.config.host, self.config.metrics_port
+                )
+                log.info("metrics on %s", self.metrics_server.url)
             await self.engine.start()
+            await self.engine.call(self.metrics.after_commands)  # occupancy gauges from the start
             if self.agent is not None:  # purge, then join with the snapshot, before SERVING
                 self.agent.advertise_address = (
                     self.agent.advertise_address or f"{self.config.host}:{self.port}"
@@ -157,6 +209,7 @@ class InferenceServer:
         except BaseException:
             await self._server.stop(0)
             await self.engine.stop()
+            self._close_metrics()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", SERVICE_NAME, self.config.host, self.port)
@@ -173,7 +226,15 @@ class InferenceServer:
             log.warning("grace period over: aborted %d in-flight requests", aborted)
         await self._server.stop(margin)
         await self.engine.stop()
+        self._close_metrics()
+        if isinstance(self.ownership, ManagerOwnership):
+            await self.ownership.close()
         log.info("stopped")
+
+    def _close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def _engine_crashed(self, error: BaseException) -> None:
         self._crash_handling = asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
@@ -183,13 +244,13 @@ class InferenceServer:
             await self.health.set(service, status)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, security: SecurityConfig | None = None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down within `config.grace_s` seconds."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    server = InferenceServer(config)
+    server = InferenceServer(config, security)
     await server.start()
     await stopping.wait()
     log.info("shutting down: draining for up to %.1f s", config.grace_s)

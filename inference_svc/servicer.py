@@ -14,10 +14,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidentAdapter
+from inference_svc.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
 from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.sampling import SamplingParams
+from loraserve import auth
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -56,7 +58,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         params = sampling_params_from(request.params)
         adapter_id = request.adapter_id
         if self.agent is not None:
-            adapter_id = await self.agent.resolve(adapter_id, dict(context.invocation_metadata() or ()))
+            adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context))
+            await auth.authorize_adapter(adapter_id)  # routing's choice must be the caller's too
         stream = self.engine.generate(prompt, params, adapter_id or None, request.request_id or None)
         async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
             async for batch in stream:
@@ -100,10 +103,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         if not Path(path).is_absolute():
             raise errors.InvalidRequest("path", f"must be an absolute path, got {path!r}")
+        if ".." in Path(path).parts:
+            raise errors.InvalidRequest("path", f"{path!r} must not contain '..'")
         resolved = Path(path).resolve()  # follows symlinks, so a link cannot escape the roots
-        if not any(resolved.is_relative_to(root) for root in self.adapter_roots):
+        # ... and neither can a link to the adapter's files inside an allowed directory
+        files = [
+            resolved,
+            *((resolved / name).resolve() for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE)),
+        ]
+        if not any(all(f.is_relative_to(root) for f in files) for root in self.adapter_roots):
             roots = ", ".join(str(r) for r in self.adapter_roots)
-            raise errors.InvalidRequest("path", f"{path!r} is not under an adapter root ({roots})")
+            raise errors.InvalidRequest(
+                "path", f"{path!r} resolves (through symlinks) outside the adapter roots ({roots})"
+            )
         return resolved
 
 

@@ -271,7 +271,6 @@ def build_metrics(specs: Iterable[MetricSpec], registry: CollectorRegistry) -> d
     return out
 
 
-
 class MetricsServer:
     """`GET http://host:port/metrics` for one registry, on a daemon thread; `close()` stops it.
 

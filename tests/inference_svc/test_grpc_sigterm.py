@@ -107,4 +107,4 @@ def test_sigterm_drains_then_exits_zero(serve_process):
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error
 
     assert serve_process.proc.wait(TIMEOUT_S) == 0, "".join(serve_process.log)
-    serve_process.wait_for_line(r"inference_svc\.server: stopped")
+    serve_process.wait_for_line(r"\"logger\": \"inference_svc\.server\", \"msg\": \"stopped\"")

@@ -1,0 +1,165 @@
+"""The services under test as child processes, started through their public command lines.
+
+    with RedisServer(workdir / "redis") as redis_srv, \
+         Service.manager(redis_srv.url, ..., log=...) as manager, \
+         Service.inference(model_dir, engine_flags, manager=manager.address, log=...) as replica:
+        replay_trace(replica.address, requests)
+
+Each child listens on a free loopback port and is waited for until its gRPC health service says
+SERVING; leaving the `with` block sends SIGTERM and waits (SIGKILL after a bound). Logs go to files
+in the results directory, and a child that dies while being waited for raises with its log tail.
+Children get the caller's environment minus `LORASERVE_*`: every setting under test is a flag.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 300.0  # a big model on a busy machine takes a while to load
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Child:
+    """A child process whose output goes to a log file; a context manager that stops it."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args = args
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = self.log.open("ab")
+        # LORASERVE_* variables would silently change the configuration under test: drop them.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.args[0]} exited with {self.proc.returncode}; log {self.log}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT_S)
+        self._log_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisServer(_Child):
+    """A private redis-server (no persistence) on a free loopback port, files in `directory`."""
+
+    def __init__(self, directory: Path, log: Path | None = None):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)]
+        args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+        super().__init__(args, log or directory / "redis.log")
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                self.check_alive()
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer within 30 s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+
+class Service(_Child):
+    """`python -m inference_svc serve` or `python -m adapter_svc serve`, SERVING when returned."""
+
+    def __init__(self, module: str, flags: list[str], log: Path, port: int):
+        super().__init__([sys.executable, "-m", module, "serve", *flags], log)
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    @classmethod
+    def inference(
+        cls,
+        model_dir: Path,
+        engine: dict,
+        log: Path,
+        lora_modules: dict[str, Path] | None = None,
+        adapter_manager: str | None = None,
+        extra: list[str] = (),
+    ) -> Service:
+        """An inference replica; `engine` maps EngineConfig field names to flag values."""
+        port = free_port()
+        flags = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--grace-s", "2"]
+        flags += ["--log-level", "warning"]
+        for name, value in engine.items():
+            flags += ["--" + name.replace("_", "-"), str(value)]
+        if lora_modules:
+            flags += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
+        if adapter_manager:
+            flags += ["--adapter-manager", adapter_manager, "--replica-id", f"bench-{port}"]
+        return cls("inference_svc", [*flags, *extra], log, port)
+
+    @classmethod
+    def manager(cls, redis_url: str, adapter_root: Path, store_dir: Path, log: Path, extra: list[str] = ()):
+        """An adapter manager on `redis_url`, registering adapters from under `adapter_root`."""
+        port = free_port()
+        flags = ["--redis-url", redis_url, "--cluster", "bench", "--host", "127.0.0.1", "--port", str(port)]
+        flags += ["--adapter-root", str(adapter_root), "--store-dir", str(store_dir)]
+        flags += ["--log-level", "WARNING", *extra]
+        return cls("adapter_svc", flags, log, port)
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self.check_alive()
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.args[2]} on {self.address} not SERVING after {START_TIMEOUT_S} s"
+                    )
+                time.sleep(0.1)

@@ -1,0 +1,444 @@
+"""`python -m loraserve.run`: the whole stack on one machine, without Docker (`make run`).
+
+    python -m loraserve.run [--model DIR] [--port-base N] [--run-dir DIR] [--no-serve] [ENGINE FLAGS]
+
+Starts, in one process group of its own, with logs in RUN_DIR/logs:
+  1. a private redis-server (append-only file in RUN_DIR/redis),
+  2. the adapter manager (`python -m adapter_svc serve`),
+  3. one inference replica (`python -m inference_svc serve --adapter-manager ...`) on `--model`, or
+     on a demo model generated into RUN_DIR/demo,
+then registers demo adapters with the manager, runs a short demo with several adapters and the
+base model in flight at once, prints the endpoints and commands to try, and serves until Ctrl-C
+(SIGINT, SIGTERM or SIGHUP). Shutdown stops the replica, the manager and Redis in that order, each
+with SIGTERM (and, as a last resort, SIGKILL for the process group), so nothing is left running.
+
+Ports: the replica gets N (default 50051), the manager N+1, Redis N+2, the replica's metrics N+3 and
+the manager's N+4; a port in use is replaced by the next free one above them. Flags this command
+does not know (e.g. `--max-loras 8`) are passed to the inference replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from loraserve.healthcheck import check
+from loraserve.telemetry import REQUEST_ID_HEADER
+
+DEFAULT_PORT_BASE = 50051
+NUM_PORTS = 5  # replica, manager, redis, replica metrics, manager metrics
+NUM_DEMO_ADAPTERS = 4
+START_TIMEOUT_S = 300.0  # a large model on a slow disk takes a while
+STOP_TIMEOUT_S = 20.0
+REPLICA_ID = "local-0"
+DEMO_PROMPTS = ("The quick brown fox", "Multi-LoRA serving", "Hello", "Adapters everywhere")
+DEMO_MAX_TOKENS = 12
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived: shut down."""
+
+
+class StartupFailed(Exception):
+    """A child failed to start or died; the message names it and the tail of its log."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise StartupFailed(f"{self.name} exited with code {self.proc.returncode}\n{log_tail(self.log)}")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(f"    {line}" for line in text) + f"\n  (full log: {path})"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(base: int, count: int = NUM_PORTS) -> list[int]:
+    """`count` free loopback ports: base, base+1, ... skipping any that are taken."""
+    ports, port = [], base
+    while len(ports) < count:
+        if port > 65535:
+            raise StartupFailed(f"no {count} free ports at or above {base}")
+        if port_free(port):
+            ports.append(port)
+        port += 1
+    return ports
+
+
+class Stack:
+    """The children, all in one process group, stopped in reverse start order."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.pgid: int | None = None
+
+    def spawn(self, name: str, args: list[str]) -> Child:
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                process_group=self.pgid or 0,  # Ctrl-C in the terminal reaches only this process
+                env={**os.environ, "PYTHONPATH": _pythonpath()},
+            )
+        if self.pgid is None:
+            self.pgid = proc.pid
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            child.check_alive()
+
+    def stop(self) -> None:
+        """SIGTERM each child, newest first, waiting for it; then SIGKILL whatever is left."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    print(f"{child.name} did not stop within {STOP_TIMEOUT_S:.0f} s: killing it", flush=True)
+                    child.proc.kill()
+                    child.proc.wait()
+        if self.pgid is not None:
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)  # grandchildren, if any child left some
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _pythonpath() -> str:
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def wait_until(predicate, what: str, stack: Stack, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll `predicate()` (with a progress line on a terminal) until true; the stack must stay up."""
+    deadline = time.monotonic() + timeout
+    with tqdm(desc=what, total=None, bar_format="{desc}: {elapsed}", disable=None, leave=False) as bar:
+        while not predicate():
+            stack.check_alive()
+            if time.monotonic() > deadline:
+                raise StartupFailed(f"timed out after {timeout:.0f} s: {what}")
+            time.sleep(0.1)
+            bar.update()
+
+
+def grpc_serving(target: str) -> bool:
+    try:
+        return check(target, timeout_s=1.0) == "SERVING"
+    except grpc.RpcError:
+        return False
+
+
+def redis_answers(port: int) -> bool:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+# --- demo files -----------------------------------------------------------------------------------
+
+
+def demo_files(run_dir: Path, model: str | None, num_adapters: int) -> tuple[Path, Path]:
+    """(model dir, adapter root): the demo model if none is given, and demo adapters shaped for it."""
+    model_dir = Path(model).resolve() if model else run_dir / "demo" / "model"
+    if not (model_dir / "config.json").is_file():
+        if model:
+            raise StartupFailed(f"--model {model}: no config.json in {model_dir}")
+        print(f"writing a demo model to {model_dir}", flush=True)
+        from inference_svc.demo_model import write_demo_model
+
+        write_demo_model(model_dir)
+    adapter_root = run_dir / "demo" / "adapters" / model_key(model_dir)
+    missing = [
+        i for i in range(num_adapters) if not (adapter_root / f"demo-{i}" / "adapter_config.json").is_file()
+    ]
+    if missing:
+        from inference_svc.demo_model import write_demo_adapter
+        from inference_svc.model_config import ModelConfig
+
+        shape = ModelConfig.from_dir(model_dir)
+        for i in tqdm(missing, desc="writing demo adapters", disable=None, leave=False):
+            write_demo_adapter(adapter_root / f"demo-{i}", shape, rank=8 if i % 2 == 0 else 4, seed=i)
+    return model_dir, adapter_root
+
+
+def model_key(model_dir: Path) -> str:
+    """A short id of the model's config.json: demo adapters and the Redis keyspace are per model."""
+    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:10]
+
+
+# --- the stack ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    replica: str
+    manager: str
+    redis_url: str
+    replica_metrics: str
+    manager_metrics: str
+
+
+def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints, Path, Path]:
+    if shutil.which("redis-server") is None:
+        raise StartupFailed("redis-server is not installed: `apt-get install redis-server` (or `make run`)")
+    model_dir, adapter_root = demo_files(stack.run_dir, args.model, args.num_adapters)
+    replica_port, manager_port, redis_port, replica_metrics, manager_metrics = pick_ports(args.port_base)
+    host = "127.0.0.1"
+    ends = Endpoints(
+        replica=f"{host}:{replica_port}",
+        manager=f"{host}:{manager_port}",
+        redis_url=f"redis://{host}:{redis_port}/0",
+        replica_metrics=f"http://{host}:{replica_metrics}/metrics",
+        manager_metrics=f"http://{host}:{manager_metrics}/metrics",
+    )
+    redis_dir = stack.run_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    stack.spawn(
+        "redis",
+        ["redis-server", "--port", str(redis_port), "--bind", host, "--dir", str(redis_dir)]
+        + ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"],
+    )
+    wait_until(lambda: redis_answers(redis_port), "starting redis", stack)
+    stack.spawn(
+        "manager",
+        [sys.executable, "-m", "adapter_svc", "serve", "--redis-url", ends.redis_url]
+        + ["--cluster", f"local-{model_key(model_dir)}", "--host", host, "--port", str(manager_port)]
+        + ["--metrics-port", str(manager_metrics), "--adapter-root", str(adapter_root)]
+        + ["--store-dir", str(stack.run_dir / "store"), "--model-config", str(model_dir)]
+        + ["--shutdown-grace-s", "2"],
+    )
+    wait_until(lambda: grpc_serving(ends.manager), "starting the adapter manager", stack)
+    stack.spawn(
+        "inference",
+        [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_dir), "--host", host]
+        + ["--port", str(replica_port), "--metrics-port", str(replica_metrics)]
+        + ["--adapter-manager", ends.manager, "--replica-id", REPLICA_ID, "--grace-s", "3"]
+        + ["--adapter-cache-dir", str(stack.run_dir / "adapter-cache"), *replica_flags],
+    )
+    wait_until(
+        lambda: grpc_serving(ends.replica), "starting the inference replica (loading the model)", stack
+    )
+    return ends, model_dir, adapter_root
+
+
+def register_demo_adapters(manager: str, adapter_root: Path, count: int) -> list[str]:
+    from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
+
+    names = [f"demo-{i}" for i in range(count)]
+    with grpc.insecure_channel(manager) as channel:
+        stub = adapter_pb2_grpc.AdapterServiceStub(channel)
+        for name in tqdm(names, desc="registering demo adapters", disable=None, leave=False):
+            request = adapter_pb2.RegisterAdapterRequest(adapter_id=name, path=str(adapter_root / name))
+            stub.RegisterAdapter(request, timeout=60, metadata=((REQUEST_ID_HEADER, f"run-register-{name}"),))
+    return names
+
+
+def run_demo(replica: str, adapters: list[str]) -> None:
+    """Adapters and the base model at once, each on two prompts; print who served what.
+
+    At most `max_cpu_loras` distinct adapters take part (the replica's host cache holds no more at
+    a time); a request that fails is reported on its line, and the stack keeps serving.
+    """
+    from loraserve.v1 import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(replica) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        info = stub.GetEngineInfo(inference_pb2.GetEngineInfoRequest(), timeout=30)
+        mixed = adapters[: info.config.max_cpu_loras]
+        asks = [
+            (adapter, DEMO_PROMPTS[(i + j) % len(DEMO_PROMPTS)])
+            for j in range(2)
+            for i, adapter in enumerate(["", *mixed])
+        ]
+        print(
+            f"demo: {len(asks)} requests, {len(mixed)} adapters + the base model, all in flight at once "
+            f"(max_loras={info.config.max_loras}, max_cpu_loras={info.config.max_cpu_loras})"
+        )
+
+        def one(n: int) -> str:
+            adapter, prompt = asks[n]
+            request = inference_pb2.GenerateRequest(
+                adapter_id=adapter,
+                text=prompt,
+                params=inference_pb2.SamplingParams(
+                    max_tokens=DEMO_MAX_TOKENS, temperature=0, ignore_eos=True
+                ),
+            )
+            began, served, text, tokens = time.perf_counter(), "", "", []
+            asked = f"  asked {adapter or 'base':<8}"
+            try:
+                for response in stub.Generate(
+                    request, timeout=120, metadata=((REQUEST_ID_HEADER, f"run-demo-{n}"),)
+                ):
+                    served = response.adapter_id or served
+                    text += response.text
+                    tokens += response.token_ids
+            except grpc.RpcError as e:
+                return f"{asked} failed: {e.code().name}: {e.details()}"
+            readable = text.isprintable() and "\ufffd" not in text  # random demo weights make byte soup
+            shown = repr(text[:32]) if text and readable else f"token ids {list(tokens[:6])}"
+            return (
+                f"{asked} served by {served or 'base':<8} {prompt!r:<24} -> {shown} "
+                f"({len(tokens)} tokens, {time.perf_counter() - began:.2f} s)"
+            )
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+            lines = list(pool.map(one, range(len(asks))))
+    print("\n".join(lines))
+    print(f"demo done in {time.perf_counter() - start:.2f} s")
+
+
+def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str]) -> None:
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    cli = "loraserve" if shutil.which("loraserve") else f"{sys.executable} -m loraserve"
+    generate = (
+        f'{{"adapter_id": "{adapters[1 % len(adapters)] if adapters else ""}", "text": "Hello", '
+        '"params": {"max_tokens": 8, "temperature": 0}}'
+    )
+    pids = ", ".join(f"{c.name} {c.proc.pid}" for c in stack.children)
+    lines = [
+        "",
+        f"loraserve is up (run directory {stack.run_dir}):",
+        f"  inference  {ends.replica:<22} loraserve.v1.InferenceService, health, reflection",
+        f"  manager    {ends.manager:<22} loraserve.v1.AdapterService, health, reflection",
+        f"  redis      {ends.redis_url:<22} append-only file in {stack.run_dir / 'redis'}",
+        f"  metrics    {ends.replica_metrics} (inference)  {ends.manager_metrics} (manager)",
+        f"  logs       {stack.logs}/{{redis,manager,inference}}.log",
+        f"  processes  {pids} (process group {stack.pgid})",
+        "",
+        "Try:",
+        f"  {grpcurl} -plaintext -d {shlex.quote(generate)} {ends.replica} loraserve.v1.InferenceService/Generate",
+        f"  {grpcurl} -plaintext {ends.replica} loraserve.v1.InferenceService/ListResidentAdapters",
+        f"  {grpcurl} -plaintext -d '{{\"page_size\": 10}}' {ends.manager} loraserve.v1.AdapterService/ListAdapters",
+        f"  {grpcurl} -plaintext {ends.manager} loraserve.v1.AdapterService/GetClusterState",
+        f"  export LORASERVE_ADAPTER_MANAGER={ends.manager} LORASERVE_REPLICA={ends.replica}",
+        f"  {cli} status",
+        f"  {cli} generate --adapter {adapters[0] if adapters else ''} 'Hello there'",
+        f"  {cli} events --after 0",
+        "",
+        "Serving until Ctrl-C.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def _interrupt(signum, frame) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # one shutdown; it is bounded by STOP_TIMEOUT_S per child
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m loraserve.run",
+        description="Run Redis, the adapter manager and one inference replica locally, with a demo.",
+        epilog="Other flags (e.g. --max-loras 8, --device cuda) are passed to the inference replica.",
+    )
+    parser.add_argument("--model", help="model directory (default: a demo model generated into RUN_DIR/demo)")
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        default=int(os.environ.get("LORASERVE_PORT_BASE", DEFAULT_PORT_BASE)),
+        help="first of the five ports (replica, manager, redis, replica metrics, manager metrics); "
+        "taken ones are skipped (env LORASERVE_PORT_BASE; default %(default)s)",
+    )
+    parser.add_argument(
+        "--run-dir", default=".run", help="logs, Redis data, demo files (default %(default)s)"
+    )
+    parser.add_argument(
+        "--num-adapters", type=int, default=NUM_DEMO_ADAPTERS, help="demo adapters to register"
+    )
+    parser.add_argument("--no-serve", action="store_true", help="stop after the demo instead of serving")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, replica_flags = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a pipe (tests, `tee`) at once
+    if not 1 <= args.port_base <= 65535 - NUM_PORTS:
+        print(f"error: --port-base ({args.port_base}) must be in 1..{65535 - NUM_PORTS}", file=sys.stderr)
+        return 2
+    if args.num_adapters < 1:
+        print(f"error: --num-adapters ({args.num_adapters}) must be >= 1", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    stack = Stack(Path(args.run_dir).resolve())
+    code = 0
+    try:
+        ends, _, adapter_root = start_stack(stack, args, replica_flags)
+        adapters = register_demo_adapters(ends.manager, adapter_root, args.num_adapters)
+        run_demo(ends.replica, adapters)
+        print_endpoints(stack, ends, adapters)
+        while not args.no_serve:
+            stack.check_alive()
+            time.sleep(0.5)
+    except Interrupted as e:
+        print(f"\n{e}: shutting down", flush=True)
+    except StartupFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        stack.stop()
+    print("stopped: redis, manager and inference replica are down", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
