@@ -1,20 +1,14 @@
 """Typed errors of the control plane, and their one mapping to gRPC status codes.
 
-Domain code raises these; `ErrorInterceptor` ends the call with the status code of the error's
+Domain code raises these; `loraserve.grpc_errors.ErrorInterceptor` ends the call with the status code of the error's
 family and its message. Redis connection loss (after the client's retries) maps to UNAVAILABLE;
 anything else unexpected is a bug: INTERNAL, with its traceback logged.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-
 import grpc
 import redis.exceptions
-
-log = logging.getLogger(__name__)
 
 
 class ManagerError(Exception):
@@ -163,53 +157,3 @@ def message_for(error: BaseException) -> str:
     if isinstance(error, redis.exceptions.RedisError):
         return f"the registry store (Redis) is unavailable: {error}"
     return str(error)
-
-
-async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
-    code = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed with an unexpected error", method, exc_info=error)
-        await context.abort(code, f"internal error: {type(error).__name__}: {error}")
-    await context.abort(code, message_for(error))
-
-
-def _wrap(method: str, behavior):
-    if inspect.isasyncgenfunction(behavior):
-
-        @functools.wraps(behavior)
-        async def stream_wrapper(request, context):
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:
-                await _abort(context, method, e)
-
-        return stream_wrapper
-
-    @functools.wraps(behavior)
-    async def wrapper(request, context):
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort(context, method, e)
-
-    return wrapper
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Ends every call that raised with the status code `status_for` gives."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                return handler._replace(**{kind: _wrap(method, behavior)})
-        return handler

@@ -19,13 +19,14 @@ from grpc_reflection.v1alpha import reflection
 from adapter_svc import errors
 from adapter_svc.blobs import BlobStore
 from adapter_svc.config import ManagerConfig
-from adapter_svc.errors import ErrorInterceptor, status_for
+from adapter_svc.errors import message_for, status_for
 from adapter_svc.manager import AdapterManager
 from adapter_svc.metrics import ManagerMetrics
 from adapter_svc.registry import Registry, connect
 from adapter_svc.replica_client import ReplicaClient
 from adapter_svc.servicer import AdapterServicer
 from loraserve.auth import MANAGER_POLICY
+from loraserve.grpc_errors import ErrorInterceptor
 from loraserve.security import SecurityConfig
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
@@ -74,7 +75,7 @@ class ManagerServer:
         telemetry = TelemetryInterceptor(status_for, self.metrics.observe_rpc, QUIET_METHODS)
         auth = self.security.interceptors(MANAGER_POLICY, self._tenant_of, errors.AdapterNotFound)
         self._server = grpc.aio.server(
-            interceptors=[*auth, ErrorInterceptor(), telemetry], options=SERVER_OPTIONS
+            interceptors=[*auth, ErrorInterceptor(status_for, message_for), telemetry], options=SERVER_OPTIONS
         )
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.manager), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -1,6 +1,6 @@
 """AdapterService over gRPC: proto -> domain call -> proto. No Redis, no files, no policy here.
 
-Errors are raised by the manager and mapped to status codes by `errors.ErrorInterceptor`.
+Errors are raised by the manager and mapped to status codes by `loraserve.grpc_errors.ErrorInterceptor` with `errors.status_for`.
 """
 
 from __future__ import annotations

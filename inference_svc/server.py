@@ -22,13 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
-from inference_svc.errors_grpc import ErrorInterceptor, status_for
+from inference_svc.errors_grpc import status_for
 from inference_svc.limits import TenantConcurrencyLimiter
 from inference_svc.metrics import EngineMetrics
 from inference_svc.ownership import ManagerOwnership, static_owners
 from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
 from loraserve.auth import INFERENCE_POLICY
+from loraserve.grpc_errors import ErrorInterceptor
 from loraserve.security import SecurityConfig
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import inference_pb2_grpc
@@ -138,7 +139,7 @@ class InferenceServer:
             self.limiter = TenantConcurrencyLimiter(config.max_concurrent_per_tenant)
         limits = [self.limiter] if self.limiter is not None else []
         self._server = grpc.aio.server(
-            interceptors=[*auth, *limits, ErrorInterceptor(), TelemetryInterceptor(status_for)],
+            interceptors=[*auth, *limits, ErrorInterceptor(status_for), TelemetryInterceptor(status_for)],
             options=SERVER_OPTIONS,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(

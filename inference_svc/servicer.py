@@ -1,7 +1,7 @@
 """`InferenceService` (loraserve.v1): proto -> engine call -> proto, nothing else.
 
-Errors are raised as the typed errors of `inference_svc.errors`; `errors_grpc.ErrorInterceptor`
-turns them into status codes.
+Errors are raised as the typed errors of `inference_svc.errors`; `loraserve.grpc_errors.ErrorInterceptor`
+turns them into status codes with `errors_grpc.status_for`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`loraserve`: the command-line client of a loraserve cluster.
 
-    loraserve [--manager HOST:PORT] [--replica HOST:PORT] [--timeout S] [--request-id ID] COMMAND ...
+    loraserve [--manager HOST:PORT] [--replica HOST:PORT] [--token T] [--tls-ca PEM] [--timeout S]
+              [--request-id ID] COMMAND ...
 
 Commands: plan, register, unregister, list, pin, unpin, load, evict, generate, status, events.
 Registry and placement commands go to the adapter manager (`--manager`, env
@@ -25,6 +26,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from loraserve.auth import token_metadata
 from loraserve.telemetry import REQUEST_ID_HEADER, new_request_id
 
 DEFAULT_MANAGER = "127.0.0.1:50052"
@@ -50,8 +52,15 @@ class Connection:
     def __init__(self, role: str, target: str, args: argparse.Namespace):
         self.role, self.target = role, target
         self.timeout = args.timeout
-        self.metadata = ((REQUEST_ID_HEADER, args.request_id),)
-        self.channel = grpc.insecure_channel(target)
+        self.metadata = (
+            (REQUEST_ID_HEADER, args.request_id),
+            *(token_metadata(args.token) if args.token else ()),
+        )
+        if args.tls_ca:
+            credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
 
     def call(self, method, request, timeout: float | None = None):
         try:
@@ -448,6 +457,17 @@ def connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         default=default(env.get("LORASERVE_REPLICA", DEFAULT_REPLICA)),
         metavar="HOST:PORT",
         help=f"inference replica for generate (env LORASERVE_REPLICA; default {DEFAULT_REPLICA})",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(env.get("LORASERVE_TOKEN", "")),
+        help="bearer token sent with every call when the servers require one (env LORASERVE_TOKEN)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=default(env.get("LORASERVE_TLS_CA", "")),
+        metavar="PEM",
+        help="CA certificate to verify TLS servers with; unset = plaintext (env LORASERVE_TLS_CA)",
     )
     parser.add_argument("--timeout", type=float, default=default(60.0), help="seconds per call (default 60)")
     parser.add_argument(
