@@ -1,5 +1,7 @@
 """Sampling through the engine: seeds, top-k/top-p, stops, max tokens, logprobs."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,7 +82,8 @@ def test_max_tokens_and_stop_token_ids(engine):
 def test_eos_stops_unless_ignored(engine):
     tokens = tokens_of(generate(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
     eos = tokens[2]
-    engine.model_config.__dict__["eos_token_ids"] = (eos,)  # pretend the model's EOS is that token
+    original = engine.model_config
+    engine.model_config = dataclasses.replace(original, eos_token_ids=(eos,))  # as if config.json said so
     try:
         stopped = generate(engine, SamplingParams(max_tokens=6, temperature=0))
         assert tokens_of(stopped) == tokens[: tokens.index(eos) + 1] and stopped[-1].finish_reason == "stop"
@@ -89,7 +92,7 @@ def test_eos_stops_unless_ignored(engine):
             == tokens
         )
     finally:
-        engine.model_config.__dict__["eos_token_ids"] = (257,)
+        engine.model_config = original
 
 
 def test_stop_string_ends_text_before_it(engine):
