@@ -9,26 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import DEMO_SHAPE, TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 
 SHAPES = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=258,
-    ),
-    "256": dict(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=258,
-    ),
+    "tiny": TINY_SHAPE,
+    "256": DEMO_SHAPE,
     "512": dict(
         hidden_size=512,
         intermediate_size=1408,

@@ -37,20 +37,12 @@ from adapter_svc.config import ManagerConfig
 from adapter_svc.registry import record_fields
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 CLUSTER = "bench"
 
 
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
-        model_dir = write_demo_model(work / "model", **TINY)
+        model_dir = write_demo_model(work / "model", **TINY_SHAPE)
         model = ModelConfig.from_dir(model_dir)
         root = work / "adapters"
         dirs = [

@@ -17,19 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapter_svc.config import ManagerConfig
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import write_demo_adapter, write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
 
 TIMEOUT_S = 60
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
 
 
 def free_port() -> int:

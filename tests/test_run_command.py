@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from stack_helpers import TINY_SHAPE, free_port, scrape, total, wait_for
+from stack_helpers import free_port, scrape, total, wait_for
 
-from inference_svc.demo_model import write_demo_model
+from inference_svc.demo_model import TINY_SHAPE, write_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
