@@ -30,7 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, what: str, timeout: float = TIMEOUT_S, interval: float = 0.05):
+def wait_for(predicate, what: str, timeout: float = TIMEOUT_S, interval: float = 0.02):
+    """Poll `predicate()` until truthy; AssertionError naming `what` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -53,22 +54,43 @@ def write_model(root: Path, num_adapters: int) -> tuple[Path, Path]:
 
 
 class RedisProcess:
-    """A private redis-server without persistence on a free port."""
+    """A private redis-server; `appendonly` turns on AOF with fsync on every write."""
 
-    def __init__(self, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, appendonly: bool = False):
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)]
-        args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        args += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        args += (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_for(lambda: _pings(client), "redis-server")
+        client = self.client()
+        wait_for(lambda: _pings(client), "redis-server to answer")
         client.close()
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook, no final save."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT_S)
+            self.proc = None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(TIMEOUT_S)
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(TIMEOUT_S)
+            self.proc = None
 
 
 def _pings(client: redis.Redis) -> bool:
@@ -79,11 +101,11 @@ def _pings(client: redis.Redis) -> bool:
 
 
 class LoopThread:
-    """An event loop on a daemon thread hosting in-process servers."""
+    """An asyncio loop on a daemon thread; `run` executes a coroutine there and waits."""
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
         self._thread.start()
 
     def run(self, coro, timeout: float = TIMEOUT_S):
@@ -102,6 +124,7 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(TIMEOUT_S)
+        self.loop.close()
 
 
 def manager_config(

@@ -21,7 +21,7 @@ def manager(tmp_path_factory):
     """(manager address, model dir, adapter root) of an in-process manager with no replica."""
     root = tmp_path_factory.mktemp("cli")
     model_dir, adapter_root = write_model(root, 2)
-    redis_proc = RedisProcess(root / "redis")
+    redis_proc = RedisProcess(root / "redis").start()
     loop = LoopThread()
     try:
         server = loop.start(ManagerServer, manager_config(redis_proc.url, root, adapter_root, model_dir))

@@ -34,7 +34,7 @@ PROMPT, PROMPT_TOKENS, MAX_TOKENS = "hello", 5, 4  # the demo tokenizer has one 
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     model_dir, adapter_root = write_model(root, len(ADAPTERS))
-    redis_proc = RedisProcess(root / "redis")
+    redis_proc = RedisProcess(root / "redis").start()
     loop = LoopThread()
     try:
         manager, replica = start_stack(loop, redis_proc.url, root, model_dir, adapter_root, metrics=True)

@@ -1,8 +1,7 @@
 """Real processes and servers for the adapter manager tests.
 
-- `RedisProcess`: a private `redis-server` on a free port in a temporary directory.
-- `LoopThread`: one event loop on a thread that hosts in-process gRPC servers (the manager and
-  inference replicas); tests drive them with the generated synchronous stubs.
+- `RedisProcess`: `stack_helpers`' private `redis-server`, with this suite's `keys`; `LoopThread`
+  (also `stack_helpers`') hosts the in-process gRPC servers, driven with the synchronous stubs.
 - `ManagerHandle` / `ReplicaHandle`: an in-process `ManagerServer` / managed `InferenceServer`.
 - `ManagerProcess` / `ReplicaProcess`: the same as separate processes (`python -m adapter_svc serve`,
   `python -m inference_svc serve --adapter-manager`), for kill and restart tests.
@@ -11,19 +10,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import redis
+import stack_helpers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stack_helpers import LoopThread, free_port, wait_for  # noqa: F401 (re-exported to the tests)
 
 from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
@@ -38,24 +35,6 @@ from loraserve.v1 import adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60  # bound on any single wait
 CLUSTER = "test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, what: str, timeout: float = TIMEOUT_S, interval: float = 0.02):
-    """Poll `predicate()` until truthy; AssertionError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def write_model(root: Path) -> Path:
@@ -88,72 +67,13 @@ def engine_config(**overrides) -> EngineConfig:
 # --- redis ----------------------------------------------------------------------------------------
 
 
-class RedisProcess:
-    """A private redis-server; `appendonly` turns on AOF with fsync on every write."""
+class RedisProcess(stack_helpers.RedisProcess):
+    """A private redis-server for the manager tests; `keys` builds their cluster's keys."""
 
-    def __init__(self, directory: Path, appendonly: bool = False):
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-        self.keys = Keys(CLUSTER)
-
-    def start(self) -> RedisProcess:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-        args += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
-        args += (
-            ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
-        )
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        wait_for(lambda: _pings(client), "redis-server to answer")
-        client.close()
-        return self
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hook, no final save."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(TIMEOUT_S)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(TIMEOUT_S)
-            self.proc = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
+    keys = Keys(CLUSTER)
 
 
 # --- in-process servers -----------------------------------------------------------------------------
-
-
-class LoopThread:
-    """An asyncio loop on a daemon thread; `run` executes a coroutine there and waits."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float = TIMEOUT_S):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(TIMEOUT_S)
-        self.loop.close()
 
 
 def manager_config(
