@@ -337,7 +337,7 @@ def run_demo(replica: str, adapters: list[str]) -> None:
     print(f"demo done in {time.perf_counter() - start:.2f} s")
 
 
-def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str]) -> None:
+def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving: bool) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     cli = "loraserve" if shutil.which("loraserve") else f"{sys.executable} -m loraserve"
     generate = (
@@ -365,7 +365,7 @@ def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str]) -> None:
         f"  {cli} generate --adapter {adapters[0] if adapters else ''} 'Hello there'",
         f"  {cli} events --after 0",
         "",
-        "Serving until Ctrl-C.",
+        "Serving until Ctrl-C." if serving else "--no-serve: shutting down.",
     ]
     print("\n".join(lines), flush=True)
 
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         ends, _, adapter_root = start_stack(stack, args, replica_flags)
         adapters = register_demo_adapters(ends.manager, adapter_root, args.num_adapters)
         run_demo(ends.replica, adapters)
-        print_endpoints(stack, ends, adapters)
+        print_endpoints(stack, ends, adapters, serving=not args.no_serve)
         while not args.no_serve:
             stack.check_alive()
             time.sleep(0.5)
