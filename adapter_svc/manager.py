@@ -481,9 +481,21 @@ class AdapterManager:
         if replica is None:
             raise errors.ReplicaNotFound(replica_id)
         max_cpu_loras = int(replica.engine["max_cpu_loras"])
-        answer = await self.registry.acquire(
-            replica_id, epoch, adapter_id, usage, max_cpu_loras, int(self.config.load_timeout_s * 1000)
-        )
+        timeout_ms = int(self.config.load_timeout_s * 1000)
+        deadline = asyncio.get_running_loop().time() + self.config.load_timeout_s
+        delay = 0.01
+        while True:
+            answer = await self.registry.acquire(
+                replica_id, epoch, adapter_id, usage, max_cpu_loras, timeout_ms
+            )
+            # {'exhausted', held, pinned}: while some entries are only loading (not pinned), wait
+            # for their loads to land and become evictable instead of refusing a burst of cold
+            # requests; when every entry is pinned, refuse at once.
+            transient = answer[0] == "exhausted" and int(answer[2]) < int(answer[1])
+            if not transient or asyncio.get_running_loop().time() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.2)
         kind = answer[0]
         if kind == "rejoin":
             raise errors.StaleReplica(f"replica {replica_id!r} epoch {epoch} is not current: join again")

@@ -97,3 +97,14 @@ def test_lru_eviction_pins_and_exhaustion(manager, replica, redis_proc):
     (lru,) = redis_proc.client().zrange(redis_proc.keys.replica_host("r1"), 0, 0)
     assert use(replica, redis_proc, cold) == held - {lru} | {cold}
     assert evictions(redis_proc)[-1] == lru
+
+
+def test_concurrent_cold_requests_beyond_the_host_cache_wait_instead_of_failing(manager, replica, redis_proc):
+    """Five first requests at once for five adapters on a 3-entry host cache: the ones that find every
+    entry still loading or in use wait for one to free up; none is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(5) as pool:
+        outs = list(pool.map(lambda i: replica.generate(f"ad-{i}"), range(5)))
+    assert [o[-1].adapter_id for o in outs] == [f"ad-{i}" for i in range(5)]
+    assert len(settled(redis_proc, replica)) == 3
