@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from inference_svc.errors import InvalidModel
 
@@ -34,11 +35,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> dict:
     """Every tensor of the checkpoint, cast to `dtype` and moved to `device`."""
     state = {}
-    for path in checkpoint_files(Path(model_dir)):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InvalidModel(f"{path}: cannot read safetensors ({e})") from e
+    files = checkpoint_files(Path(model_dir))
+    # a progress bar on a terminal only (disable=None), one step per tensor
+    with tqdm(desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                        bar.update()
+            except (OSError, ValueError, RuntimeError) as e:
+                raise InvalidModel(f"{path}: cannot read safetensors ({e})") from e
     return state
