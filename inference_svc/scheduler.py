@@ -91,15 +91,17 @@ class Scheduler:
         """Pick this step's chunks. Sequences whose adapter failed to load land in `failed`."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        scheduled: set[Sequence] = set()  # the sequences of `chunks`: never preempted this step
         for seq in list(self.running):
             if seq.status != RUNNING:
                 continue
             n = min(seq.total_len - seq.num_computed, budget)
             if n <= 0:
                 continue
-            scheduled = {c.seq for c in chunks}
+            scheduled.add(seq)
             while not self.kv.allocate(seq.block_table, seq.num_computed + n):
-                if not self._preempt_newest(keep=scheduled | {seq}):
+                if not self._preempt_newest(keep=scheduled):
+                    scheduled.discard(seq)
                     self._preempt(seq)  # nothing left to take blocks from: this one waits too
                     break
             else:
