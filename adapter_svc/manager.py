@@ -367,8 +367,20 @@ class AdapterManager:
         return sorted(pinned_on)
 
     async def unpin(self, adapter_id: str) -> None:
-        """UnpinAdapter: evictable at once for the manager; replicas drop their pin by heartbeat."""
-        _raise_refusal(adapter_id, await self.registry.set_pinned(adapter_id, False))
+        """UnpinAdapter: evictable at once for the manager, and on every live holder (a holder that
+        cannot be reached drops its pin at its next heartbeat)."""
+        answer = await self.registry.set_pinned(adapter_id, False)
+        _raise_refusal(adapter_id, answer)
+        holders = {r for r, s in zip(answer[1::2], answer[2::2]) if s in ("CACHED", "ACTIVE")}
+        for replica in await self.registry.replicas():
+            if replica.replica_id not in holders or not replica.up:
+                continue
+            try:
+                await self.replicas.load(replica.replica_id, replica.address, adapter_id, False, False)
+            except errors.ManagerError as e:
+                log.warning(
+                    "unpinning %s on %s failed (its heartbeat will): %s", adapter_id, replica.replica_id, e
+                )
 
     async def cluster_state(self) -> list[ReplicaRecord]:
         return await self.registry.replicas()

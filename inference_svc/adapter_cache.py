@@ -212,8 +212,9 @@ class AdapterCache:
 
     # --- commands -------------------------------------------------------------------------
 
-    def load(self, adapter_id: str, to_slot: bool = False, pin: bool = False) -> ResidentAdapter:
-        """LoadAdapter: bring into the host tier (and a slot if asked), optionally pinned."""
+    def load(self, adapter_id: str, to_slot: bool = False, pin: bool | None = None) -> ResidentAdapter:
+        """LoadAdapter: bring into the host tier (and a slot if asked); `pin` True pins, False
+        unpins, None leaves the pin as it is."""
         self.ensure_host(adapter_id)
         if to_slot:
             if self.acquire_slot(adapter_id) is None:
@@ -223,6 +224,8 @@ class AdapterCache:
             self.release_slot(adapter_id)
         if pin:
             self.pinned.add(adapter_id)
+        elif pin is not None:
+            self.pinned.discard(adapter_id)
         return self.resident(adapter_id)
 
     def evict(self, adapter_id: str) -> bool:

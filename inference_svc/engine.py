@@ -121,7 +121,10 @@ class LLMEngine:
     def unregister_adapter(self, adapter_id: str) -> None:
         self.adapters.unregister(adapter_id)
 
-    def load_adapter(self, adapter_id: str, to_slot: bool = False, pin: bool = False) -> ResidentAdapter:
+    def load_adapter(
+        self, adapter_id: str, to_slot: bool = False, pin: bool | None = None
+    ) -> ResidentAdapter:
+        """Into the host cache (and a slot with `to_slot`); `pin` True pins, False unpins."""
         return self.adapters.load(adapter_id, to_slot=to_slot, pin=pin)
 
     def evict_adapter(self, adapter_id: str) -> bool:

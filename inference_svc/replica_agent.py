@@ -293,7 +293,7 @@ class ReplicaAgent:
                 path = await self._download(adapter_id, acquired.sha256)
                 await self.engine.call(lambda e: _register(e, adapter_id, path))
                 self._local[adapter_id] = acquired.sha256
-            await self.engine.call(lambda e: e.load_adapter(adapter_id, pin=acquired.pin))
+            await self.engine.call(lambda e: e.load_adapter(adapter_id, pin=True if acquired.pin else None))
         except Exception as e:
             with self._lock:
                 self._queue_change(

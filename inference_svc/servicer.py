@@ -77,7 +77,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         def load(engine):
             if path is not None:
                 engine.register_adapter(adapter_id, path)
-            return engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=request.pin)
+            pin = request.pin if request.HasField("pin") else None
+            return engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=pin)
 
         resident = await self.engine.call(load)
         return inference_pb2.LoadAdapterResponse(adapter=resident_to_proto(resident))

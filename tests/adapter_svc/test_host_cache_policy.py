@@ -108,3 +108,12 @@ def test_concurrent_cold_requests_beyond_the_host_cache_wait_instead_of_failing(
         outs = list(pool.map(lambda i: replica.generate(f"ad-{i}"), range(5)))
     assert [o[-1].adapter_id for o in outs] == [f"ad-{i}" for i in range(5)]
     assert len(settled(redis_proc, replica)) == 3
+
+
+def test_unpin_reaches_the_replica_at_once(manager, replica, redis_proc):
+    """UnpinAdapter clears the pin on the holders before it returns, not at a later heartbeat."""
+    replica.generate("ad-0")
+    manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id="ad-0"), timeout=TIMEOUT_S)
+    assert truth(replica.stub)["ad-0"][1] is True
+    manager.stub.UnpinAdapter(pb.UnpinAdapterRequest(adapter_id="ad-0"), timeout=TIMEOUT_S)
+    assert truth(replica.stub)["ad-0"][1] is False
