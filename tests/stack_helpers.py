@@ -146,8 +146,9 @@ def manager_config(
     return ManagerConfig(**{**values, **overrides})
 
 
-def replica_config(model_dir: Path, manager: str | None, **overrides) -> ServerConfig:
-    engine = EngineConfig(
+def engine_config(**overrides) -> EngineConfig:
+    """A small CPU engine configuration for the tiny model (2 slots, 3 host entries, rank 8)."""
+    base = dict(
         max_loras=2,
         max_cpu_loras=3,
         max_lora_rank=8,
@@ -156,6 +157,11 @@ def replica_config(model_dir: Path, manager: str | None, **overrides) -> ServerC
         lora_backend="torch",
         kv_cache_bytes=1 << 20,
     )
+    return EngineConfig(**{**base, **overrides})
+
+
+def replica_config(model_dir: Path, manager: str | None, **overrides) -> ServerConfig:
+    engine = engine_config()
     values = dict(
         model=str(model_dir), engine=engine, port=0, grace_s=1.0, adapter_manager=manager, replica_id="r-0"
     )

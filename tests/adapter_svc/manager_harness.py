@@ -20,12 +20,11 @@ import grpc
 import redis
 import stack_helpers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack_helpers import LoopThread, free_port, wait_for  # noqa: F401 (re-exported to the tests)
+from stack_helpers import LoopThread, engine_config, free_port, wait_for  # noqa: F401 (re-exported)
 
 from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
 from adapter_svc.server import ManagerServer
-from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
@@ -49,19 +48,6 @@ def write_adapters(model_dir: Path, root: Path, count: int, rank: int = 4) -> di
         )
         for i in range(count)
     }
-
-
-def engine_config(**overrides) -> EngineConfig:
-    base = dict(
-        max_loras=2,
-        max_cpu_loras=3,
-        max_lora_rank=8,
-        device="cpu",
-        dtype="float32",
-        lora_backend="torch",
-        kv_cache_bytes=1 << 20,
-    )
-    return EngineConfig(**{**base, **overrides})
 
 
 # --- redis ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import stack_helpers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_svc.config import EngineConfig
@@ -36,16 +37,7 @@ def write_model_and_adapters(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def engine_config(**overrides) -> EngineConfig:
-    base = dict(
-        max_loras=2,
-        max_cpu_loras=4,
-        max_lora_rank=8,
-        device="cpu",
-        dtype="float32",
-        lora_backend="torch",
-        kv_cache_bytes=2 << 20,
-    )
-    return EngineConfig(**{**base, **overrides})
+    return stack_helpers.engine_config(**{"max_cpu_loras": 4, "kv_cache_bytes": 2 << 20, **overrides})
 
 
 class ServerThread:

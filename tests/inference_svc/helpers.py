@@ -4,6 +4,19 @@ from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
 
+# config.json of a tiny Llama-style model, for tests that read only the config
+TINY_CONFIG_JSON = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "max_position_embeddings": 128,
+    "torch_dtype": "float32",
+}
+
 
 def tiny_model(root):
     return write_demo_model(root / "model", **TINY_SHAPE)

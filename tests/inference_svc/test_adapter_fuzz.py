@@ -12,17 +12,9 @@ from inference_svc.adapters import check_adapter_config, inspect_adapter, parse_
 from inference_svc.config import EngineConfig
 from inference_svc.model_config import ModelConfig
 
-MODEL = ModelConfig.from_dict(
-    {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 100,
-    }
-)
+from helpers import TINY_CONFIG_JSON
+
+MODEL = ModelConfig.from_dict(TINY_CONFIG_JSON)
 ENGINE = EngineConfig(max_lora_rank=16, device="cpu")
 VALID_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

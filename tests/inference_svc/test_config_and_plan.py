@@ -11,17 +11,7 @@ from inference_svc.config import EngineConfig
 from inference_svc.memory_plan import compute_plan, human_bytes
 from inference_svc.model_config import ModelConfig
 
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-    "max_position_embeddings": 128,
-    "torch_dtype": "float32",
-}
+from helpers import TINY_CONFIG_JSON
 
 
 @pytest.mark.parametrize(
@@ -72,7 +62,7 @@ def test_config_is_immutable_and_replace_revalidates():
 
 
 def test_memory_plan_matches_hand_computed_figures():
-    model = ModelConfig.from_dict(TINY)
+    model = ModelConfig.from_dict(TINY_CONFIG_JSON)
     config = EngineConfig(
         max_loras=3, max_lora_rank=8, max_cpu_loras=5, device="cpu", kv_block_size=4, kv_cache_bytes=10_000
     )
@@ -89,7 +79,7 @@ def test_memory_plan_matches_hand_computed_figures():
 
 
 def test_plan_warnings():
-    model = ModelConfig.from_dict(TINY)
+    model = ModelConfig.from_dict(TINY_CONFIG_JSON)
     plan = compute_plan(
         model,
         EngineConfig(max_loras=2, max_lora_rank=64, lora_dtype="bfloat16", device="cpu"),
@@ -112,7 +102,7 @@ def test_human_bytes_is_exact_and_binary():
 
 
 def run_plan(tmp_path, *flags):
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG_JSON))
     return subprocess.run(
         [sys.executable, "-m", "inference_svc", "plan", "--model", str(tmp_path), *flags],
         capture_output=True,

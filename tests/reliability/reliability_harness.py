@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import message_factory
-from manager_harness import TIMEOUT_S, LoopThread, _Process, engine_config
+from manager_harness import TIMEOUT_S, LoopThread, ReplicaHandle, _Process, engine_config
 
 from adapter_svc.config import ManagerConfig
 from adapter_svc.server import ManagerServer
@@ -187,7 +187,7 @@ class SecureManager:
         self.loop.run(self.server.stop(grace_s=0.5))
 
 
-class SecureReplica:
+class SecureReplica(ReplicaHandle):
     """An in-process inference server with `security` (managed when `manager_address` is set)."""
 
     def __init__(
@@ -234,13 +234,6 @@ class SecureReplica:
             **kw,
         )
         return list(self.stub.Generate(request, timeout=TIMEOUT_S, metadata=metadata))
-
-    def on_engine(self, fn):
-        return self.server.engine.submit(fn).result(TIMEOUT_S)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.loop.run(self.server.stop(grace_s=0.5))
 
 
 # --- calling any method generically --------------------------------------------------------------
