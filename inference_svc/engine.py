@@ -96,6 +96,8 @@ class LLMEngine:
             lora_dtype,
             self.device,
             config.lora_backend,
+            max_tokens=config.max_num_batched_tokens,
+            activation_dtype=dtype,
         )
         self.adapters = AdapterCache(self.model_config, config, self.lora, lora_dtype, on_residency_change)
         self.scheduler = Scheduler(config, self.kv, self.adapters)
@@ -322,6 +324,12 @@ class LLMEngine:
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], adapter_ids: list[str | None]) -> list[torch.Tensor]:
         """Logits [len(prompt), V] at every prompt position, all prompts in one mixed batch."""
+        total = sum(len(p) for p in prompts)
+        if total > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"score takes at most max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
+                f"tokens per call, got {total}"
+            )
         tables: list[list[int]] = [[] for _ in prompts]
         held: list[str] = []
         try:

@@ -6,7 +6,8 @@ Layout (DESIGN.md section 4), per layer:
   - B per target module: `b[module]  [max_loras, out, R]`, expanded into its slice of the fused
     output with `out_offset`.
 Loading copies and zero-pads into a slot; scaling is already folded into B. Nothing is allocated
-here after construction except the small activation-sized intermediates of the ops.
+here after construction: the ops' intermediates live in one `LoraWorkspace` sized for the largest
+step (`max_tokens`), reused by every layer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ PROJECTION_GROUPS = {
 }
 
 
+def workspace_shape(
+    model: ModelConfig, max_rank: int, target_modules: tuple[str, ...], max_tokens: int
+) -> kernels.WorkspaceShape:
+    """The largest LoRA op of a step with `max_tokens` tokens, over the fused projections."""
+    shapes = model.module_shapes()
+    carried = [[m for m in modules if m in target_modules] for modules in PROJECTION_GROUPS.values()]
+    carried = [modules for modules in carried if modules]
+    return kernels.WorkspaceShape(
+        max_tokens=max_tokens,
+        max_in=max((shapes[modules[0]][0] for modules in carried), default=0),
+        max_rank=max((len(modules) * max_rank for modules in carried), default=0),
+        max_out=max((shapes[m][1] for modules in carried for m in modules), default=0),
+    )
+
+
 class LoraSlots:
     """Slot tensors for `max_loras` adapters of rank <= `max_rank` on `target_modules`."""
 
@@ -38,6 +54,9 @@ class LoraSlots:
         dtype: torch.dtype,
         device: torch.device,
         backend: str = "auto",
+        *,
+        max_tokens: int,
+        activation_dtype: torch.dtype,
     ):
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -68,9 +87,17 @@ class LoraSlots:
                     b[m] = torch.zeros(max_loras, shapes[m][1], max_rank, dtype=dtype, device=device)
             self.a.append(a)
             self.b.append(b)
+        self.workspace = kernels.LoraWorkspace(
+            workspace_shape(model, max_rank, target_modules, max_tokens),
+            activation_dtype,
+            dtype,
+            device,
+            torch_backend=kernels.select_backend(backend, device) == "torch",
+        )
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the slot tensors (the workspace is counted apart)."""
         return sum(t.nbytes for layer in (*self.a, *self.b) for t in layer.values())
 
     def set_slot(self, index: int, adapter: LoraAdapter) -> None:
@@ -106,8 +133,16 @@ class LoraSlots:
         modules = self.groups.get(group)
         if modules is None or not meta.has_lora:
             return
+        lora_a = self.a[layer][group]  # [S, n*R, in]
         t = kernels.lora_shrink(
-            x, self.a[layer][group], slot_ids, 1.0, meta=meta, backend=self.backend
+            x,
+            lora_a,
+            slot_ids,
+            1.0,
+            out=self.workspace.take("shrink_out", x.shape[0], lora_a.shape[1]),
+            meta=meta,
+            backend=self.backend,
+            workspace=self.workspace,
         )  # [T, n*R]
         for m in modules:
             row = self.rank_offset[m]
@@ -119,6 +154,7 @@ class LoraSlots:
                 self.out_offset[m],
                 meta=meta,
                 backend=self.backend,
+                workspace=self.workspace,
             )
 
     def _check_index(self, index: int) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from inference_svc.config import EngineConfig
+from inference_svc.lora_slots import workspace_shape
 from inference_svc.model_config import ModelConfig
 
 # A rank this many times the largest adapter rank wastes most of every slot.
@@ -23,6 +25,7 @@ class MemoryPlan:
     lora_dtype: str
     bytes_per_slot: int  # one adapter at max_lora_rank, every layer and target module
     slots_bytes: int  # max_loras slots on the accelerator
+    lora_workspace_bytes: int  # the LoRA ops' scratch memory for the largest step
     host_cache_bytes: int  # max_cpu_loras adapters in host memory, at most
     weights_bytes: int  # base model parameters
     kv_cache_bytes: int  # KV cache as allocated (whole blocks)
@@ -33,7 +36,7 @@ class MemoryPlan:
 
     @property
     def device_total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.slots_bytes
+        return self.weights_bytes + self.kv_cache_bytes + self.slots_bytes + self.lora_workspace_bytes
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -46,6 +49,7 @@ class MemoryPlan:
             ("model dtype / lora dtype", f"{self.model_dtype} / {self.lora_dtype}"),
             ("bytes per slot", human_bytes(self.bytes_per_slot)),
             ("slots (max_loras)", human_bytes(self.slots_bytes)),
+            ("LoRA workspace (max_num_batched_tokens)", human_bytes(self.lora_workspace_bytes)),
             ("host cache (max_cpu_loras), at most", human_bytes(self.host_cache_bytes)),
             ("base model weights", human_bytes(self.weights_bytes)),
             (
@@ -110,6 +114,14 @@ def compute_plan(
         lora_dtype=dtype_name(lora_dtype),
         bytes_per_slot=per_slot,
         slots_bytes=config.max_loras * per_slot,
+        lora_workspace_bytes=kernels.workspace_bytes(
+            workspace_shape(
+                model, config.max_lora_rank, config.lora_target_modules, config.max_num_batched_tokens
+            ),
+            model_dtype,
+            lora_dtype,
+            torch_backend=kernels.select_backend(config.lora_backend, config.resolved_device()) == "torch",
+        ),
         host_cache_bytes=config.max_cpu_loras * per_slot,
         weights_bytes=model.num_parameters() * model_dtype.itemsize,
         kv_cache_bytes=blocks * block_bytes,

@@ -203,6 +203,12 @@ class ReplicaAgent:
                 self._host.discard(event.adapter_id)
             self._queue_change(CHANGE_KINDS[event.kind], event.adapter_id, event.slot, event.at, "")
 
+    @property
+    def unreported_changes(self) -> int:
+        """Residency changes queued for the manager and not yet acknowledged by it."""
+        with self._lock:
+            return len(self._pending)
+
     def _queue_change(self, kind: int, adapter_id: str, slot: int | None, at: float, reason: str) -> None:
         """Number and queue a change; the caller holds the lock."""
         self._seq += 1

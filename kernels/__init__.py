@@ -4,6 +4,8 @@
   - "torch": the reference implementation, used on CPU tensors;
   - "triton": the Triton kernels, used on CUDA tensors (and on CPU under TRITON_INTERPRET=1);
   - "auto": Triton for CUDA tensors, torch otherwise.
+The engine passes `out=` (the shrink result) and a `LoraWorkspace` built once, so its steps
+allocate nothing here; called without them, the ops allocate what the call needs.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ import torch
 
 from kernels import torch_ops
 from kernels.metadata import LoraBatchMeta, make_batch_meta
+from kernels.workspace import LoraWorkspace, WorkspaceShape, workspace_bytes
 
-__all__ = ["LoraBatchMeta", "add_lora", "lora_expand", "lora_shrink", "make_batch_meta", "select_backend"]
+__all__ = [
+    "LoraBatchMeta",
+    "LoraWorkspace",
+    "WorkspaceShape",
+    "add_lora",
+    "lora_expand",
+    "lora_shrink",
+    "make_batch_meta",
+    "select_backend",
+    "workspace_bytes",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-def select_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Resolve `backend` for data living where `tensor` lives."""
+def select_backend(backend: str, where: torch.Tensor | torch.device) -> str:
+    """Resolve `backend` for data living on `where` (a tensor or a device)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "torch"
+        device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+        return "triton" if device.type == "cuda" else "torch"
     return backend
 
 
@@ -41,12 +55,16 @@ def lora_shrink(
     slot_ids: torch.Tensor,  # [T] int32
     scale: float = 1.0,
     *,
+    out: torch.Tensor | None = None,  # [T, R] float32 to write the result into
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
+    workspace: LoraWorkspace | None = None,
 ) -> torch.Tensor:  # [T, R] float32
     """Per row i: `scale * x[i] @ lora_a[slot_ids[i]].T` in float32; rows with slot -1 are 0."""
     meta = meta if meta is not None else make_batch_meta(slot_ids)
-    return _ops(backend, x).lora_shrink(x, lora_a, slot_ids, scale, meta)
+    if out is not None:
+        _check_shrink_out(out, x, lora_a)
+    return _ops(backend, x).lora_shrink(x, lora_a, slot_ids, scale, meta, out, workspace)
 
 
 def lora_expand(
@@ -58,10 +76,11 @@ def lora_expand(
     *,
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
+    workspace: LoraWorkspace | None = None,
 ) -> None:
     """Per row i: `out[i, out_offset:out_offset+N] += t[i] @ lora_b[slot_ids[i]].T`, in place."""
     meta = meta if meta is not None else make_batch_meta(slot_ids)
-    _ops(backend, out).lora_expand(out, t, lora_b, slot_ids, out_offset, meta)
+    _ops(backend, out).lora_expand(out, t, lora_b, slot_ids, out_offset, meta, workspace)
 
 
 def add_lora(
@@ -75,10 +94,22 @@ def add_lora(
     out_offset: int = 0,
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
+    workspace: LoraWorkspace | None = None,
 ) -> None:
     """`y[:, out_offset:out_offset+N] += scale * (x @ A[s].T) @ B[s].T` per row, in place."""
     meta = meta if meta is not None else make_batch_meta(slot_ids)
     if not meta.has_lora:
         return
-    t = lora_shrink(x, lora_a, slot_ids, scale, meta=meta, backend=backend)
-    lora_expand(y, t, lora_b, slot_ids, out_offset, meta=meta, backend=backend)
+    t = None
+    if workspace is not None:
+        t = workspace.take("shrink_out", x.shape[0], lora_a.shape[1])
+    t = lora_shrink(x, lora_a, slot_ids, scale, out=t, meta=meta, backend=backend, workspace=workspace)
+    lora_expand(y, t, lora_b, slot_ids, out_offset, meta=meta, backend=backend, workspace=workspace)
+
+
+def _check_shrink_out(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor) -> None:
+    want = (x.shape[0], lora_a.shape[1])
+    if out.dtype != torch.float32 or tuple(out.shape) != want or out.device != x.device:
+        raise ValueError(
+            f"out ({out.dtype}, {tuple(out.shape)}, {out.device}) must be float32 {want} on {x.device}"
+        )

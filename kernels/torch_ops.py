@@ -8,6 +8,9 @@ skipped), so each active slot is one contiguous run: one matmul per slot reads t
 weights once for all its tokens, then one scatter puts rows back in place. When the active slots
 are consecutive and hold the same number of tokens each (`meta.uniform_run`, the usual decode
 step), one batched matmul over a view of the slot tensor replaces the per-slot loop.
+
+Every intermediate lives in a `LoraWorkspace` (the caller's, or one sized for the call), and
+matmuls write into it with `out=`, so an engine step allocates nothing here.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import torch
 
 from kernels.metadata import LoraBatchMeta
+from kernels.workspace import LoraWorkspace
+
+F32 = torch.float32
 
 
 def lora_shrink(
@@ -23,32 +29,40 @@ def lora_shrink(
     slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
     scale: float,
     meta: LoraBatchMeta,
+    out: torch.Tensor | None = None,  # [T, R] float32, written (allocated when None)
+    workspace: LoraWorkspace | None = None,
 ) -> torch.Tensor:  # [T, R] float32
     """Return `scale * x[i] @ lora_a[slot_ids[i]].T` per row in float32; rows with slot -1 are 0."""
-    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    num_tokens, hidden = x.shape
+    rank = lora_a.shape[1]
+    if out is None:
+        out = torch.zeros(num_tokens, rank, dtype=F32, device=x.device)
     if not meta.has_lora:
-        return out
+        return out.zero_()
     first = meta.host_segments[0][1]
+    if first > 0:
+        out.zero_()  # rows without an adapter; every other row is overwritten below
     rows = meta.sorted_token_ids[first:]  # [n] tokens with an adapter, in slot order
-    xs = x.index_select(0, rows)  # [n, K]
-    ts = torch.empty(rows.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [n, R]
-    exact = x.dtype == lora_a.dtype == torch.float32
-    if exact and meta.uniform_run is not None:
+    n = rows.shape[0]
+    ws = workspace or LoraWorkspace.fitting(x, rank, 0, lora_a.dtype)
+    xs = torch.index_select(x, 0, rows, out=ws.take("rows_x", n, hidden))  # [n, K]
+    if x.dtype != F32:
+        xs = ws.take("x_f32", n, hidden).copy_(xs)
+    ts = ws.take("rows_t", n, rank)  # [n, R] float32, slot order
+    if lora_a.dtype == F32 and meta.uniform_run is not None:
         lo, hi, each = meta.uniform_run
-        xs3 = xs.view(hi - lo, each, xs.shape[1])  # [A, c, K]
-        torch.bmm(lora_a[lo:hi], xs3.transpose(1, 2), out=ts.view(hi - lo, each, -1).transpose(1, 2))
-        if scale != 1.0:
-            ts *= scale
-        out.index_copy_(0, rows, ts)
-        return out
-    for slot, begin, end in meta.host_segments:
-        b, e = begin - first, end - first
-        if exact:
-            torch.mm(xs[b:e], lora_a[slot].t(), out=ts[b:e])
-        else:
-            ts[b:e] = xs[b:e].float() @ lora_a[slot].float().t()
+        torch.bmm(
+            xs.view(hi - lo, each, hidden), lora_a[lo:hi].transpose(1, 2), out=ts.view(hi - lo, each, rank)
+        )
+    else:
+        for slot, begin, end in meta.host_segments:
+            torch.mm(
+                xs[begin - first : end - first],
+                _f32(lora_a[slot], ws).t(),
+                out=ts[begin - first : end - first],
+            )
     if scale != 1.0:
-        ts *= scale
+        ts.mul_(scale)
     out.index_copy_(0, rows, ts)
     return out
 
@@ -60,27 +74,43 @@ def lora_expand(
     slot_ids: torch.Tensor,  # [T] int32
     out_offset: int,
     meta: LoraBatchMeta,
+    workspace: LoraWorkspace | None = None,
 ) -> None:
     """Add `t[i] @ lora_b[slot_ids[i]].T` into `out[i, out_offset:out_offset+N]` in place."""
     if not meta.has_lora:
         return
-    n_out = lora_b.shape[1]
+    width, rank = lora_b.shape[1], lora_b.shape[2]
     first = meta.host_segments[0][1]
     rows = meta.sorted_token_ids[first:]  # [n]
-    ts = t.index_select(0, rows)  # [n, R] float32
-    delta = torch.empty(rows.shape[0], n_out, dtype=torch.float32, device=out.device)  # [n, N]
-    exact = lora_b.dtype == torch.float32
-    if exact and meta.uniform_run is not None:
+    n = rows.shape[0]
+    ws = workspace or LoraWorkspace.fitting(out, rank, width, lora_b.dtype)
+    ts = torch.index_select(t, 0, rows, out=ws.take("rows_t", n, rank))  # [n, R] float32
+    delta = ws.take("delta", n, width)  # [n, N] float32
+    if lora_b.dtype == F32 and meta.uniform_run is not None:
         lo, hi, each = meta.uniform_run
-        ts3 = ts.view(hi - lo, each, ts.shape[1])  # [A, c, R]
-        torch.bmm(lora_b[lo:hi], ts3.transpose(1, 2), out=delta.view(hi - lo, each, -1).transpose(1, 2))
-        out[:, out_offset : out_offset + n_out].index_add_(0, rows, delta.to(out.dtype))
+        torch.bmm(
+            ts.view(hi - lo, each, rank), lora_b[lo:hi].transpose(1, 2), out=delta.view(hi - lo, each, width)
+        )
+    else:
+        for slot, begin, end in meta.host_segments:
+            torch.mm(
+                ts[begin - first : end - first],
+                _f32(lora_b[slot], ws).t(),
+                out=delta[begin - first : end - first],
+            )
+    target = out[:, out_offset : out_offset + width]  # [T, N] view
+    if out.dtype == F32:
+        target.index_add_(0, rows, delta)
         return
-    for slot, begin, end in meta.host_segments:
-        b, e = begin - first, end - first
-        if exact:
-            torch.mm(ts[b:e], lora_b[slot].t(), out=delta[b:e])
-        else:
-            delta[b:e] = ts[b:e] @ lora_b[slot].float().t()
-    target = out[:, out_offset : out_offset + n_out]  # [T, N] view
-    target.index_add_(0, rows, delta.to(out.dtype))
+    # Half-precision `out`: index_add_ would allocate a float32 accumulator on every call, so
+    # gather, add and put back (rows are distinct: each token appears once).
+    current = torch.index_select(target, 0, rows, out=ws.take("rows_out", n, width))
+    current.add_(ws.take("delta_cast", n, width).copy_(delta))
+    target.index_copy_(0, rows, current)
+
+
+def _f32(weight: torch.Tensor, ws: LoraWorkspace) -> torch.Tensor:
+    """`weight` ([R, K] or [N, R]) itself when float32, else its float32 copy in the workspace."""
+    if weight.dtype == F32:
+        return weight
+    return ws.take("weight_f32", *weight.shape).copy_(weight)

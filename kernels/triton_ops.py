@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels.launch_configs import LaunchConfig, get_config
 from kernels.metadata import LoraBatchMeta
+from kernels.workspace import LoraWorkspace
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -194,6 +195,8 @@ def lora_shrink(
     slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
     scale: float,
     meta: LoraBatchMeta,
+    out: torch.Tensor | None = None,  # [T, R] float32, written (allocated when None)
+    workspace: LoraWorkspace | None = None,  # unused: the kernels need no scratch memory
 ) -> torch.Tensor:  # [T, R] float32
     """Return `scale * x[i] @ lora_a[slot_ids[i]].T` per row in float32; rows with slot -1 are 0.
 
@@ -209,7 +212,10 @@ def lora_shrink(
         raise ValueError(f"lora_a {tuple(lora_a.shape)} must be [S, R, K] with K = x.shape[1] ({hidden})")
     _check_slots(slot_ids, meta, num_tokens, num_slots, "lora_a")
     _check_device(x, lora_a=lora_a, slot_ids=slot_ids, meta=meta.sorted_token_ids)
-    out = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)  # [T, R]
+    if out is None:
+        out = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)  # [T, R]
+    else:
+        out.zero_()  # programs accumulate (split-K) into it
     if not meta.has_lora or rank == 0:
         return out
 
@@ -257,6 +263,7 @@ def lora_expand(
     slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
     out_offset: int,
     meta: LoraBatchMeta,
+    workspace: LoraWorkspace | None = None,  # unused: the kernels need no scratch memory
 ) -> None:
     """Add `t[i] @ lora_b[slot_ids[i]].T` into `out[i, out_offset:out_offset+N]` in place.
 

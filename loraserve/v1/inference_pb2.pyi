@@ -180,7 +180,7 @@ class ModelSummary(_message.Message):
     def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
-    __slots__ = ("model_dtype", "lora_dtype", "bytes_per_slot", "slots_bytes", "host_cache_bytes", "weights_bytes", "kv_cache_bytes", "kv_cache_blocks", "kv_cache_tokens", "max_model_len", "device_total_bytes", "warnings")
+    __slots__ = ("model_dtype", "lora_dtype", "bytes_per_slot", "slots_bytes", "host_cache_bytes", "weights_bytes", "kv_cache_bytes", "kv_cache_blocks", "kv_cache_tokens", "max_model_len", "device_total_bytes", "warnings", "lora_workspace_bytes")
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LORA_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class MemoryPlan(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    LORA_WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_dtype: str
     lora_dtype: str
     bytes_per_slot: int
@@ -205,7 +206,8 @@ class MemoryPlan(_message.Message):
     max_model_len: int
     device_total_bytes: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_dtype: _Optional[str] = ..., lora_dtype: _Optional[str] = ..., bytes_per_slot: _Optional[int] = ..., slots_bytes: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    lora_workspace_bytes: int
+    def __init__(self, model_dtype: _Optional[str] = ..., lora_dtype: _Optional[str] = ..., bytes_per_slot: _Optional[int] = ..., slots_bytes: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., lora_workspace_bytes: _Optional[int] = ...) -> None: ...
 
 class Occupancy(_message.Message):
     __slots__ = ("slots_used", "slots_total", "host_cache_used", "host_cache_total", "kv_blocks_free", "kv_blocks_total", "running", "waiting", "registered_adapters")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from manager_harness import TIMEOUT_S, ManagerHandle, ReplicaHandle, manager_config, register
+from manager_harness import TIMEOUT_S, ManagerHandle, ReplicaHandle, manager_config, register, wait_for
 
 from loraserve.v1 import adapter_pb2 as pb
 
@@ -21,8 +21,15 @@ def replicas(loop, manager, model_dir):
         h.close()
 
 
-def loads(redis_proc, adapter_id: str) -> list[str]:
-    """Replicas that reported loading `adapter_id` into their host cache, one entry per load."""
+def loads(redis_proc, replicas, adapter_id: str) -> list[str]:
+    """Replicas that reported loading `adapter_id` into their host cache, one entry per load.
+
+    Replicas report residency changes after answering, so first wait until every change they
+    queued has reached the manager (and so the event stream)."""
+    wait_for(
+        lambda: all(r.server.agent.unreported_changes == 0 for r in replicas),
+        "replicas to report their residency changes",
+    )
     entries = redis_proc.client().xrange(redis_proc.keys.events)
     return [f["replica"] for _, f in entries if f["type"] == "loaded" and f["adapter"] == adapter_id]
 
@@ -36,7 +43,7 @@ def test_concurrent_manager_loads_share_one(manager, replicas, redis_proc, adapt
         )
     assert len({a.replica_id for a in answers}) == 1
     assert manager.manager.fetches == 1
-    assert loads(redis_proc, "ad-5") == [answers[0].replica_id]
+    assert loads(redis_proc, replicas, "ad-5") == [answers[0].replica_id]
 
 
 def test_two_managers_on_one_redis_still_load_once(
@@ -50,7 +57,7 @@ def test_two_managers_on_one_redis_still_load_once(
         with ThreadPoolExecutor(CALLERS) as pool:
             answers = list(pool.map(lambda stub: stub.LoadAdapter(request, timeout=TIMEOUT_S), stubs))
         assert len({a.replica_id for a in answers}) == 1
-        assert loads(redis_proc, "ad-6") == [answers[0].replica_id]
+        assert loads(redis_proc, replicas, "ad-6") == [answers[0].replica_id]
         assert manager.manager.fetches + other.manager.fetches == 1
     finally:
         other.close()
@@ -63,4 +70,4 @@ def test_concurrent_cold_generates_on_a_replica_fetch_once(manager, replicas, re
         outputs = list(pool.map(lambda _: replica.generate("ad-7"), range(CALLERS)))
     assert all(out[-1].adapter_id == "ad-7" for out in outputs)
     assert manager.manager.fetches == 1
-    assert loads(redis_proc, "ad-7") == ["r2"]
+    assert loads(redis_proc, replicas, "ad-7") == ["r2"]
