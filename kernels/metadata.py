@@ -22,6 +22,7 @@ class LoraBatchMeta:
     tokens_per_slot: torch.Tensor  # [A] int32, tokens of each active slot
     segment_starts: torch.Tensor  # [A] int32, offset of each active slot in sorted_token_ids
     host_groups: tuple[tuple[int, torch.Tensor], ...]  # (slot, token indices) for host loops
+    in_order: bool  # tokens already grouped by ascending slot: sorted_token_ids is 0..T-1
 
     def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
         """(slot, [n] int64 token indices) for every active slot, in slot order."""
@@ -86,6 +87,7 @@ def make_batch_meta(slot_ids: torch.Tensor) -> LoraBatchMeta:
         (int(s), order[int(b) : int(b) + int(n)])
         for s, b, n in zip(active.tolist(), starts.tolist(), counts.tolist())
     )
+    in_order = bool(torch.equal(order, torch.arange(order.shape[0], device=order.device)))
     return LoraBatchMeta(
         num_tokens=int(slot_ids.shape[0]),
         sorted_token_ids=order,
@@ -93,4 +95,5 @@ def make_batch_meta(slot_ids: torch.Tensor) -> LoraBatchMeta:
         tokens_per_slot=counts.to(torch.int32),
         segment_starts=starts.to(torch.int32),
         host_groups=host_groups,
+        in_order=in_order,
     )

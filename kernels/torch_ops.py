@@ -7,7 +7,9 @@ Tokens are taken in slot order (`meta.sorted_token_ids`, where rows with slot -1
 skipped), so each active slot is one contiguous run: one matmul per slot reads that adapter's
 weights once for all its tokens, then one scatter puts rows back in place. When the active slots
 are consecutive and hold the same number of tokens each (`meta.uniform_run`, the usual decode
-step), one batched matmul over a view of the slot tensor replaces the per-slot loop.
+step), one batched matmul over a view of the slot tensor replaces the per-slot loop. When the
+step's tokens are already in slot order (`meta.in_order`), the gather and scatter are skipped:
+the matmuls read and write row slices of the caller's tensors directly.
 
 Every intermediate lives in a `LoraWorkspace` (the caller's, or one sized for the call), and
 matmuls write into it with `out=`, so an engine step allocates nothing here.
@@ -39,17 +41,19 @@ def lora_shrink(
         out = torch.zeros(num_tokens, rank, dtype=F32, device=x.device)
     if not meta.has_lora:
         return out.zero_()
-    first = meta.host_segments[0][1]
-    if first > 0:
-        out.zero_()  # rows without an adapter; every other row is overwritten below
-    rows = meta.sorted_token_ids[first:]  # [n] tokens with an adapter, in slot order
-    n = rows.shape[0]
+    first = meta.host_segments[0][1]  # rows before it have no adapter
+    out[:first].zero_()
+    n = num_tokens - first
     ws = workspace or LoraWorkspace.fitting(x, rank, 0, lora_a.dtype)
-    xs = torch.index_select(x, 0, rows, out=ws.take("rows_x", n, hidden))  # [n, K]
+    rows = meta.sorted_token_ids[first:]  # [n] tokens with an adapter, in slot order
+    if meta.in_order:
+        xs, ts = x[first:], out[first:]  # already in slot order: no gather, no scatter
+    else:
+        xs = torch.index_select(x, 0, rows, out=ws.take("rows_x", n, hidden))  # [n, K]
+        ts = ws.take("rows_t", n, rank)  # [n, R] float32, slot order
     if x.dtype != F32:
         xs = ws.take("x_f32", n, hidden).copy_(xs)
-    ts = ws.take("rows_t", n, rank)  # [n, R] float32, slot order
-    if lora_a.dtype == F32 and meta.uniform_run is not None:
+    if lora_a.dtype == F32 and meta.uniform_run is not None and xs.is_contiguous():
         lo, hi, each = meta.uniform_run
         torch.bmm(
             xs.view(hi - lo, each, hidden), lora_a[lo:hi].transpose(1, 2), out=ts.view(hi - lo, each, rank)
@@ -63,7 +67,8 @@ def lora_shrink(
             )
     if scale != 1.0:
         ts.mul_(scale)
-    out.index_copy_(0, rows, ts)
+    if not meta.in_order:
+        out.index_copy_(0, rows, ts)
     return out
 
 
@@ -81,10 +86,13 @@ def lora_expand(
         return
     width, rank = lora_b.shape[1], lora_b.shape[2]
     first = meta.host_segments[0][1]
-    rows = meta.sorted_token_ids[first:]  # [n]
-    n = rows.shape[0]
+    n = t.shape[0] - first
     ws = workspace or LoraWorkspace.fitting(out, rank, width, lora_b.dtype)
-    ts = torch.index_select(t, 0, rows, out=ws.take("rows_t", n, rank))  # [n, R] float32
+    rows = meta.sorted_token_ids[first:]  # [n]
+    if meta.in_order:
+        ts = t[first:]  # [n, R], possibly a column slice: the matmuls take its strides
+    else:
+        ts = torch.index_select(t, 0, rows, out=ws.take("rows_t", n, rank))  # [n, R] float32
     delta = ws.take("delta", n, width)  # [n, N] float32
     if lora_b.dtype == F32 and meta.uniform_run is not None:
         lo, hi, each = meta.uniform_run
@@ -99,14 +107,15 @@ def lora_expand(
                 out=delta[begin - first : end - first],
             )
     target = out[:, out_offset : out_offset + width]  # [T, N] view
-    if out.dtype == F32:
+    if out.dtype != F32:  # add in out's dtype, as index_add_ would (which allocates on half types)
+        delta = ws.take("delta_cast", n, width).copy_(delta)
+    if meta.in_order:
+        target[first:].add_(delta)
+    elif out.dtype == F32:
         target.index_add_(0, rows, delta)
-        return
-    # Half-precision `out`: index_add_ would allocate a float32 accumulator on every call, so
-    # gather, add and put back (rows are distinct: each token appears once).
-    current = torch.index_select(target, 0, rows, out=ws.take("rows_out", n, width))
-    current.add_(ws.take("delta_cast", n, width).copy_(delta))
-    target.index_copy_(0, rows, current)
+    else:  # rows are distinct (each token appears once): gather, add, put back
+        current = torch.index_select(target, 0, rows, out=ws.take("rows_out", n, width))
+        target.index_copy_(0, rows, current.add_(delta))
 
 
 def _f32(weight: torch.Tensor, ws: LoraWorkspace) -> torch.Tensor:

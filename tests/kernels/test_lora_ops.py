@@ -384,8 +384,8 @@ def naive_expand(out, t, lora_b, slot_ids, out_offset):
 
 @pytest.mark.parametrize(
     "slot_ids",
-    [[2, 0, -1, 2, 1, -1, 0], [-1, -1, -1], [1], [3, 0, 2, 1], []],
-    ids=["unsorted", "all-base", "single", "decode", "empty"],
+    [[2, 0, -1, 2, 1, -1, 0], [-1, -1, -1], [1], [3, 0, 2, 1], [], [0, 1, 2, 3], [-1, -1, 0, 0, 2, 3, 3]],
+    ids=["unsorted", "all-base", "single", "decode", "empty", "in-order-decode", "in-order-prefill"],
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_matches_naive_loop(dtype, slot_ids):
@@ -409,6 +409,8 @@ def test_make_batch_meta_example():
     assert meta.segment_starts.tolist() == [1, 2, 3]
     assert [(s, rows.tolist()) for s, rows in meta.groups()] == [(0, [1]), (1, [4]), (2, [0, 3])]
     assert (meta.max_tokens_per_slot, meta.max_active_slot, meta.num_active) == (2, 2, 3)
+    assert not meta.in_order
+    assert make_batch_meta(torch.tensor([-1, 0, 0, 3], dtype=torch.int32)).in_order
 
 
 @settings(max_examples=200, deadline=None, database=None)
