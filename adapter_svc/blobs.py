@@ -101,11 +101,7 @@ class BlobStore:
             config = _file_sha256(directory / CONFIG_FILE)
         except OSError as e:
             return f"cannot be read ({e})"
-        if weights != sha256:
-            return f"{WEIGHTS_FILE} hashes to {weights}, registered as {sha256}"
-        if config != config_sha256:
-            return f"{CONFIG_FILE} hashes to {config}, registered as {config_sha256}"
-        return None
+        return mismatch(WEIGHTS_FILE, weights, sha256) or mismatch(CONFIG_FILE, config, config_sha256)
 
     def commit(self, staged: StagedAdapter) -> Path:
         """Move staged files to their content address, keeping an existing intact identical copy
@@ -161,6 +157,18 @@ class UploadWriter:
     def abort(self) -> None:
         self._file.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def mismatch(name: str, got: str, registered: str) -> str | None:
+    """What is wrong with a stored file hashing to `got`, or None if it matches."""
+    return None if got == registered else f"{name} hashes to {got}, registered as {registered}"
+
+
+def read_hashed(f, digest, size: int) -> bytes:
+    """Read up to `size` bytes of `f` and add them to `digest` (blocking; run it on a thread)."""
+    block = f.read(size)
+    digest.update(block)
+    return block
 
 
 def _file_sha256(path: Path) -> str:

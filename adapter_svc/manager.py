@@ -9,13 +9,14 @@ managers may run against one Redis: everything they share is in Redis, and what 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from adapter_svc import errors
-from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, resolve_allowed
+from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, mismatch, read_hashed, resolve_allowed
 from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import ID_RE
 from adapter_svc.placement import can_hold, choose_replica
@@ -522,25 +523,38 @@ class AdapterManager:
         return Acquired(adapter_id, answer[1], int(answer[2]), False, list(answer[4]), bool(answer[3]))
 
     async def fetch(self, adapter_id: str) -> AsyncIterator[WeightsInfo | bytes]:
-        """FetchAdapterWeights: a WeightsInfo, then the weights file in chunks."""
+        """FetchAdapterWeights: a WeightsInfo, then the weights file in chunks.
+
+        The stored copy is hashed as it streams (one read): a copy that no longer matches its
+        registered sha256 ends the stream with StoredCopyCorrupt instead of its last message, so
+        the replica (which checks the sha256 too) discards what it received.
+        """
         record = await self._live_record(adapter_id)
         directory = self.blobs.path_for(record.sha256, record.config_sha256)
         if not (directory / WEIGHTS_FILE).is_file():
             raise errors.FailedPrecondition(
                 f"the stored copy of adapter {adapter_id!r} is missing from {directory}"
             )
-        problem = await asyncio.to_thread(self.blobs.verify, record.sha256, record.config_sha256)
-        if problem is not None:  # bit rot or tampering: never hand out bytes that do not match
+        try:
+            config = await asyncio.to_thread((directory / CONFIG_FILE).read_bytes)
+            problem = mismatch(CONFIG_FILE, hashlib.sha256(config).hexdigest(), record.config_sha256)
+            if problem is None:
+                self.fetches += 1
+                yield WeightsInfo(adapter_id, record.sha256, record.size_bytes, config)
+                digest = hashlib.sha256()
+                with (directory / WEIGHTS_FILE).open("rb") as f:
+                    while chunk := await asyncio.to_thread(
+                        read_hashed, f, digest, self.config.fetch_chunk_bytes
+                    ):
+                        yield chunk
+                problem = mismatch(WEIGHTS_FILE, digest.hexdigest(), record.sha256)
+        except OSError as e:
+            problem = f"cannot be read ({e})"
+        if problem is not None:  # bit rot or tampering: the bytes must not be used
             log.error("stored copy of adapter %s is corrupt: %s (%s)", adapter_id, problem, directory)
             raise errors.StoredCopyCorrupt(
                 f"the stored copy of adapter {adapter_id!r} is corrupt: {problem}; register it again"
             )
-        config = await asyncio.to_thread((directory / CONFIG_FILE).read_bytes)
-        self.fetches += 1
-        yield WeightsInfo(adapter_id, record.sha256, record.size_bytes, config)
-        with (directory / WEIGHTS_FILE).open("rb") as f:
-            while chunk := await asyncio.to_thread(f.read, self.config.fetch_chunk_bytes):
-                yield chunk
 
     # --- background ---------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from inference_svc import errors
-from inference_svc.adapters import AdapterManifest, LoraAdapter, inspect_adapter, load_adapter
+from inference_svc.adapters import AdapterFiles, AdapterManifest, LoraAdapter, inspect_adapter, load_adapter
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.model_config import ModelConfig
@@ -67,6 +67,8 @@ class AdapterCache:
         self.dtype = dtype
         self.on_change = on_change or (lambda event: None)
         self.sources: dict[str, tuple[Path, AdapterManifest]] = {}
+        # Adapters whose files are held in memory until they are on disk at their path.
+        self.in_memory: dict[str, AdapterFiles] = {}
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU first
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, LRU first
         self.pinned: set[str] = set()
@@ -83,8 +85,14 @@ class AdapterCache:
 
     # --- registry -------------------------------------------------------------------------
 
-    def register(self, adapter_id: str, path: str | Path) -> AdapterManifest:
-        """Validate an adapter directory (config + header only) and remember where it lives."""
+    def register(
+        self, adapter_id: str, path: str | Path, files: AdapterFiles | None = None
+    ) -> AdapterManifest:
+        """Validate an adapter directory (config + header only) and remember where it lives.
+
+        `files` are the directory's contents held in memory while they are still being written
+        to `path`: loads use them until `files_written` says the directory is complete.
+        """
         if not adapter_id:
             raise errors.InvalidRequest("adapter_id", "must be non-empty")
         path = Path(path).resolve()
@@ -93,9 +101,16 @@ class AdapterCache:
             if known[0] == path:
                 return known[1]
             raise errors.AdapterAlreadyExists(f"adapter {adapter_id!r} is registered from {known[0]}")
-        manifest = inspect_adapter(path, self.model, self.config)
+        manifest = inspect_adapter(path, self.model, self.config, files)
         self.sources[adapter_id] = (path, manifest)
+        if files is not None:
+            self.in_memory[adapter_id] = files
         return manifest
+
+    def files_written(self, adapter_id: str, files: AdapterFiles) -> None:
+        """`files` of `adapter_id` are on disk at its path now: later loads read the directory."""
+        if self.in_memory.get(adapter_id) is files:
+            del self.in_memory[adapter_id]
 
     def unregister(self, adapter_id: str) -> None:
         """Forget an adapter, evicting it first (refused while it has running requests)."""
@@ -103,6 +118,7 @@ class AdapterCache:
         self.pinned.discard(adapter_id)
         self.evict(adapter_id)
         del self.sources[adapter_id]
+        self.in_memory.pop(adapter_id, None)
 
     def _source(self, adapter_id: str) -> tuple[Path, AdapterManifest]:
         try:
@@ -125,7 +141,8 @@ class AdapterCache:
         self.stats["host_misses"] += 1
         path, _ = self._source(adapter_id)
         start = time.perf_counter()
-        adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype)  # may reject
+        files = self.in_memory.get(adapter_id)
+        adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype, files)  # may reject
         seconds = time.perf_counter() - start
         if len(self.host) >= self.config.max_cpu_loras:
             self._evict_host_lru()

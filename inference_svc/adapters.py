@@ -64,6 +64,15 @@ class AdapterManifest:
     tensors: tuple[TensorInfo, ...]
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory's two files held in memory, e.g. just fetched from the adapter
+    manager: the engine validates and loads from these bytes instead of reading the directory."""
+
+    config_json: bytes  # adapter_config.json
+    weights: bytearray  # adapter_model.safetensors (loaded tensors may view it: never mutate it)
+
+
 @dataclass
 class LoraAdapter:
     """An adapter in host memory: A and scaled B per (layer, module), in the slot dtype."""
@@ -151,12 +160,12 @@ def _is_number(value) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def read_adapter_config(path: Path) -> dict:
+def read_adapter_config(path: Path, files: AdapterFiles | None = None) -> dict:
     cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
+    if files is None and not cfg_path.is_file():
         raise errors.AdapterFilesMissing(f"{path}: {CONFIG_FILE} is missing")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text() if files is None else files.config_json.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise errors.AdapterConfigInvalid(f"{cfg_path}: not valid JSON ({e})") from e
     if not isinstance(cfg, dict):
@@ -310,9 +319,20 @@ def _weights_path(path: Path, engine: EngineConfig) -> Path:
     raise errors.AdapterFilesMissing(f"{path}: {WEIGHTS_FILE} is missing")
 
 
-def inspect_adapter(path: str | Path, model: ModelConfig, engine: EngineConfig) -> AdapterManifest:
-    """Validate an adapter directory reading only its config and safetensors header."""
+def inspect_adapter(
+    path: str | Path, model: ModelConfig, engine: EngineConfig, files: AdapterFiles | None = None
+) -> AdapterManifest:
+    """Validate an adapter directory reading only its config and safetensors header.
+
+    With `files`, the directory's contents are those bytes and the directory is not read.
+    """
     path = Path(path)
+    if files is not None:
+        cfg = read_adapter_config(path, files)
+        check_adapter_config(cfg, engine, str(path))
+        where = str(path / WEIGHTS_FILE)
+        tensors = parse_safetensors_header(files.weights, len(files.weights), where)
+        return build_manifest(path, cfg, tensors, len(files.weights), model, engine)
     if not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
     cfg = read_adapter_config(path)
@@ -332,22 +352,31 @@ def inspect_adapter(path: str | Path, model: ModelConfig, engine: EngineConfig) 
 
 
 def load_adapter(
-    adapter_id: str, path: str | Path, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype
+    adapter_id: str,
+    path: str | Path,
+    model: ModelConfig,
+    engine: EngineConfig,
+    dtype: torch.dtype,
+    files: AdapterFiles | None = None,
 ) -> LoraAdapter:
     """Read and validate an adapter; B is pre-multiplied by its scaling, all cast to `dtype`.
 
     The file is read once into a buffer that the returned tensors share where they can (no copy
-    for tensors already in `dtype`); its sha256 is computed on another thread meanwhile.
+    for tensors already in `dtype`); its sha256 is computed on another thread meanwhile. With
+    `files`, those bytes are the directory's contents and nothing is read.
     """
     path = Path(path)
-    if not path.is_dir():
+    if files is None and not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
-    cfg = read_adapter_config(path)
+    cfg = read_adapter_config(path, files)
     check_adapter_config(cfg, engine, str(path))
-    weights_path = _weights_path(path, engine)
-    data = bytearray(weights_path.stat().st_size)
-    with weights_path.open("rb") as f:  # the one read of the weights
-        f.readinto(data)
+    if files is not None:
+        weights_path, data = path / WEIGHTS_FILE, files.weights
+    else:
+        weights_path = _weights_path(path, engine)
+        data = bytearray(weights_path.stat().st_size)
+        with weights_path.open("rb") as f:  # the one read of the weights
+            f.readinto(data)
     sha = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())  # hashlib releases the GIL
     section = None
     if weights_path.suffix == ".bin":

@@ -18,7 +18,7 @@ import torch
 
 from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
-from inference_svc.adapters import AdapterManifest
+from inference_svc.adapters import AdapterFiles, AdapterManifest
 from inference_svc.config import EngineConfig
 from inference_svc.forward_batch import ForwardBatch, SequenceChunk
 from inference_svc.kv_cache import KVCache
@@ -117,8 +117,11 @@ class LLMEngine:
 
     # --- adapters -------------------------------------------------------------------------
 
-    def register_adapter(self, adapter_id: str, path: str | Path) -> AdapterManifest:
-        return self.adapters.register(adapter_id, path)
+    def register_adapter(
+        self, adapter_id: str, path: str | Path, files: AdapterFiles | None = None
+    ) -> AdapterManifest:
+        """Validate and remember an adapter directory; `files`: its contents, not yet on disk."""
+        return self.adapters.register(adapter_id, path, files)
 
     def unregister_adapter(self, adapter_id: str) -> None:
         self.adapters.unregister(adapter_id)

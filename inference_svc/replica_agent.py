@@ -42,7 +42,7 @@ import grpc
 from adapter_svc.routing import RoutingTable, Rule, resolve
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidencyEvent, ResidentAdapter
-from inference_svc.adapters import CONFIG_FILE, WEIGHTS_FILE
+from inference_svc.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles
 from loraserve.security import SecurityConfig, aio_channel
 from loraserve.telemetry import client_interceptors
 from loraserve.v1 import adapter_pb2 as pb
@@ -138,6 +138,7 @@ class ReplicaAgent:
         self._channel: grpc.aio.Channel | None = None
         self._stub: adapter_pb2_grpc.AdapterServiceStub | None = None
         self._tasks: list[asyncio.Task] = []
+        self._writes: set[asyncio.Future] = set()  # local copies of fetched adapters being written
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class ReplicaAgent:
 
     async def stop(self) -> None:
         """Stop heartbeating and leave (best effort: a lapsed heartbeat has the same effect)."""
+        await asyncio.gather(*self._writes)  # never leave a half-written local copy behind
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -296,9 +298,16 @@ class ReplicaAgent:
             for victim in acquired.evict:
                 await self.engine.call(lambda e, v=victim: _evict_quietly(e, v))
             if self._local.get(adapter_id) != acquired.sha256:
-                path = await self._download(adapter_id, acquired.sha256)
-                await self.engine.call(lambda e: _register(e, adapter_id, path))
+                files = await self._download(adapter_id, acquired.sha256)
+                path = (
+                    self.cache_dir / f"{acquired.sha256}-{hashlib.sha256(files.config_json).hexdigest()[:16]}"
+                )
+                await self.engine.call(lambda e: _register(e, adapter_id, path, files))
                 self._local[adapter_id] = acquired.sha256
+                # The engine loads from memory now; the local copy is written meanwhile.
+                write = asyncio.ensure_future(self._write_local_copy(adapter_id, path, files))
+                self._writes.add(write)
+                write.add_done_callback(self._writes.discard)
             await self.engine.call(lambda e: e.load_adapter(adapter_id, pin=True if acquired.pin else None))
         except Exception as e:
             with self._lock:
@@ -307,40 +316,40 @@ class ReplicaAgent:
                 )
             raise
 
-    async def _download(self, adapter_id: str, sha256: str) -> Path:
-        """Fetch an adapter's files into cache_dir, verifying its sha256; -> the directory."""
-        staging = self.cache_dir / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
+    async def _download(self, adapter_id: str, sha256: str) -> AdapterFiles:
+        """Fetch an adapter's files into memory, verifying their sha256."""
+        digest, data, header = hashlib.sha256(), bytearray(), None
+        stream = self._stub.FetchAdapterWeights(
+            pb.FetchAdapterWeightsRequest(adapter_id=adapter_id), timeout=10 * self.rpc_timeout_s
+        )
         try:
-            digest, size, header = hashlib.sha256(), 0, None
-            stream = self._stub.FetchAdapterWeights(
-                pb.FetchAdapterWeightsRequest(adapter_id=adapter_id), timeout=10 * self.rpc_timeout_s
-            )
-            with (staging / WEIGHTS_FILE).open("wb") as f:
-                async for part in stream:
-                    if part.WhichOneof("part") == "header":
-                        header = part.header
-                        (staging / CONFIG_FILE).write_bytes(header.adapter_config_json)
-                    else:
-                        digest.update(part.data)
-                        size += len(part.data)
-                        await asyncio.to_thread(f.write, part.data)
-            got = digest.hexdigest()
-            if header is None or got != header.sha256 or got != sha256 or size != header.size_bytes:
-                raise errors.CorruptSafetensors(
-                    f"adapter {adapter_id!r}: fetched {size} bytes hashing to {got}; the manager "
-                    f"registered {sha256}"
-                )
-            final = self.cache_dir / f"{sha256}-{hashlib.sha256(header.adapter_config_json).hexdigest()[:16]}"
-            if final.is_dir():
-                shutil.rmtree(staging)
-            else:
-                staging.rename(final)
-            return final
+            async for part in stream:
+                if part.WhichOneof("part") == "header":
+                    header = part.header
+                elif header is None or len(data) + len(part.data) > header.size_bytes:
+                    stream.cancel()  # no header, or more bytes than announced: fails the check below
+                    break
+                else:
+                    digest.update(part.data)
+                    data += part.data
         except grpc.aio.AioRpcError as e:
             raise _engine_error(adapter_id, e) from e
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        got = digest.hexdigest()
+        if header is None or got != header.sha256 or got != sha256 or len(data) != header.size_bytes:
+            raise errors.CorruptSafetensors(
+                f"adapter {adapter_id!r}: fetched {len(data)} bytes hashing to {got}; the manager "
+                f"registered {sha256}"
+            )
+        return AdapterFiles(header.adapter_config_json, data)
+
+    async def _write_local_copy(self, adapter_id: str, path: Path, files: AdapterFiles) -> None:
+        """Write fetched files to `path` in cache_dir; then the engine reads them from there."""
+        try:
+            if not path.is_dir():
+                await asyncio.to_thread(_write_directory, self.cache_dir, path, files)
+            await self.engine.call(lambda e: e.adapters.files_written(adapter_id, files))
+        except Exception as e:  # the engine keeps the bytes in memory instead
+            log.warning("could not write adapter %s to %s (%s); keeping it in memory", adapter_id, path, e)
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -489,10 +498,10 @@ def _resident_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
     return out
 
 
-def _register(engine, adapter_id: str, path: Path) -> None:
+def _register(engine, adapter_id: str, path: Path, files: AdapterFiles) -> None:
     if engine.adapters.knows(adapter_id):
         engine.unregister_adapter(adapter_id)  # other bytes under the same id
-    engine.register_adapter(adapter_id, path)
+    engine.register_adapter(adapter_id, path, files)
 
 
 def _evict_quietly(engine, adapter_id: str) -> None:
@@ -505,6 +514,19 @@ def _pin_quietly(engine, adapter_id: str) -> None:
     """Pin an adapter the manager pins, if it is still in the host cache."""
     if any(r.adapter_id == adapter_id for r in engine.list_resident_adapters()):
         engine.load_adapter(adapter_id, pin=True)
+
+
+def _write_directory(cache_dir: Path, final: Path, files: AdapterFiles) -> None:
+    """Write `files` into a staging directory of `cache_dir`, then rename it to `final`."""
+    staging = cache_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        (staging / CONFIG_FILE).write_bytes(files.config_json)
+        (staging / WEIGHTS_FILE).write_bytes(files.weights)
+        if not final.is_dir():
+            staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _forget(engine, adapter_id: str) -> None:

@@ -26,7 +26,9 @@ from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
 from adapter_svc.server import ManagerServer
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
+from inference_svc.engine import LLMEngine
 from inference_svc.model_config import ModelConfig
+from inference_svc.sampling import SamplingParams
 from inference_svc.server import InferenceServer, ServerConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -262,6 +264,15 @@ def truth(stub: inference_pb2_grpc.InferenceServiceStub) -> dict:
     """What the replica itself says it holds, in the same shape as `mirror`."""
     listed = stub.ListResidentAdapters(inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S)
     return {a.adapter_id: (a.slot if a.HasField("slot") else -1, a.pinned) for a in listed.adapters}
+
+
+def offline_tokens(model_dir: Path, adapter_dir: Path, max_tokens: int) -> list[int]:
+    """What `ReplicaHandle.generate` should stream for an adapter, from an offline engine that
+    reads the adapter's own directory."""
+    engine = LLMEngine(model_dir, engine_config())
+    engine.register_adapter("offline", adapter_dir)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return engine.generate(["hello"], params, adapter_ids=["offline"])[0].token_ids
 
 
 def register(stub, adapter_id: str, path: Path, timeout: float = TIMEOUT_S, **kw) -> pb.RegisteredAdapter:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference_svc import errors
-from inference_svc.adapters import inspect_adapter
+from inference_svc.adapters import AdapterFiles, inspect_adapter
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
@@ -262,6 +262,53 @@ def test_malformed_adapter_is_rejected_and_slots_stay(case, good, engine):
     after = slot_snapshot(engine)
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     assert [r.adapter_id for r in engine.list_resident_adapters()] == [r.adapter_id for r in resident_before]
+
+
+# Cases whose problem lies in the files' contents (not in which files exist).
+CONTENT_CASES = sorted(
+    set(CORPUS) - {"missing adapter_config.json", "missing weights", "pickle-only weights"}
+)
+
+
+def in_memory(path) -> AdapterFiles:
+    return AdapterFiles((path / "adapter_config.json").read_bytes(), bytearray((path / WEIGHTS).read_bytes()))
+
+
+@pytest.mark.parametrize("case", CONTENT_CASES)
+def test_adapter_files_held_in_memory_are_rejected_alike(case, good, tmp_path, engine):
+    """Bytes fetched from the adapter manager go through the same validation as a directory."""
+    corrupt, error_type, fragment = CORPUS[case]
+    corrupt(good)
+    before = slot_snapshot(engine)
+    with pytest.raises(error_type) as err:
+        engine.register_adapter(f"bad-memory-{case}", tmp_path / "not-written-yet", in_memory(good))
+        engine.load_adapter(f"bad-memory-{case}", to_slot=True)
+    assert fragment in str(err.value), str(err.value)
+    assert all(torch.equal(x, y) for x, y in zip(before, slot_snapshot(engine)))
+
+
+def test_adapter_files_in_memory_serve_until_written(good, tmp_path, engine):
+    reference = engine.register_adapter("from-disk", good)
+    target = tmp_path / "written-later"
+    files = in_memory(good)
+    manifest = engine.register_adapter("from-memory", target, files)  # the directory does not exist
+    assert manifest.module_ranks == reference.module_ranks
+    engine.load_adapter("from-disk", to_slot=True)
+    engine.load_adapter("from-memory", to_slot=True)
+    prompt = [[1, 2, 3, 4]]
+    from_disk = engine.score(prompt, ["from-disk"])[0]
+    torch.testing.assert_close(engine.score(prompt, ["from-memory"])[0], from_disk, rtol=0, atol=0)
+
+    # Once written, loads read the directory: evicted and loaded again, it needs the files there.
+    engine.evict_adapter("from-memory")
+    engine.adapters.files_written("from-memory", files)
+    with pytest.raises(errors.AdapterFilesMissing):
+        engine.load_adapter("from-memory")
+    shutil.copytree(good, target)
+    engine.load_adapter("from-memory", to_slot=True)
+    torch.testing.assert_close(engine.score(prompt, ["from-memory"])[0], from_disk, rtol=0, atol=0)
+    for adapter_id in ("from-disk", "from-memory"):
+        engine.unregister_adapter(adapter_id)
 
 
 def test_generate_with_a_poisoned_adapter_fails_that_request_only(good, engine):
