@@ -53,18 +53,7 @@ def lora_shrink(
         ts = ws.take("rows_t", n, rank)  # [n, R] float32, slot order
     if x.dtype != F32:
         xs = ws.take("x_f32", n, hidden).copy_(xs)
-    if lora_a.dtype == F32 and meta.uniform_run is not None and xs.is_contiguous():
-        lo, hi, each = meta.uniform_run
-        torch.bmm(
-            xs.view(hi - lo, each, hidden), lora_a[lo:hi].transpose(1, 2), out=ts.view(hi - lo, each, rank)
-        )
-    else:
-        for slot, begin, end in meta.host_segments:
-            torch.mm(
-                xs[begin - first : end - first],
-                _f32(lora_a[slot], ws).t(),
-                out=ts[begin - first : end - first],
-            )
+    _slot_matmuls(xs, lora_a, ts, meta, ws)
     if scale != 1.0:
         ts.mul_(scale)
     if not meta.in_order:
@@ -94,18 +83,7 @@ def lora_expand(
     else:
         ts = torch.index_select(t, 0, rows, out=ws.take("rows_t", n, rank))  # [n, R] float32
     delta = ws.take("delta", n, width)  # [n, N] float32
-    if lora_b.dtype == F32 and meta.uniform_run is not None:
-        lo, hi, each = meta.uniform_run
-        torch.bmm(
-            ts.view(hi - lo, each, rank), lora_b[lo:hi].transpose(1, 2), out=delta.view(hi - lo, each, width)
-        )
-    else:
-        for slot, begin, end in meta.host_segments:
-            torch.mm(
-                ts[begin - first : end - first],
-                _f32(lora_b[slot], ws).t(),
-                out=delta[begin - first : end - first],
-            )
+    _slot_matmuls(ts, lora_b, delta, meta, ws)
     target = out[:, out_offset : out_offset + width]  # [T, N] view
     if out.dtype != F32:  # add in out's dtype, as index_add_ would (which allocates on half types)
         delta = ws.take("delta_cast", n, width).copy_(delta)
@@ -116,6 +94,30 @@ def lora_expand(
     else:  # rows are distinct (each token appears once): gather, add, put back
         current = torch.index_select(target, 0, rows, out=ws.take("rows_out", n, width))
         target.index_copy_(0, rows, current.add_(delta))
+
+
+def _slot_matmuls(
+    rows: torch.Tensor,  # [n, K]: the step's tokens that have an adapter, in slot order
+    weights: torch.Tensor,  # [S, M, K] slot tensor
+    out: torch.Tensor,  # [n, M]
+    meta: LoraBatchMeta,
+    ws: LoraWorkspace,
+) -> None:
+    """`out[j] = rows[j] @ weights[slot of j].T`: one batched matmul over the slot tensor's own
+    memory when the active slots are consecutive with equal token counts, else one per slot."""
+    if weights.dtype == F32 and meta.uniform_run is not None:
+        lo, hi, each = meta.uniform_run  # splitting dim 0 is a view whatever the strides
+        torch.bmm(
+            rows.view(hi - lo, each, -1), weights[lo:hi].transpose(1, 2), out=out.view(hi - lo, each, -1)
+        )
+        return
+    first = meta.host_segments[0][1]
+    for slot, begin, end in meta.host_segments:
+        torch.mm(
+            rows[begin - first : end - first],
+            _f32(weights[slot], ws).t(),
+            out=out[begin - first : end - first],
+        )
 
 
 def _f32(weight: torch.Tensor, ws: LoraWorkspace) -> torch.Tensor:

@@ -1,6 +1,8 @@
 import pytest
 from grpc_harness import start_server, write_model_and_adapters
 
+from helpers import tiny_model
+
 
 @pytest.fixture(scope="session")
 def grpc_model(tmp_path_factory):
@@ -14,3 +16,15 @@ def served(grpc_model):
     server = start_server(*grpc_model)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny Llama-style demo model, written once per test module."""
+    return tiny_model(tmp_path_factory.mktemp("m"))
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    """Where `helpers.tiny_engine` writes its demo adapters, once per test module."""
+    return tmp_path_factory.mktemp("adapters")

@@ -13,22 +13,12 @@ import kernels
 from inference_svc.lora_slots import PROJECTION_GROUPS
 from inference_svc.sampling import SamplingParams
 
-from helpers import run_to_completion, tiny_engine, tiny_model
+from helpers import run_to_completion, tiny_engine
 
 DECODE = [0, 1, 2, 3]  # one token per slot, in slot order: batched matmuls on the tensors' own rows
 MIXED = [2, -1, 0, 0, 3, -1, 2, 1, 1, 1, 0]  # prefill chunks, base rows, unsorted: gather, per-slot
 SORTED = [-1, -1, 0, 0, 0, 1, 3, 3]  # in slot order but uneven: per-slot matmuls on row slices
 UNIFORM = [3, 2, 1, 0]  # one token per slot, out of order: gather, batched matmuls, scatter
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("m"))
-
-
-@pytest.fixture(scope="module")
-def adapter_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("adapters")
 
 
 def allocations(fn) -> list[tuple[str, int]]:

@@ -7,19 +7,9 @@ from inference_svc import errors
 from inference_svc.forward_batch import ForwardBatch, SequenceChunk
 from inference_svc.sampling import SamplingParams
 
-from helpers import run_to_completion, tiny_engine, tiny_model, tokens_of
+from helpers import run_to_completion, tiny_engine, tokens_of
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("m"))
-
-
-@pytest.fixture(scope="module")
-def adapter_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("adapters")
 
 
 def prompt(i):
