@@ -53,6 +53,8 @@ class EngineConfig:
     device: str = "auto"
     # LoRA op backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     lora_backend: str = "auto"
+    # Paged-attention backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    attention_backend: str = "auto"
     # Allow pickle (.bin) adapter weights; off by default because unpickling runs code.
     allow_pickle_adapters: bool = False
 
@@ -114,9 +116,8 @@ class EngineConfig:
             self.device,
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
-        _require(
-            self.lora_backend in BACKENDS, "lora_backend", self.lora_backend, f"must be one of {BACKENDS}"
-        )
+        for name in ("lora_backend", "attention_backend"):
+            _require(getattr(self, name) in BACKENDS, name, getattr(self, name), f"must be one of {BACKENDS}")
 
     def replace(self, **changes) -> EngineConfig:
         """A new, validated config with `changes` applied (the only way to 'change' one)."""

@@ -20,8 +20,8 @@ from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
 from inference_svc.adapters import AdapterFiles, AdapterManifest
 from inference_svc.config import EngineConfig
-from inference_svc.forward_batch import ForwardBatch, SequenceChunk
-from inference_svc.kv_cache import KVCache
+from inference_svc.forward_batch import SequenceChunk, StepInputs
+from inference_svc.kv_cache import BlockTable, KVCache
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.memory_plan import MemoryPlan, compute_plan, dtype_name
 from inference_svc.model import CausalLM
@@ -83,11 +83,26 @@ class LLMEngine:
         dtype = config.model_dtype(self.model_config.torch_dtype)
         lora_dtype = config.slot_dtype(dtype)
         self.max_model_len = self.plan.max_model_len
-        self.model = CausalLM.load(model_dir, self.model_config, dtype, self.device, self.max_model_len)
+        self.model = CausalLM.load(
+            model_dir,
+            self.model_config,
+            dtype,
+            self.device,
+            self.max_model_len,
+            config.max_num_batched_tokens,
+            config.attention_backend,
+        )
         self.tokenizer = load_tokenizer(model_dir)
         self.kv = KVCache(
-            self.model_config, self.plan.kv_cache_blocks, config.kv_block_size, dtype, self.device
+            self.model_config,
+            self.plan.kv_cache_blocks,
+            config.kv_block_size,
+            dtype,
+            self.device,
+            max_tables=config.max_num_seqs,
+            max_blocks_per_table=-(-self.max_model_len // config.kv_block_size),
         )
+        self.inputs = StepInputs(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.device)
         self.lora = LoraSlots(
             self.model_config,
             config.max_loras,
@@ -220,7 +235,7 @@ class LLMEngine:
             return outputs
         seq_chunks = [
             SequenceChunk(
-                token_ids=c.seq.all_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
+                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
                 start_pos=c.seq.num_computed,
                 block_table=c.seq.block_table,
                 slot=c.seq.slot,
@@ -228,7 +243,7 @@ class LLMEngine:
             )
             for c in chunks
         ]
-        batch = ForwardBatch.build(seq_chunks, self.kv, self.device)
+        batch = self.inputs.build(seq_chunks)
         logits = self.model.forward(batch, self.kv, self.lora)  # [n_sampling, V]
         sampling = []
         for c, sc in zip(chunks, seq_chunks):
@@ -333,7 +348,11 @@ class LLMEngine:
                 f"score takes at most max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
                 f"tokens per call, got {total}"
             )
-        tables: list[list[int]] = [[] for _ in prompts]
+        if len(prompts) > self.config.max_num_seqs:
+            raise ValueError(
+                f"score takes at most max_num_seqs ({self.config.max_num_seqs}) prompts per call"
+            )
+        tables = [BlockTable() for _ in prompts]
         held: list[str] = []
         try:
             chunks = []
@@ -347,7 +366,7 @@ class LLMEngine:
                 if not self.kv.allocate(table, len(ids)):
                     raise errors.ResourceExhausted("KV cache too small for these prompts")
                 chunks.append(SequenceChunk(list(ids), 0, table, slot, True))
-            batch = ForwardBatch.build(chunks, self.kv, self.device, all_logits=True)
+            batch = self.inputs.build(chunks, all_logits=True)
             logits = self.model.forward(batch, self.kv, self.lora)
             return list(logits.split([len(p) for p in prompts]))
         finally:

@@ -1,22 +1,32 @@
-"""The index tensors of one forward step, built once and shared by every layer."""
+"""The inputs of one forward step, laid out in persistent buffers in O(new tokens) host work.
+
+`StepInputs` owns device buffers sized for the largest step (`max_num_batched_tokens` tokens,
+`max_num_seqs` sequences), allocated once. Each step writes only its new tokens' ids, positions,
+LoRA slots and KV write slots, and one entry per sequence for the attention metadata; block tables
+are the KV pool's array, updated when blocks are appended. Nothing here walks a sequence's context.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import kernels
-from inference_svc.kv_cache import KVCache
+from inference_svc.kv_cache import BlockTable, KVCache
+from kernels.attention import AttentionMeta
 
 
 @dataclass(frozen=True)
 class SequenceChunk:
     """The tokens one sequence contributes to a step."""
 
-    token_ids: list[int]  # new tokens (a prefill chunk, or one decode token)
+    token_ids: Sequence[int]  # new tokens (a prefill chunk, or one decode token)
     start_pos: int  # position of token_ids[0]; positions before it are already in the KV cache
-    block_table: list[int]  # KV blocks of the sequence, covering start_pos + len(token_ids)
+    block_table: BlockTable  # KV blocks of the sequence, covering start_pos + len(token_ids)
     slot: int  # LoRA slot, -1 = base model
     want_logits: bool  # whether the last token's logits are needed (to sample)
 
@@ -27,65 +37,91 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     slot_ids: torch.Tensor  # [T] int32, LoRA slot per token (-1 = none)
     lora_meta: kernels.LoraBatchMeta  # tokens grouped by slot
-    kv_write: torch.Tensor  # [T] int64, flat KV-cache slot each token's K/V goes to
-    query_index: torch.Tensor  # [B, Qmax] int64, token row of each padded query (0 = pad)
-    kv_read: torch.Tensor  # [B, Lmax] int64, flat KV slot of each context position (0 = pad)
-    attn_mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = attend
-    unpad_index: torch.Tensor | None  # [T] rows of the padded [B*Qmax] output; None if no padding
+    kv_write: torch.Tensor  # [T] int64, flat KV-pool position each token's K/V goes to
+    attention: AttentionMeta  # queries per sequence, context lengths, block tables
     logits_index: torch.Tensor  # [n] int64, token rows whose logits are returned
 
     @property
     def num_tokens(self) -> int:
         return self.token_ids.shape[0]
 
-    @classmethod
-    def build(
-        cls,
-        chunks: list[SequenceChunk],
-        kv: KVCache,
-        device: torch.device,
-        all_logits: bool = False,
-    ) -> ForwardBatch:
+
+class StepInputs:
+    """Persistent buffers for the inputs of a step of up to `max_tokens` tokens and `max_seqs` sequences."""
+
+    def __init__(self, kv: KVCache, max_tokens: int, max_seqs: int, device: torch.device):
+        self.kv = kv
+        self.device = device
+        self.max_tokens = max_tokens
+        self.max_seqs = max_seqs
+
+        def buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, device=device)
+
+        self.token_ids = buffer(max_tokens, torch.int64)  # [max_tokens]
+        self.positions = buffer(max_tokens, torch.int64)
+        self.slot_ids = buffer(max_tokens, torch.int32)
+        self.kv_write = buffer(max_tokens, torch.int64)
+        self.logits_index = buffer(max_tokens, torch.int64)
+        self.query_start_loc = buffer(max_seqs + 1, torch.int32)  # [max_seqs + 1]
+        self.seq_lens = buffer(max_seqs, torch.int32)
+        self.seq_rows = buffer(max_seqs, torch.int32)
+        self.kv_tables = kv.tables_host.numpy()  # [rows, max_blocks] int32, the host copy
+
+    def build(self, chunks: list[SequenceChunk], all_logits: bool = False) -> ForwardBatch:
         """Lay out `chunks` for one forward pass; `all_logits` returns logits for every token."""
-        tokens, positions, slots, kv_write, logits_rows = [], [], [], [], []
-        q_max = max(len(c.token_ids) for c in chunks)
-        l_max = max(c.start_pos + len(c.token_ids) for c in chunks)
-        query_index = torch.zeros(len(chunks), q_max, dtype=torch.int64)
-        kv_read = torch.zeros(len(chunks), l_max, dtype=torch.int64)
-        q_pos = torch.full((len(chunks), q_max), -1, dtype=torch.int64)  # pads attend to key 0
-        unpad = []
-        row = 0
-        for b, c in enumerate(chunks):
-            n = len(c.token_ids)
-            span = range(c.start_pos, c.start_pos + n)
-            tokens += c.token_ids
-            positions += list(span)
-            slots += [c.slot] * n
-            kv_write += kv.slot_index(c.block_table, span)
-            kv_read[b, : c.start_pos + n] = torch.tensor(
-                kv.slot_index(c.block_table, range(c.start_pos + n)), dtype=torch.int64
+        num_seqs = len(chunks)
+        if num_seqs > self.max_seqs:
+            raise ValueError(f"{num_seqs} sequences exceed the step's max_num_seqs ({self.max_seqs})")
+        lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, num_seqs)  # [B]
+        starts = np.fromiter((c.start_pos for c in chunks), np.int64, num_seqs)
+        rows = np.fromiter((c.block_table.row for c in chunks), np.int64, num_seqs)
+        ends = np.cumsum(lens)  # [B] end row of each sequence's tokens
+        num_tokens = int(ends[-1])
+        if num_tokens > self.max_tokens:
+            raise ValueError(
+                f"{num_tokens} tokens exceed the step's max_num_batched_tokens ({self.max_tokens})"
             )
-            query_index[b, :n] = torch.arange(row, row + n)
-            q_pos[b, :n] = torch.arange(c.start_pos, c.start_pos + n)
-            unpad += range(b * q_max, b * q_max + n)
-            if all_logits:
-                logits_rows += range(row, row + n)
-            elif c.want_logits:
-                logits_rows.append(row + n - 1)
-            row += n
-        key_pos = torch.arange(l_max)
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal, and within the sequence
-        mask |= (q_pos[:, :, None] < 0) & (key_pos[None, None, :] == 0)
-        slot_ids = torch.tensor(slots, dtype=torch.int32, device=device)
-        return cls(
-            token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        firsts = ends - lens
+        seq_of = np.repeat(np.arange(num_seqs), lens)  # [T] sequence of each token
+        positions = np.arange(num_tokens) - firsts[seq_of] + starts[seq_of]  # [T]
+        bs = self.kv.block_size
+        kv_write = self.kv_tables[rows[seq_of], positions // bs].astype(np.int64) * bs + positions % bs
+        slots = np.repeat(np.fromiter((c.slot for c in chunks), np.int32, num_seqs), lens)  # [T]
+        tokens = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, num_tokens)
+        if all_logits:
+            logits_rows = np.arange(num_tokens)
+        else:
+            logits_rows = (ends - 1)[np.fromiter((c.want_logits for c in chunks), bool, num_seqs)]
+        seq_lens = starts + lens
+        self.kv.sync_tables({int(r): -(-int(n) // bs) for r, n in zip(rows, seq_lens)})
+
+        slot_ids = self._fill(self.slot_ids, slots)
+        return ForwardBatch(
+            token_ids=self._fill(self.token_ids, tokens),
+            positions=self._fill(self.positions, positions),
             slot_ids=slot_ids,
-            lora_meta=kernels.make_batch_meta(slot_ids),
-            kv_write=torch.tensor(kv_write, dtype=torch.int64, device=device),
-            query_index=query_index.to(device),
-            kv_read=kv_read.to(device),
-            attn_mask=mask[:, None].to(device),
-            unpad_index=None if q_max == 1 else torch.tensor(unpad, dtype=torch.int64, device=device),
-            logits_index=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+            lora_meta=kernels.make_batch_meta(slot_ids, host_slot_ids=slots),
+            kv_write=self._fill(self.kv_write, kv_write),
+            attention=AttentionMeta(
+                query_start_loc=self._fill(self.query_start_loc, np.concatenate(([0], ends))),
+                seq_lens=self._fill(self.seq_lens, seq_lens),
+                block_tables=self.kv.tables,
+                seq_rows=self._fill(self.seq_rows, rows),
+                max_query_len=int(lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                host_seqs=tuple(zip(firsts.tolist(), ends.tolist(), seq_lens.tolist(), rows.tolist())),
+            ),
+            logits_index=self._fill(self.logits_index, logits_rows),
         )
+
+    def _fill(self, buffer: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+        """`values` copied into the front of `buffer`; returns that view."""
+        view = buffer[: len(values)]
+        view.copy_(
+            torch.from_numpy(np.ascontiguousarray(values, dtype=_NUMPY[buffer.dtype])), non_blocking=True
+        )
+        return view
+
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32}

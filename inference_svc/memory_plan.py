@@ -14,6 +14,7 @@ import kernels
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import workspace_shape
 from inference_svc.model_config import ModelConfig
+from kernels import attention
 
 # A rank this many times the largest adapter rank wastes most of every slot.
 RANK_WASTE_FACTOR = 4
@@ -26,6 +27,7 @@ class MemoryPlan:
     bytes_per_slot: int  # one adapter at max_lora_rank, every layer and target module
     slots_bytes: int  # max_loras slots on the accelerator
     lora_workspace_bytes: int  # the LoRA ops' scratch memory for the largest step
+    attention_workspace_bytes: int  # attention output, block tables and scratch of the largest step
     host_cache_bytes: int  # max_cpu_loras adapters in host memory, at most
     weights_bytes: int  # base model parameters
     kv_cache_bytes: int  # KV cache as allocated (whole blocks)
@@ -36,7 +38,13 @@ class MemoryPlan:
 
     @property
     def device_total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.slots_bytes + self.lora_workspace_bytes
+        return (
+            self.weights_bytes
+            + self.kv_cache_bytes
+            + self.slots_bytes
+            + self.lora_workspace_bytes
+            + self.attention_workspace_bytes
+        )
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -50,6 +58,7 @@ class MemoryPlan:
             ("bytes per slot", human_bytes(self.bytes_per_slot)),
             ("slots (max_loras)", human_bytes(self.slots_bytes)),
             ("LoRA workspace (max_num_batched_tokens)", human_bytes(self.lora_workspace_bytes)),
+            ("attention workspace (largest step)", human_bytes(self.attention_workspace_bytes)),
             ("host cache (max_cpu_loras), at most", human_bytes(self.host_cache_bytes)),
             ("base model weights", human_bytes(self.weights_bytes)),
             (
@@ -122,6 +131,7 @@ def compute_plan(
             lora_dtype,
             torch_backend=kernels.select_backend(config.lora_backend, config.resolved_device()) == "torch",
         ),
+        attention_workspace_bytes=attention_workspace_bytes(model, config, model_dtype, max_len),
         host_cache_bytes=config.max_cpu_loras * per_slot,
         weights_bytes=model.num_parameters() * model_dtype.itemsize,
         kv_cache_bytes=blocks * block_bytes,
@@ -130,6 +140,22 @@ def compute_plan(
         max_model_len=max_len,
         warnings=tuple(warnings),
     )
+
+
+def attention_workspace_bytes(
+    model: ModelConfig, config: EngineConfig, dtype: torch.dtype, max_len: int
+) -> int:
+    """The attention output of the largest step, the block-table array (twice on an accelerator:
+    host and device copies), and on the torch backend its per-sequence scratch."""
+    output = config.max_num_batched_tokens * model.num_heads * model.head_dim * dtype.itemsize
+    tables = config.max_num_seqs * -(-max_len // config.kv_block_size) * 4
+    if kernels.select_backend(config.attention_backend, config.resolved_device()) == "torch":
+        return (
+            output
+            + tables
+            + attention.torch_scratch_bytes(max_len, model.num_kv_heads, model.head_dim, dtype)
+        )
+    return output + 2 * tables
 
 
 def human_bytes(n: int) -> str:

@@ -17,6 +17,7 @@ from inference_svc.kv_cache import KVCache
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.model_config import ModelConfig
 from inference_svc.weights import load_state_dict
+from kernels.attention import paged_attention
 
 
 class RotaryEmbedding:
@@ -78,6 +79,8 @@ class DecoderLayer:
         kv: KVCache,
         rope: RotaryEmbedding,
         lora: LoraSlots,
+        attn_out: torch.Tensor,  # [T, q_size], scratch the attention writes
+        attention_backend: str,
     ) -> torch.Tensor:  # h: [T, hidden]
         cfg, i = self.cfg, self.index
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
@@ -86,11 +89,22 @@ class DecoderLayer:
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = rope.apply(q.view(-1, cfg.num_heads, cfg.head_dim), batch.positions)
         k = rope.apply(k.view(-1, cfg.num_kv_heads, cfg.head_dim), batch.positions)
-        kv.keys[i].index_copy_(0, batch.kv_write, k)
-        kv.values[i].index_copy_(0, batch.kv_write, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
-        attn = self._attention(q, batch, kv)  # [T, q_size]
-        o = F.linear(attn, self.o_w, self.o_b)  # [T, hidden]
-        lora.apply(i, "o_proj", o, attn, batch.slot_ids, batch.lora_meta)
+        k_cache, v_cache = kv.layer(i)  # [blocks, block_size, KVH, D]
+        k_cache.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(0, batch.kv_write, k)
+        v_cache.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(
+            0, batch.kv_write, v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        )
+        paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.attention,
+            self.scale,
+            attn_out.view(-1, cfg.num_heads, cfg.head_dim),
+            attention_backend,
+        )
+        o = F.linear(attn_out, self.o_w, self.o_b)  # [T, hidden]
+        lora.apply(i, "o_proj", o, attn_out, batch.slot_ids, batch.lora_meta)
         h = h + o
         x = rms_norm(h, self.post_attn_norm, cfg.rms_norm_eps)
         gate_up = F.linear(x, self.gate_up_w, self.gate_up_b)  # [T, 2 * intermediate]
@@ -101,28 +115,21 @@ class DecoderLayer:
         lora.apply(i, "down_proj", down, act, batch.slot_ids, batch.lora_meta)
         return h + down
 
-    def _attention(self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """q [T, H, D] over each sequence's cached context -> [T, H * D]."""
-        keys = kv.keys[self.index][batch.kv_read]  # [B, L, KVH, D]
-        values = kv.values[self.index][batch.kv_read]
-        queries = q[batch.query_index]  # [B, Qmax, H, D]
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=batch.attn_mask,
-            scale=self.scale,
-            enable_gqa=True,
-        )  # [B, H, Qmax, D]
-        out = out.transpose(1, 2).reshape(-1, self.q_size)  # [B * Qmax, H * D]
-        return out if batch.unpad_index is None else out[batch.unpad_index]
-
 
 class CausalLM:
     """The whole decoder; `forward` runs one step of a `ForwardBatch` and returns logits."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict, max_len: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict,
+        max_len: int,
+        device: torch.device,
+        max_tokens: int,
+        attention_backend: str = "auto",
+    ):
         self.cfg = cfg
+        self.attention_backend = attention_backend
         self.embed = weights.pop("model.embed_tokens.weight")  # [vocab, hidden]
         self.layers = [DecoderLayer(i, cfg, weights, f"model.layers.{i}") for i in range(cfg.num_layers)]
         self.norm = weights.pop("model.norm.weight")
@@ -135,13 +142,23 @@ class CausalLM:
             raise InvalidModel(f"checkpoint holds tensors this model does not use: {leftover[:5]}")
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_len, device)
         self.dtype = self.embed.dtype
+        # the attention output of the largest step, reused by every layer
+        self.attn_out = torch.empty(max_tokens, cfg.num_heads * cfg.head_dim, dtype=self.dtype, device=device)
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int
+        cls,
+        model_dir: str | Path,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+        max_tokens: int,
+        attention_backend: str = "auto",
     ):
         try:
-            return cls(cfg, load_state_dict(model_dir, dtype, device), max_len, device)
+            weights = load_state_dict(model_dir, dtype, device)
+            return cls(cfg, weights, max_len, device, max_tokens, attention_backend)
         except KeyError as e:
             raise InvalidModel(f"{model_dir}: checkpoint lacks tensor {e.args[0]!r}") from e
 
@@ -149,7 +166,8 @@ class CausalLM:
     def forward(self, batch: ForwardBatch, kv: KVCache, lora: LoraSlots) -> torch.Tensor:
         """Logits [len(batch.logits_index), vocab] in float32."""
         h = F.embedding(batch.token_ids, self.embed)  # [T, hidden]
+        attn_out = self.attn_out[: batch.num_tokens]
         for layer in self.layers:
-            h = layer.forward(h, batch, kv, self.rope, lora)
+            h = layer.forward(h, batch, kv, self.rope, lora, attn_out, self.attention_backend)
         h = rms_norm(h[batch.logits_index], self.norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -19,7 +19,7 @@ import torch
 from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache
 from inference_svc.config import EngineConfig
-from inference_svc.kv_cache import KVCache
+from inference_svc.kv_cache import BlockTable, KVCache
 from inference_svc.sampling import SamplingParams
 from inference_svc.tokenizer import IncrementalDecoder
 
@@ -39,7 +39,7 @@ class Sequence:
     arrival: int  # arrival order
     arrival_time: float
     output_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_table: BlockTable = field(default_factory=BlockTable)
     num_computed: int = 0  # tokens whose K/V are in the cache
     slot: int = -1  # LoRA slot while running
     status: str = WAITING
@@ -48,9 +48,14 @@ class Sequence:
     emitted_chars: int = 0  # text returned so far (stop strings hold some back)
     first_token_time: float | None = None
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_slice(self, begin: int, end: int) -> list[int]:
+        """Tokens [begin, end) of prompt + output, without concatenating the two."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[begin:end]
+        if begin >= prompt:
+            return self.output_ids[begin - prompt : end - prompt]
+        return self.prompt_ids[begin:] + self.output_ids[: end - prompt]
 
     @property
     def total_len(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -72,28 +73,39 @@ class LoraBatchMeta:
         return self.host_groups[-1][0] if self.host_groups else -1
 
 
-def make_batch_meta(slot_ids: torch.Tensor) -> LoraBatchMeta:
-    """Group the tokens of `slot_ids` ([T] int32, -1 = no adapter) by slot."""
+def make_batch_meta(slot_ids: torch.Tensor, host_slot_ids: np.ndarray | None = None) -> LoraBatchMeta:
+    """Group the tokens of `slot_ids` ([T] int32, -1 = no adapter) by slot.
+
+    `host_slot_ids` is the same map in host memory, when the caller has it (the engine builds it):
+    the grouping then runs on the host, with no device round trip.
+    """
     if slot_ids.dim() != 1:
         raise ValueError(f"slot_ids must be 1-D, got shape {tuple(slot_ids.shape)}")
-    ids = slot_ids.to(torch.int64)
-    order = torch.sort(ids, stable=True).indices  # [T]
+    if host_slot_ids is None:
+        host_slot_ids = slot_ids.cpu().numpy()
+    ids = host_slot_ids.astype(np.int64)
+    order = np.argsort(ids, kind="stable")  # [T]
     sorted_ids = ids[order]
-    slots, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
+    bounds = np.flatnonzero(np.diff(sorted_ids)) + 1
+    starts = np.concatenate(([0], bounds)) if len(ids) else bounds  # [distinct] run starts
+    counts = np.diff(np.concatenate((starts, [len(ids)])))
+    slots = sorted_ids[starts]
     keep = slots >= 0
     active, counts, starts = slots[keep], counts[keep], starts[keep]
+    device_order = torch.from_numpy(order).to(slot_ids.device, non_blocking=True)
     host_groups = tuple(
-        (int(s), order[int(b) : int(b) + int(n)])
-        for s, b, n in zip(active.tolist(), starts.tolist(), counts.tolist())
+        (int(s), device_order[int(b) : int(b) + int(n)]) for s, b, n in zip(active, starts, counts)
     )
-    in_order = bool(torch.equal(order, torch.arange(order.shape[0], device=order.device)))
+
+    def on_device(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values.astype(np.int32)).to(slot_ids.device, non_blocking=True)
+
     return LoraBatchMeta(
         num_tokens=int(slot_ids.shape[0]),
-        sorted_token_ids=order,
-        active_slots=active.to(torch.int32),
-        tokens_per_slot=counts.to(torch.int32),
-        segment_starts=starts.to(torch.int32),
+        sorted_token_ids=device_order,
+        active_slots=on_device(active),
+        tokens_per_slot=on_device(counts),
+        segment_starts=on_device(starts),
         host_groups=host_groups,
-        in_order=in_order,
+        in_order=bool(np.array_equal(order, np.arange(len(order)))),
     )

@@ -120,7 +120,7 @@ class GetEngineInfoResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[EngineConfig, _Mapping]] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., memory_plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., occupancy: _Optional[_Union[Occupancy, _Mapping]] = ..., cache_stats: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
 
 class EngineConfig(_message.Message):
-    __slots__ = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "lora_target_modules", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_bytes", "kv_block_size", "max_queue_len", "dtype", "device", "lora_backend", "allow_pickle_adapters")
+    __slots__ = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "lora_target_modules", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_bytes", "kv_block_size", "max_queue_len", "dtype", "device", "lora_backend", "allow_pickle_adapters", "attention_backend")
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class EngineConfig(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LORA_BACKEND_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PICKLE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     max_loras: int
     max_lora_rank: int
     max_cpu_loras: int
@@ -151,7 +152,8 @@ class EngineConfig(_message.Message):
     device: str
     lora_backend: str
     allow_pickle_adapters: bool
-    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_queue_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., lora_backend: _Optional[str] = ..., allow_pickle_adapters: _Optional[bool] = ...) -> None: ...
+    attention_backend: str
+    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_queue_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., lora_backend: _Optional[str] = ..., allow_pickle_adapters: _Optional[bool] = ..., attention_backend: _Optional[str] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
     __slots__ = ("path", "architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "num_parameters", "dtype", "max_model_len", "device")
@@ -180,7 +182,7 @@ class ModelSummary(_message.Message):
     def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
-    __slots__ = ("model_dtype", "lora_dtype", "bytes_per_slot", "slots_bytes", "host_cache_bytes", "weights_bytes", "kv_cache_bytes", "kv_cache_blocks", "kv_cache_tokens", "max_model_len", "device_total_bytes", "warnings", "lora_workspace_bytes")
+    __slots__ = ("model_dtype", "lora_dtype", "bytes_per_slot", "slots_bytes", "host_cache_bytes", "weights_bytes", "kv_cache_bytes", "kv_cache_blocks", "kv_cache_tokens", "max_model_len", "device_total_bytes", "warnings", "lora_workspace_bytes", "attention_workspace_bytes")
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LORA_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class MemoryPlan(_message.Message):
     DEVICE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     LORA_WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_dtype: str
     lora_dtype: str
     bytes_per_slot: int
@@ -207,7 +210,8 @@ class MemoryPlan(_message.Message):
     device_total_bytes: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
     lora_workspace_bytes: int
-    def __init__(self, model_dtype: _Optional[str] = ..., lora_dtype: _Optional[str] = ..., bytes_per_slot: _Optional[int] = ..., slots_bytes: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., lora_workspace_bytes: _Optional[int] = ...) -> None: ...
+    attention_workspace_bytes: int
+    def __init__(self, model_dtype: _Optional[str] = ..., lora_dtype: _Optional[str] = ..., bytes_per_slot: _Optional[int] = ..., slots_bytes: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., lora_workspace_bytes: _Optional[int] = ..., attention_workspace_bytes: _Optional[int] = ...) -> None: ...
 
 class Occupancy(_message.Message):
     __slots__ = ("slots_used", "slots_total", "host_cache_used", "host_cache_total", "kv_blocks_free", "kv_blocks_total", "running", "waiting", "registered_adapters")

@@ -20,7 +20,8 @@ PROMPTS = [
 ]
 
 
-def engine_for(model_dir, adapters, backend="torch"):
+def engine_for(model_dir, adapters, backend="torch", **overrides):
+    """An engine with `backend` for both the LoRA ops and attention."""
     config = EngineConfig(
         max_loras=len(adapters),
         max_lora_rank=32,
@@ -28,8 +29,10 @@ def engine_for(model_dir, adapters, backend="torch"):
         device="cpu",
         dtype="float32",
         lora_backend=backend,
+        attention_backend=backend,
         kv_block_size=4,
         kv_cache_bytes=1 << 20,
+        **overrides,
     )
     engine = LLMEngine(model_dir, config)
     for name, path in adapters.items():
@@ -65,9 +68,12 @@ def test_prefill_logits_match_peft(hf_checkpoint, reference):
         torch.testing.assert_close(logits, hf_logits(reference, ids, adapter), atol=ATOL, rtol=0)
 
 
-def test_decode_steps_and_greedy_tokens_match_peft(hf_checkpoint, reference):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-prompts", "chunked-prefill"])
+def test_decode_steps_and_greedy_tokens_match_peft(hf_checkpoint, reference, chunked):
     _, model_dir, adapters = hf_checkpoint
-    engine = engine_for(model_dir, adapters)
+    # chunked: 8 tokens a step, so prompts arrive in chunks beside other sequences' decodes
+    overrides = dict(max_num_seqs=8, max_num_batched_tokens=8) if chunked else {}
+    engine = engine_for(model_dir, adapters, **overrides)
     engine.record_logits = True
     batch = rows(adapters)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -82,7 +88,11 @@ def test_decode_steps_and_greedy_tokens_match_peft(hf_checkpoint, reference):
             expected = hf_logits(reference, prefix, adapter)[-1]
             torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
             generated[out.request_id].append(out.token.token_id)
-    assert max(r.num_seqs for r in engine.step_history) == len(batch)  # really one mixed batch
+    history = engine.step_history
+    if chunked:  # some step mixed a prompt chunk with decodes
+        assert any(r.num_tokens > r.num_seqs > 1 for r in history)
+    else:
+        assert max(r.num_seqs for r in history) == len(batch)  # really one mixed batch
     for i, (ids, adapter) in enumerate(batch):
         reference.set_adapter(adapter) if adapter else None
         with torch.no_grad():

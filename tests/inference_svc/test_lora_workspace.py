@@ -92,7 +92,9 @@ def test_plan_counts_the_workspace_the_engine_allocates(model_dir, adapter_root)
             + engine.plan.kv_cache_bytes
             + engine.plan.slots_bytes
             + engine.plan.lora_workspace_bytes
+            + engine.plan.attention_workspace_bytes
         )
+        assert engine.plan.attention_workspace_bytes >= engine.model.attn_out.nbytes + engine.kv.tables.nbytes
 
 
 def test_full_token_budget_steps_fit_the_workspace(model_dir, adapter_root):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from inference_svc import errors
-from inference_svc.forward_batch import ForwardBatch, SequenceChunk
+from inference_svc.forward_batch import SequenceChunk
+from inference_svc.kv_cache import BlockTable
 from inference_svc.sampling import SamplingParams
 
 from helpers import run_to_completion, tiny_engine, tokens_of
@@ -149,10 +150,10 @@ def test_slot_tier_is_lru_and_busy_slots_are_never_taken(model_dir, adapter_root
 
 
 def forward_logits(engine, ids, slot):
-    table = []
+    table = BlockTable()
     engine.kv.allocate(table, len(ids))
     try:
-        batch = ForwardBatch.build([SequenceChunk(ids, 0, table, slot, True)], engine.kv, engine.device)
+        batch = engine.inputs.build([SequenceChunk(ids, 0, table, slot, True)])
         return engine.model.forward(batch, engine.kv, engine.lora)[0]
     finally:
         engine.kv.free(table)

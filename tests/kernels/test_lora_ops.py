@@ -22,28 +22,14 @@ import kernels
 from kernels import launch_configs
 from kernels.metadata import make_batch_meta
 
+from tolerances import assert_close
+
 REPO = Path(__file__).resolve().parents[2]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 BACKENDS = ["triton", "torch"]
 SCALE = 0.75
-
-# (atol, rtol) by the lowest-precision dtype among an op's inputs. Inputs are scaled so results
-# are O(1); these allow a few units in the last place of that dtype (both sides round, in a
-# different order), while a wrong row, slot, column or scale is off by O(1).
-TOLERANCES = {
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float32: (1e-4, 1e-4),
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """The one comparison of this file, with the tolerance of `dtype`."""
-    atol, rtol = TOLERANCES[dtype]
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
 
 
 @dataclass
