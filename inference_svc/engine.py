@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
 from inference_svc.adapters import AdapterFiles, AdapterManifest
@@ -375,6 +376,42 @@ class LLMEngine:
             for adapter in held:
                 self.adapters.release_slot(adapter)
 
+    @torch.inference_mode()
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Compile the Triton kernels for every launch shape a step can take, before serving.
+
+        Runs one forward pass per shape, on scratch KV blocks and with every slot in use: decode
+        steps of 1, 2, 4, ... up to `max_num_seqs` sequences, and single prompts of 2, 4, ... up to
+        `max_num_batched_tokens` tokens. Returns the (sequences, tokens) of each pass; nothing when
+        neither the LoRA ops nor attention run on Triton (torch compiles nothing).
+        """
+        device = self.device
+        if "triton" not in (
+            kernels.select_backend(self.config.lora_backend, device),
+            kernels.select_backend(self.config.attention_backend, device),
+        ):
+            return []
+        limit = min(self.config.max_num_batched_tokens, self.max_model_len)
+        shapes = [(n, n) for n in _powers_of_two(self.config.max_num_seqs)]
+        shapes += [(1, n) for n in _powers_of_two(limit) if n > 1]
+        slots = [*range(self.config.max_loras), -1]
+        for num_seqs, num_tokens in shapes:
+            tables = [BlockTable() for _ in range(num_seqs)]
+            try:
+                chunks = []
+                for i, table in enumerate(tables):
+                    n = num_tokens // num_seqs
+                    if not self.kv.allocate(table, n):
+                        raise errors.ResourceExhausted(
+                            f"the KV cache cannot hold a warm-up step of {num_tokens} tokens"
+                        )
+                    chunks.append(SequenceChunk([0] * n, 0, table, slots[i % len(slots)], True))
+                self.model.forward(self.inputs.build(chunks), self.kv, self.lora)
+            finally:
+                for table in tables:
+                    self.kv.free(table)
+        return shapes
+
     @property
     def step_history(self) -> list[StepRecord]:
         return list(self.scheduler.history)
@@ -411,3 +448,9 @@ class LLMEngine:
             },
             "cache_stats": dict(self.adapters.stats),
         }
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit` itself."""
+    out = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
+    return [*out, limit]

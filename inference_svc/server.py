@@ -173,6 +173,9 @@ class InferenceServer:
                 agent.on_residency_change(event)
 
         engine = LLMEngine(self.config.model, self.config.engine, on_residency_change=on_change)
+        shapes = engine.warm_up()  # Triton compiles now, not inside the first requests' steps
+        if shapes:
+            log.info("warmed up %d step shapes (Triton kernels compiled)", len(shapes))
         for i, (adapter_id, path) in enumerate(self.config.lora_modules):
             engine.register_adapter(adapter_id, path)
             if i < engine.config.max_cpu_loras:  # more would only evict the first ones again

@@ -34,3 +34,23 @@ def test_triton_backend_matches_peft_on_a_tiny_model(hf_checkpoint):
     triton_tokens = [c.token_ids for c in engine.generate(prompts, params, names)]
     torch_tokens = [c.token_ids for c in torch_engine.generate(prompts, params, names)]
     assert triton_tokens == torch_tokens
+
+
+def test_warm_up_runs_every_launch_shape_and_leaves_the_engine_clean(model_dir, adapter_root):
+    from helpers import tiny_engine
+
+    engine = tiny_engine(
+        model_dir,
+        adapter_root,
+        max_loras=2,
+        max_num_seqs=3,
+        max_num_batched_tokens=12,
+        lora_backend="triton",
+        attention_backend="triton",
+    )
+    free = engine.kv.num_free_blocks
+    assert engine.warm_up() == [(1, 1), (2, 2), (3, 3), (1, 2), (1, 4), (1, 8), (1, 12)]
+    assert engine.kv.num_free_blocks == free and not engine.adapters.refcount
+    assert (
+        tiny_engine(model_dir, adapter_root, lora_backend="torch", attention_backend="torch").warm_up() == []
+    )
