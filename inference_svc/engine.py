@@ -120,7 +120,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.record_logits = False  # attach each sampled row's logits to its RequestOutput
         self._arrivals = itertools.count()
-        self._generator = torch.Generator(device="cpu").manual_seed(0)
+        self._generator = torch.Generator(device=self.device).manual_seed(0)  # unseeded requests
         log.info(
             "allocated: KV cache %d blocks x %d tokens, %d LoRA slots (rank %d, %s), %s",
             self.kv.num_blocks,
@@ -178,14 +178,14 @@ class LLMEngine:
             raise errors.QueueFull(f"the waiting queue is full (max_queue_len={self.config.max_queue_len})")
         gen = None
         if params.seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(
             request_id=request_id,
             adapter_id=adapter_id,
             prompt_ids=ids,
             params=params,
             decoder=IncrementalDecoder(self.tokenizer),
-            generator=gen or self._generator,
+            generator=gen,
             arrival=next(self._arrivals),
             arrival_time=time.monotonic(),
         )
@@ -253,7 +253,14 @@ class LLMEngine:
                 sampling.append(c.seq)
         if not sampling:
             return outputs
-        tokens = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling])
+        tokens = sample(
+            logits,
+            [s.params for s in sampling],
+            [s.generator for s in sampling],
+            self._generator,
+            [s.prompt_ids for s in sampling],
+            [s.output_ids for s in sampling],
+        )
         for i, (seq, tok) in enumerate(zip(sampling, tokens)):
             outputs.append(self._append(seq, tok, logits[i] if self.record_logits else None))
         return outputs

@@ -35,7 +35,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     decoder: IncrementalDecoder
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # a seeded request's own; None = the engine's
     arrival: int  # arrival order
     arrival_time: float
     output_ids: list[int] = field(default_factory=list)

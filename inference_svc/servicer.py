@@ -147,6 +147,12 @@ def sampling_params_from(p: inference_pb2.SamplingParams) -> SamplingParams:
         temperature=p.temperature if p.HasField("temperature") else d.temperature,
         top_p=p.top_p if p.HasField("top_p") else d.top_p,
         top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=(
+            p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty
+        ),
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         stop_token_ids=tuple(p.stop_token_ids),

@@ -283,11 +283,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
+        min_p=args.min_p,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
     )
     if args.top_p is not None:
         params.top_p = args.top_p
+    if args.repetition_penalty is not None:
+        params.repetition_penalty = args.repetition_penalty
     if args.seed is not None:
         params.seed = args.seed
     request = inference_pb2.GenerateRequest(adapter_id=args.adapter, text=text, params=params)
@@ -536,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")

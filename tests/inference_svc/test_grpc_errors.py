@@ -45,6 +45,10 @@ def test_unknown_adapter_is_not_found(served):
         (dict(max_tokens=0), "max_tokens"),
         (dict(top_k=-1), "top_k"),
         (dict(logprobs=21), "logprobs"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),  # set to 0 (unset means 1.0)
+        (dict(frequency_penalty=2.5), "frequency_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[258]), "stop_token_ids"),
         (dict(max_tokens=100_000), "max_tokens"),  # prompt + max_tokens beyond max_model_len

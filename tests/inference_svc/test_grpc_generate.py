@@ -77,6 +77,23 @@ def test_text_prompt_with_logprobs_and_alternatives(served, offline):
     assert "".join(m.text for m in messages) == want.text
 
 
+@pytest.mark.parametrize(
+    "fields, new",
+    [
+        (dict(temperature=0), dict(repetition_penalty=1.5, frequency_penalty=1.5, presence_penalty=0.5)),
+        (dict(temperature=1.5, seed=3), dict(min_p=0.9)),  # the tiny model is nearly flat
+    ],
+    ids=["penalties", "min_p"],
+)
+def test_new_sampling_fields_reach_the_engine(served, offline, fields, new):
+    prompt, fields = [7, 7, 8], dict(max_tokens=8, ignore_eos=True, **fields)
+    messages = collect(served.stub, request(prompt, "demo-1", **fields, **new))
+    got = [t for m in messages for t in m.token_ids]
+    want = offline.generate([prompt], SamplingParams(**fields, **new), ["demo-1"])[0].token_ids
+    without = offline.generate([prompt], SamplingParams(**fields), ["demo-1"])[0].token_ids
+    assert got == want != without
+
+
 def test_base_model_and_defaults(served):
     messages = collect(served.stub, request([1, 2, 3], max_tokens=4))  # temperature, top_p unset
     assert all(m.adapter_id == "" for m in messages)
