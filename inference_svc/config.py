@@ -55,6 +55,8 @@ class EngineConfig:
     lora_backend: str = "auto"
     # Paged-attention backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     attention_backend: str = "auto"
+    # Run every step eagerly; False captures decode steps in CUDA graphs on CUDA (ignored on CPU).
+    enforce_eager: bool = False
     # Allow pickle (.bin) adapter weights; off by default because unpickling runs code.
     allow_pickle_adapters: bool = False
 

@@ -15,9 +15,11 @@ from types import ModuleType
 
 from tqdm import tqdm
 
-from bench.scenarios import control_plane, overhead, scale, swap, vs_peft
+from bench.scenarios import control_plane, long_context, overhead, scale, step_build, swap, vs_peft
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (overhead, vs_peft, scale, swap, control_plane)}
+SCENARIOS: dict[str, ModuleType] = {
+    m.NAME: m for m in (overhead, vs_peft, scale, swap, control_plane, step_build, long_context)
+}
 
 
 @dataclass(frozen=True)

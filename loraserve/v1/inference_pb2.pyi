@@ -128,7 +128,7 @@ class GetEngineInfoResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[EngineConfig, _Mapping]] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., memory_plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., occupancy: _Optional[_Union[Occupancy, _Mapping]] = ..., cache_stats: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
 
 class EngineConfig(_message.Message):
-    __slots__ = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "lora_target_modules", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_bytes", "kv_block_size", "max_queue_len", "dtype", "device", "lora_backend", "allow_pickle_adapters", "attention_backend")
+    __slots__ = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "lora_target_modules", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_bytes", "kv_block_size", "max_queue_len", "dtype", "device", "lora_backend", "allow_pickle_adapters", "attention_backend", "enforce_eager")
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class EngineConfig(_message.Message):
     LORA_BACKEND_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PICKLE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ENFORCE_EAGER_FIELD_NUMBER: _ClassVar[int]
     max_loras: int
     max_lora_rank: int
     max_cpu_loras: int
@@ -161,7 +162,8 @@ class EngineConfig(_message.Message):
     lora_backend: str
     allow_pickle_adapters: bool
     attention_backend: str
-    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_queue_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., lora_backend: _Optional[str] = ..., allow_pickle_adapters: _Optional[bool] = ..., attention_backend: _Optional[str] = ...) -> None: ...
+    enforce_eager: bool
+    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_queue_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., lora_backend: _Optional[str] = ..., allow_pickle_adapters: _Optional[bool] = ..., attention_backend: _Optional[str] = ..., enforce_eager: _Optional[bool] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
     __slots__ = ("path", "architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "num_parameters", "dtype", "max_model_len", "device")
