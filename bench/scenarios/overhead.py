@@ -49,17 +49,24 @@ def prompts(batch: int, length: int, vocab: int, salt: int = 0) -> list[list[int
 
 
 def engine_decode_tps(engine: LLMEngine, adapters: list[str | None], length: int, new_tokens: int) -> float:
-    """Generated tokens/s of `new_tokens` decode steps of the whole batch (prefill untimed)."""
-    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
+    """Generated tokens/s of `new_tokens` decode steps of the whole batch, timed once every
+    sequence has finished its prefill (which may take several chunked steps, untimed)."""
+    prefill_steps = -(-len(adapters) * length // engine.config.max_num_batched_tokens) + 1
+    params = SamplingParams(max_tokens=new_tokens + prefill_steps + 1, temperature=0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
-    for i, (prompt, adapter) in enumerate(zip(prompts(len(adapters), length, vocab), adapters)):
-        engine.add_request(f"decode-{time.monotonic_ns()}-{i}", prompt, params, adapter)
-    while engine.has_unfinished_requests() and not any(o.token for o in engine.step()):
-        pass  # the prefill step(s)
+    ids = [f"decode-{time.monotonic_ns()}-{i}" for i in range(len(adapters))]
+    for rid, prompt, adapter in zip(ids, prompts(len(adapters), length, vocab), adapters):
+        engine.add_request(rid, prompt, params, adapter)
+    started: set[str] = set()
+    while len(started) < len(ids):  # the prefill steps
+        started.update(o.request_id for o in engine.step() if o.token is not None)
     start, tokens = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
+    for _ in range(new_tokens):
         tokens += sum(1 for o in engine.step() if o.token is not None)
-    return tokens / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    for rid in ids:
+        engine.abort_request(rid)
+    return tokens / elapsed
 
 
 def engine_prefill_tps(engine: LLMEngine, adapters: list[str | None], length: int) -> float:
