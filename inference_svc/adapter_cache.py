@@ -4,23 +4,32 @@ Two LRU tiers with pins (DESIGN.md sections 1 and 4):
   - host cache: up to `max_cpu_loras` loaded adapters (`LoraAdapter`, weights in host memory);
   - slots: up to `max_loras` adapters copied into `LoraSlots`; a slot's adapter is always also in
     the host cache.
+Reading an adapter (files, sha256, validation) never runs on the engine thread: `prefetch` hands
+it to the `AdapterLoader` thread (one read per adapter at a time), and the engine thread installs
+finished reads - `install_loaded` at the start of each step, `load` for LoadAdapter. Every dict
+here belongs to the engine thread; the loader only completes futures.
 An adapter with running requests (refcount > 0) or a pin is never evicted from its tier; when every
-candidate is pinned or busy the answer is `NoEvictableSlot` (host) or "not now" (slots: the
-scheduler waits). Every residency change is reported to the `on_change` listener.
+candidate is pinned or busy the answer is `NoEvictableSlot` (host, when a finished read is
+installed) or "not now" (slots: the scheduler waits). Every residency change is reported to the
+`on_change` listener, on the engine thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from inference_svc import errors
-from inference_svc.adapters import AdapterFiles, AdapterManifest, LoraAdapter, inspect_adapter, load_adapter
+from inference_svc.adapter_loader import AdapterLoader, LoadedAdapter
+from inference_svc.adapters import AdapterFiles, AdapterManifest, LoraAdapter, inspect_adapter
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.model_config import ModelConfig
@@ -64,13 +73,17 @@ class AdapterCache:
         self.model = model
         self.config = config
         self.slots = slots
-        self.dtype = dtype
         self.on_change = on_change or (lambda event: None)
+        self.loader = AdapterLoader(model, config, dtype, pin_memory=config.resolved_device().type == "cuda")
         self.sources: dict[str, tuple[Path, AdapterManifest]] = {}
         # Adapters whose files are held in memory until they are on disk at their path.
         self.in_memory: dict[str, AdapterFiles] = {}
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU first
+        self.loading: dict[str, concurrent.futures.Future[LoadedAdapter]] = {}  # reads not installed yet
+        self.failed_loads: dict[str, Exception] = {}  # failed installs not yet taken by install_loaded
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, LRU first
+        self.activation: dict[str, int] = {}  # adapter -> when it took its slot (lower: held longer)
+        self._activations = itertools.count()
         self.pinned: set[str] = set()
         self.refcount: dict[str, int] = {}
         self.last_used: dict[str, float] = {}
@@ -116,7 +129,7 @@ class AdapterCache:
         """Forget an adapter, evicting it first (refused while it has running requests)."""
         self._source(adapter_id)
         self.pinned.discard(adapter_id)
-        self.evict(adapter_id)
+        self.evict(adapter_id)  # also discards a read in flight
         del self.sources[adapter_id]
         self.in_memory.pop(adapter_id, None)
 
@@ -131,25 +144,72 @@ class AdapterCache:
 
     # --- host tier ------------------------------------------------------------------------
 
-    def ensure_host(self, adapter_id: str) -> LoraAdapter:
-        """The adapter in host memory, reading it from its source (and evicting LRU) if needed."""
-        adapter = self.host.get(adapter_id)
-        if adapter is not None:
+    def prefetch(self, adapter_id: str) -> concurrent.futures.Future[LoadedAdapter] | None:
+        """Start reading `adapter_id` on the loader thread, unless it is in the host tier (None)
+        or already being read (that read's future). Raises AdapterNotFound."""
+        if adapter_id in self.host:
+            return None
+        future = self.loading.get(adapter_id)
+        if future is None:
+            path, _ = self._source(adapter_id)
+            self.stats["host_misses"] += 1
+            self.failed_loads.pop(adapter_id, None)  # this read's outcome supersedes an older one
+            future = self.loader.submit(adapter_id, path, self.in_memory.get(adapter_id))
+            self.loading[adapter_id] = future
+        return future
+
+    def install_loaded(self) -> dict[str, Exception]:
+        """Install every finished read into the host tier (evicting LRU entries to make room).
+
+        Returns the installs that failed since the last call, {adapter_id: the read's error
+        (InvalidAdapter, AdapterFilesMissing ...) or NoEvictableSlot when no entry could make room}.
+        """
+        for adapter_id in [a for a, future in self.loading.items() if future.done()]:
+            with contextlib.suppress(Exception):  # recorded in failed_loads, returned below
+                self._install(adapter_id)
+        failed, self.failed_loads = self.failed_loads, {}
+        return failed
+
+    def wait_for_load(self, timeout: float | None = None) -> None:
+        """Block until a read in flight finishes (for offline drivers with nothing else to run)."""
+        concurrent.futures.wait(
+            list(self.loading.values()), timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+
+    def touch(self, adapter_ids: Iterable[str]) -> None:
+        """Mark host entries as just used, in this order (the last one is evicted last)."""
+        for adapter_id in adapter_ids:
+            if adapter_id in self.host:
+                self.host.move_to_end(adapter_id)
+
+    def _ensure_host(self, adapter_id: str, wait: bool) -> bool:
+        """Is `adapter_id` in the host tier, after installing its read (waited for if `wait`)?"""
+        if adapter_id in self.host:
             self.stats["host_hits"] += 1
             self.host.move_to_end(adapter_id)
-            return adapter
-        self.stats["host_misses"] += 1
-        path, _ = self._source(adapter_id)
-        start = time.perf_counter()
-        files = self.in_memory.get(adapter_id)
-        adapter = load_adapter(adapter_id, path, self.model, self.config, self.dtype, files)  # may reject
-        seconds = time.perf_counter() - start
-        if len(self.host) >= self.config.max_cpu_loras:
-            self._evict_host_lru()
-        self.host[adapter_id] = adapter
+            return True
+        future = self.prefetch(adapter_id)
+        if not wait and not future.done():
+            return False
+        self._install(adapter_id)  # waits for the read if it is still running
+        return True
+
+    def _install(self, adapter_id: str) -> None:
+        """Move a finished read into the host tier; a failure is raised and kept in failed_loads.
+
+        The read happens before any eviction, so a rejected adapter evicts nothing.
+        """
+        future = self.loading.pop(adapter_id)
+        try:
+            loaded = future.result()
+            if len(self.host) >= self.config.max_cpu_loras:
+                self._evict_host_lru()
+        except Exception as e:
+            self.failed_loads[adapter_id] = e
+            raise
+        self.host[adapter_id] = loaded.adapter
         self.last_used[adapter_id] = time.time()
-        self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time(), seconds))
-        return adapter
+        self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time(), loaded.seconds))
 
     def _evict_host_lru(self) -> None:
         for candidate in self.host:
@@ -163,22 +223,26 @@ class AdapterCache:
 
     # --- slot tier ------------------------------------------------------------------------
 
-    def acquire_slot(self, adapter_id: str) -> int | None:
-        """A slot holding `adapter_id` with one more reference, or None if every slot is busy.
+    def acquire_slot(self, adapter_id: str, keep: Collection[str] = ()) -> int | None:
+        """A slot holding `adapter_id` with one more reference, or None if no slot is free.
 
-        Raises AdapterNotFound / InvalidAdapter / NoEvictableSlot from loading into the host tier.
+        A free slot is an unused one, else the least recently used one whose adapter has no
+        running requests, no pin and is not in `keep`. An adapter not yet in the host tier is read
+        first and the caller waits for it (offline use: the scheduler only asks for adapters in the
+        host tier). Raises AdapterNotFound / InvalidAdapter / NoEvictableSlot from that read.
         """
         slot = self.slot_of.get(adapter_id)
         if slot is None:
-            if self._free_slot(dry_run=True) is None:
+            if self._free_slot(keep, dry_run=True) is None:
                 return None
-            adapter = self.ensure_host(adapter_id)  # a rejected adapter changes no slot
-            slot = self._free_slot()
+            self._ensure_host(adapter_id, wait=True)  # a rejected adapter changes no slot
+            slot = self._free_slot(keep)
             self.stats["slot_misses"] += 1
             start = time.perf_counter()
-            self.slots.set_slot(slot, adapter)
+            self.slots.set_slot(slot, self.host[adapter_id])
             seconds = time.perf_counter() - start
             self.slot_of[adapter_id] = slot
+            self.activation[adapter_id] = next(self._activations)
             self.on_change(ResidencyEvent("activated", adapter_id, slot, time.time(), seconds))
         else:
             self.stats["slot_hits"] += 1
@@ -209,13 +273,28 @@ class AdapterCache:
                 f"all {self.config.max_loras} slots (max_loras) are pinned by other adapters: {pinned}"
             )
 
-    def _free_slot(self, dry_run: bool = False) -> int | None:
+    def free_slots(self, keep: Collection[str] = ()) -> int:
+        """How many adapters could take a slot now (see `acquire_slot` for `keep`)."""
+        return (
+            self.config.max_loras
+            - len(self.slot_of)
+            + sum(1 for candidate in self.slot_of if self._evictable_slot(candidate, keep))
+        )
+
+    def holders_oldest_first(self) -> list[str]:
+        """Adapters in slots, the one that has held its slot longest first."""
+        return sorted(self.slot_of, key=self.activation.__getitem__)
+
+    def _evictable_slot(self, adapter_id: str, keep: Collection[str]) -> bool:
+        return adapter_id not in self.pinned and not self.refcount.get(adapter_id) and adapter_id not in keep
+
+    def _free_slot(self, keep: Collection[str] = (), dry_run: bool = False) -> int | None:
         used = set(self.slot_of.values())
         for i in range(self.config.max_loras):
             if i not in used:
                 return i
         for candidate, slot in self.slot_of.items():  # least recently used first
-            if candidate not in self.pinned and not self.refcount.get(candidate):
+            if self._evictable_slot(candidate, keep):
                 if not dry_run:
                     self._deactivate(candidate)
                     self.stats["slot_evictions"] += 1
@@ -224,15 +303,25 @@ class AdapterCache:
 
     def _deactivate(self, adapter_id: str) -> None:
         slot = self.slot_of.pop(adapter_id)
+        del self.activation[adapter_id]
         self.slots.reset_slot(slot)
         self.on_change(ResidencyEvent("deactivated", adapter_id, slot, time.time()))
 
     # --- commands -------------------------------------------------------------------------
 
-    def load(self, adapter_id: str, to_slot: bool = False, pin: bool | None = None) -> ResidentAdapter:
+    def load(
+        self, adapter_id: str, to_slot: bool = False, pin: bool | None = None, wait: bool = True
+    ) -> ResidentAdapter | None:
         """LoadAdapter: bring into the host tier (and a slot if asked); `pin` True pins, False
-        unpins, None leaves the pin as it is."""
-        self.ensure_host(adapter_id)
+        unpins, None leaves the pin as it is.
+
+        The files are read on the loader thread; with `wait` the caller blocks until the read is
+        done. Without it (how the engine thread is asked) the answer is None while the read runs:
+        await `prefetch(adapter_id)`'s future, then ask again. Raises AdapterNotFound, the read's
+        InvalidAdapter / AdapterFilesMissing, NoEvictableSlot.
+        """
+        if not self._ensure_host(adapter_id, wait):
+            return None
         if to_slot:
             if self.acquire_slot(adapter_id) is None:
                 raise errors.NoEvictableSlot(
@@ -246,8 +335,10 @@ class AdapterCache:
         return self.resident(adapter_id)
 
     def evict(self, adapter_id: str) -> bool:
-        """EvictAdapter: drop from both tiers. Idempotent: False if it was not resident."""
+        """EvictAdapter: drop from both tiers, and discard a read in flight. Idempotent: False if
+        it was not resident."""
         self._source(adapter_id)
+        self.loading.pop(adapter_id, None)
         if adapter_id not in self.host:
             return False
         if self.refcount.get(adapter_id):
@@ -267,11 +358,17 @@ class AdapterCache:
         self.pinned.discard(adapter_id)
 
     def purge(self) -> None:
-        """Drop every unpinned, idle adapter from both tiers (a restart's clean slate)."""
+        """Drop every unpinned, idle adapter from both tiers and discard reads in flight (a
+        restart's clean slate)."""
+        self.loading.clear()
         for adapter_id in list(self.host):
             if not self.refcount.get(adapter_id):
                 self.pinned.discard(adapter_id)
                 self._drop(adapter_id)
+
+    def close(self) -> None:
+        """Stop the loader thread (reads not started yet are cancelled)."""
+        self.loader.close()
 
     def _drop(self, adapter_id: str) -> None:
         if adapter_id in self.slot_of:

@@ -6,6 +6,10 @@ command arrives. Commands come from any thread through one FIFO inbox, so they r
 in the order they were sent. Each step's outputs cross back to the event loop in a single callback
 that routes them to per-request asyncio queues, which the Generate streams read.
 
+Adapter files are never read on the engine thread: the engine's loader thread reads them, and its
+completion posts a no-op command so a waiting engine thread wakes and installs the result.
+`load_adapter` awaits a read here, on the event loop, then installs it with a command.
+
 A stream that ends before its request finished (client cancel, deadline, error) aborts the request
 on its way out, which frees the request's KV blocks and slot reference before the next step.
 """
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
 from inference_svc import errors
+from inference_svc.adapter_cache import ResidentAdapter
 from inference_svc.engine import LLMEngine, RequestOutput
 from inference_svc.sampling import SamplingParams
 
@@ -31,7 +36,7 @@ T = TypeVar("T")
 Command = tuple[Callable[[LLMEngine], object], "concurrent.futures.Future | None"]
 
 # Seconds the engine thread waits for a command when requests are queued but none could be
-# scheduled (e.g. every slot is pinned by other adapters); avoids spinning on empty steps.
+# scheduled and no adapter read is in flight to wake it; avoids spinning on empty steps.
 BLOCKED_POLL_S = 0.005
 
 STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
@@ -142,6 +147,25 @@ class AsyncEngine:
             raise errors.Draining("the engine is starting")
         return await asyncio.wrap_future(self.submit(fn))
 
+    async def load_adapter(
+        self, adapter_id: str, to_slot: bool = False, pin: bool | None = None
+    ) -> ResidentAdapter:
+        """`LLMEngine.load_adapter` without reading files on the engine thread.
+
+        The loader thread reads and validates the files while this coroutine waits; a command then
+        installs them between steps (taking a slot with `to_slot`, pinning with `pin`). Raises what
+        the load raised (AdapterNotFound, InvalidAdapter ..., NoEvictableSlot).
+        """
+        while True:
+            read = await self.call(lambda engine: engine.adapters.prefetch(adapter_id))
+            if read is not None:  # None: already in the host cache
+                await _finished(read)  # its error, if any, is raised by the install below
+            resident = await self.call(
+                lambda engine: engine.load_adapter(adapter_id, to_slot, pin, wait=False)
+            )
+            if resident is not None:  # None: evicted and read again meanwhile
+                return resident
+
     async def generate(
         self,
         prompt: str | list[int],
@@ -197,6 +221,7 @@ class AsyncEngine:
         except BaseException as e:
             built.set_exception(e)
             return
+        engine.adapters.loader.on_done = lambda: self._inbox.put((_wake_up, None))
         built.set_result(None)
         try:
             self._serve(engine)
@@ -212,8 +237,9 @@ class AsyncEngine:
         blocked = False  # the last step scheduled nothing although requests are queued
         while True:
             idle = not engine.has_unfinished_requests()
+            reading = blocked and bool(engine.adapters.loading)  # its completion wakes the inbox
             commands, stop = self._take_commands(
-                block=idle or blocked, timeout=None if idle else BLOCKED_POLL_S
+                block=idle or blocked, timeout=None if idle or reading else BLOCKED_POLL_S
             )
             for fn, future in commands:
                 self._execute(engine, fn, future)
@@ -284,6 +310,7 @@ class AsyncEngine:
                 stream.put_nowait(error)
 
     def _shut_down(self, engine: LLMEngine) -> None:
+        engine.adapters.close()
         aborted = list(engine.sequences)
         for request_id in aborted:
             engine.abort_request(request_id)
@@ -303,3 +330,15 @@ class AsyncEngine:
         for _, future in commands:
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_exception(errors.Draining("the engine stopped before running the command"))
+
+
+def _wake_up(engine: LLMEngine) -> None:
+    """The command an adapter read posts when it finishes: running any command wakes the loop."""
+
+
+async def _finished(future: concurrent.futures.Future) -> None:
+    """Wait for a thread's `future` without taking its result or its error."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+    await done.wait()

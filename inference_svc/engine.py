@@ -143,10 +143,14 @@ class LLMEngine:
         self.adapters.unregister(adapter_id)
 
     def load_adapter(
-        self, adapter_id: str, to_slot: bool = False, pin: bool | None = None
-    ) -> ResidentAdapter:
-        """Into the host cache (and a slot with `to_slot`); `pin` True pins, False unpins."""
-        return self.adapters.load(adapter_id, to_slot=to_slot, pin=pin)
+        self, adapter_id: str, to_slot: bool = False, pin: bool | None = None, wait: bool = True
+    ) -> ResidentAdapter | None:
+        """Into the host cache (and a slot with `to_slot`); `pin` True pins, False unpins.
+
+        The loader thread reads the files; `wait` blocks until it is done. Without `wait` (on the
+        engine thread) the answer is None while the read runs: see `AsyncEngine.load_adapter`.
+        """
+        return self.adapters.load(adapter_id, to_slot=to_slot, pin=pin, wait=wait)
 
     def evict_adapter(self, adapter_id: str) -> bool:
         return self.adapters.evict(adapter_id)
@@ -163,7 +167,10 @@ class LLMEngine:
         params: SamplingParams,
         adapter_id: str | None = None,
     ) -> None:
-        """Queue a request; raises InvalidRequest / AdapterNotFound / NoEvictableSlot / QueueFull up front."""
+        """Queue a request; raises InvalidRequest / AdapterNotFound / NoEvictableSlot / QueueFull up front.
+
+        An adapter not in the host cache starts loading now, on the loader thread.
+        """
         if request_id in self.sequences:
             raise errors.RequestAlreadyExists(f"request {request_id!r} is already in flight")
         adapter_id = adapter_id or None
@@ -189,6 +196,8 @@ class LLMEngine:
             arrival=next(self._arrivals),
             arrival_time=time.monotonic(),
         )
+        if adapter_id is not None:
+            self.adapters.prefetch(adapter_id)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -336,7 +345,10 @@ class LLMEngine:
         acc = {rid: ([], [], []) for rid in ids}
         reasons = {}
         while len(reasons) < len(ids):
-            for out in self.step():
+            outputs = self.step()
+            if not outputs and not self.scheduler.running:
+                self.adapters.wait_for_load()  # nothing to run until an adapter's read is done
+            for out in outputs:
                 if out.error is not None:
                     raise out.error
                 tokens, lps, texts = acc[out.request_id]

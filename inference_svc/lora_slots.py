@@ -5,9 +5,10 @@ Layout (DESIGN.md section 4), per layer:
     serves q/k/v (and one gate/up) because they read the same input;
   - B per target module: `b[module]  [max_loras, out, R]`, expanded into its slice of the fused
     output with `out_offset`.
-Loading copies and zero-pads into a slot; scaling is already folded into B. Nothing is allocated
-here after construction: the ops' intermediates live in one `LoraWorkspace` sized for the largest
-step (`max_tokens`), reused by every layer.
+Loading copies into a slot and zeroes only what the previous occupant left beyond the new adapter;
+scaling is already folded into B. Nothing is allocated here after construction: the ops'
+intermediates live in one `LoraWorkspace` sized for the largest step (`max_tokens`), reused by
+every layer.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class LoraSlots:
                     b[m] = torch.zeros(max_loras, shapes[m][1], max_rank, dtype=dtype, device=device)
             self.a.append(a)
             self.b.append(b)
+        # per slot, the rank written into each (layer, module): what the next occupant must clear
+        self.written: list[dict[tuple[int, str], int]] = [{} for _ in range(max_loras)]
         self.workspace = kernels.LoraWorkspace(
             workspace_shape(model, max_rank, target_modules, max_tokens),
             activation_dtype,
@@ -101,17 +104,33 @@ class LoraSlots:
         return sum(t.nbytes for layer in (*self.a, *self.b) for t in layer.values())
 
     def set_slot(self, index: int, adapter: LoraAdapter) -> None:
-        """Copy `adapter` into slot `index`, zero-padding ranks and modules it does not carry."""
+        """Copy `adapter` into slot `index`, zero-padding ranks and modules it does not carry.
+
+        Only what the previous occupant wrote and `adapter` does not overwrite is zeroed (rank
+        rows beyond the new rank, modules and layers the new adapter lacks). Copies are
+        asynchronous from pinned host memory on CUDA.
+        """
         self._check_index(index)
-        self.reset_slot(index)
+        previous = self.written[index]
+        written = {}
         for (layer, module), (a, b) in adapter.weights.items():
             r = a.shape[0]
             if r > self.max_rank:
                 raise ValueError(f"adapter rank {r} exceeds the slots' max_lora_rank {self.max_rank}")
-            group = next(g for g, mods in self.groups.items() if module in mods)
-            row = self.rank_offset[module]
-            self.a[layer][group][index, row : row + r].copy_(a)
-            self.b[layer][module][index, :, :r].copy_(b)
+            slot_a, slot_b = self._views(index, layer, module)  # [R, in], [out, R]
+            slot_a[:r].copy_(a, non_blocking=True)
+            slot_b[:, :r].copy_(b, non_blocking=True)
+            stale = previous.get((layer, module), 0)
+            if stale > r:
+                slot_a[r:stale].zero_()
+                slot_b[:, r:stale].zero_()
+            written[(layer, module)] = r
+        for key, stale in previous.items():
+            if key not in written:
+                slot_a, slot_b = self._views(index, *key)
+                slot_a[:stale].zero_()
+                slot_b[:, :stale].zero_()
+        self.written[index] = written
 
     def reset_slot(self, index: int) -> None:
         """Zero slot `index` (the base model's output for rows that still point at it)."""
@@ -119,6 +138,13 @@ class LoraSlots:
         for layer_a, layer_b in zip(self.a, self.b):
             for t in (*layer_a.values(), *layer_b.values()):
                 t[index].zero_()
+        self.written[index] = {}
+
+    def _views(self, index: int, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot `index`'s A rows [max_rank, in] and B [out, max_rank] of one module."""
+        group = next(g for g, mods in self.groups.items() if module in mods)
+        row = self.rank_offset[module]
+        return self.a[layer][group][index, row : row + self.max_rank], self.b[layer][module][index]
 
     def apply(
         self,

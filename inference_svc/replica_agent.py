@@ -89,12 +89,16 @@ class EngineDriver(Protocol):
     async def call(self, fn: Callable) -> T:
         """Run `fn(engine)` on the engine's thread and return its result."""
 
+    async def load_adapter(self, adapter_id: str, pin: bool | None = None) -> object:
+        """Load into the host cache, reading the files off the engine's thread."""
+
 
 class ReplicaAgent:
     """Joins the adapter manager and keeps it informed; fetches adapters on demand.
 
     Args:
-        engine: runs functions on the engine's thread (`AsyncEngine.call`).
+        engine: runs functions on the engine's thread (`AsyncEngine.call`) and loads adapters
+            off it (`AsyncEngine.load_adapter`).
         manager_target: the adapter manager's host:port.
         replica_id: this replica's stable id (the same after a restart).
         advertise_address: host:port where this replica's InferenceService is reachable.
@@ -283,7 +287,7 @@ class ReplicaAgent:
         except grpc.aio.AioRpcError as e:
             if e.code() in MANAGER_AWAY and adapter_id in self._local:
                 log.warning("adapter manager unreachable; loading %s from its local copy", adapter_id)
-                await self.engine.call(lambda engine: engine.load_adapter(adapter_id))
+                await self.engine.load_adapter(adapter_id)
                 return
             if e.code() == grpc.StatusCode.ABORTED:  # our epoch is stale: join again, then retry
                 await self._rejoin()
@@ -308,7 +312,7 @@ class ReplicaAgent:
                 write = asyncio.ensure_future(self._write_local_copy(adapter_id, path, files))
                 self._writes.add(write)
                 write.add_done_callback(self._writes.discard)
-            await self.engine.call(lambda e: e.load_adapter(adapter_id, pin=True if acquired.pin else None))
+            await self.engine.load_adapter(adapter_id, pin=True if acquired.pin else None)
         except Exception as e:
             with self._lock:
                 self._queue_change(

@@ -2,15 +2,32 @@
 
 Each step takes every running sequence (one decode token, or its next prefill chunk) and then admits
 waiting sequences in arrival order while the step has room: `max_num_seqs`, the token budget
-`max_num_batched_tokens`, free KV blocks, and at most `max_loras` distinct adapters (a new adapter
-needs a free or evictable slot). A waiting sequence whose adapter cannot get a slot may be passed by
-later ones, but only `aging_limit` times: after that nothing behind it is admitted until it is, so
-no adapter starves. When KV blocks run out mid-decode, the newest running sequence is preempted
-(its blocks freed, to be recomputed) rather than failing anyone.
+`max_num_batched_tokens` and free KV blocks (memory is first come, first served: nobody passes a
+sequence that waits for KV blocks). When KV blocks run out mid-decode, the newest running sequence
+is preempted (its blocks freed, to be recomputed) rather than failing anyone.
+
+Adapters: at most `max_loras` distinct ones per step, one per slot. A sequence that waits for its
+adapter never holds back the sequences behind it:
+  - not in the host tier: it waits while the loader reads the files (the read started when the
+    request was queued; one that fails fails exactly the requests waiting for that adapter);
+  - in a slot: admitted, unless its adapter is yielding (below);
+  - in the host tier without a slot: it waits for a free slot - an unused one, or one whose
+    adapter has no running requests, no pin, and is yielding or has nothing waiting. Free slots
+    go to the adapters that have waited longest, counted in steps from the first step the adapter
+    was passed over for want of a slot (waiting for a read does not count).
+Rotation (bounded wait, as in S-LoRA / LoRAX): for every adapter that has waited `aging_limit`
+steps or more, one slot holder yields - the one that has held its slot longest, pins excepted. A
+yielding adapter admits no new requests; its running ones finish, its slot becomes free and goes to
+the longest waiter, and its own waiting requests then wait like any other adapter's. Holders yield
+only while waiters need them (decided after each step's admissions, for the next step). With
+`n` adapters wanting slots, an adapter waits at most about `aging_limit` + ceil(n / max_loras)
+rounds of one request's length; base-model requests and requests for adapters in a slot that is
+not yielding are admitted meanwhile.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,7 +60,6 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     slot: int = -1  # LoRA slot while running
     status: str = WAITING
-    skipped: int = 0  # times passed over for want of a slot
     finish_reason: str | None = None
     emitted_chars: int = 0  # text returned so far (stop strings hold some back)
     first_token_time: float | None = None
@@ -79,6 +95,12 @@ class StepRecord:
 
 
 class Scheduler:
+    """Owns the waiting queue and the running set; asks `AdapterCache` for loads and slots.
+
+    Args:
+        aging_limit: steps an adapter may wait for a slot before a slot holder yields to it.
+    """
+
     def __init__(self, config: EngineConfig, kv: KVCache, adapters: AdapterCache, aging_limit: int = 8):
         self.config = config
         self.kv = kv
@@ -88,12 +110,18 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.history: deque[StepRecord] = deque(maxlen=4096)
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine each step
+        self.steps = 0  # schedule() calls so far
+        self.slot_wait_since: dict[str, int] = {}  # adapter without a slot -> step it was first passed over
+        self.yielding: dict[str, None] = {}  # slot holders admitting nothing new, in the order they yielded
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledChunk]:
         """Pick this step's chunks. Sequences whose adapter failed to load land in `failed`."""
+        self.steps += 1
+        for adapter_id, error in self.adapters.install_loaded().items():
+            self._fail_waiting(adapter_id, error)
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[Sequence] = set()  # the sequences of `chunks`: never preempted this step
@@ -113,6 +141,7 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
         self._admit(chunks, budget)
+        self._rotate_slots()
         slots = frozenset(c.seq.slot for c in chunks if c.seq.slot >= 0)
         assert len(slots) <= self.config.max_loras, "more distinct adapters than slots in a step"
         self.history.append(
@@ -126,34 +155,85 @@ class Scheduler:
         return chunks
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        admissible, keep = self._slot_plan()
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_num_seqs or budget <= 0:
                 return
+            if seq.adapter_id is not None and seq.adapter_id not in admissible:
+                continue  # waits for a read or a slot without holding back anyone behind it
             n = min(seq.total_len - seq.num_computed, budget)
             blocks = self.kv.blocks_needed(seq.num_computed + n) - len(seq.block_table)
             if blocks > self.kv.num_free_blocks:
                 return  # capacity is FCFS: nobody jumps a sequence that waits for memory
             if seq.adapter_id is not None:
-                try:
-                    slot = self.adapters.acquire_slot(seq.adapter_id)
-                    if slot is None:
-                        self.adapters.check_slot_reachable(seq.adapter_id)  # pins came after it queued
-                except errors.LoraServeError as e:  # the adapter cannot be loaded, or never get a slot
-                    self.waiting.remove(seq)
-                    self.failed.append((seq, e))
-                    continue
-                if slot is None:
-                    seq.skipped += 1
-                    if seq.skipped >= self.aging_limit:
-                        return  # aged: hold everyone behind it until a slot frees
-                    continue
-                seq.slot = slot
+                seq.slot = self.adapters.acquire_slot(seq.adapter_id, keep)
+                assert seq.slot is not None, "a slot counted free was not"
             self.kv.allocate(seq.block_table, seq.num_computed + n)
             self.waiting.remove(seq)
             seq.status = RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
+
+    def _slot_plan(self) -> tuple[set[str], set[str]]:
+        """Adapters whose waiting requests may be admitted this step, and the slot holders whose
+        slots stay theirs (they have admissible requests). Starts reads for adapters not in the
+        host tier; fails requests whose adapter was unregistered or can never get a slot."""
+        cache = self.adapters
+        admissible: set[str] = set()
+        wanting: list[str] = []  # in the host tier, no slot: in arrival order of their first request
+        waiting_for: set[str] = set()
+        for seq in list(self.waiting):
+            adapter_id = seq.adapter_id
+            if adapter_id is None or adapter_id in waiting_for:
+                continue
+            waiting_for.add(adapter_id)
+            if adapter_id in cache.slot_of:
+                if adapter_id not in self.yielding:
+                    admissible.add(adapter_id)
+                continue
+            try:
+                cache.check_slot_reachable(adapter_id)  # pins may have come after it queued
+                if cache.prefetch(adapter_id) is None:  # None: in the host tier
+                    wanting.append(adapter_id)
+            except errors.LoraServeError as e:  # unregistered meanwhile, or every slot pinned
+                self._fail_waiting(adapter_id, e)
+        for adapter_id in [a for a in self.slot_wait_since if a not in waiting_for or a in cache.slot_of]:
+            del self.slot_wait_since[adapter_id]
+        wanting.sort(key=lambda a: self.slot_wait_since.get(a, self.steps))  # stable: ties by arrival
+        keep = set(admissible)
+        granted = wanting[: cache.free_slots(keep)]
+        for adapter_id in wanting[len(granted) :]:
+            self.slot_wait_since.setdefault(adapter_id, self.steps)
+        cache.touch(reversed(wanting))  # the longest waiter is the last the host tier evicts
+        return admissible | set(granted), keep
+
+    def _rotate_slots(self) -> None:
+        """After admissions: one yielding slot holder per adapter that has waited `aging_limit`
+        steps for a slot (holders that yielded and lost their slot are done yielding)."""
+        holders = self.adapters.slot_of
+        self.yielding = {a: None for a in self.yielding if a in holders}
+        starving = sum(
+            1
+            for adapter_id, since in self.slot_wait_since.items()
+            if adapter_id not in holders and self.steps - since >= self.aging_limit
+        )
+        while len(self.yielding) > starving:  # the waiter it yielded for is gone
+            del self.yielding[next(reversed(self.yielding))]
+        candidates = (
+            a
+            for a in self.adapters.holders_oldest_first()
+            if a not in self.yielding and a not in self.adapters.pinned
+        )
+        for adapter_id in itertools.islice(candidates, max(0, starving - len(self.yielding))):
+            self.yielding[adapter_id] = None
+
+    def _fail_waiting(self, adapter_id: str, error: Exception) -> None:
+        """Fail every waiting sequence for `adapter_id` (its read failed, or it can never run)."""
+        failing = [seq for seq in self.waiting if seq.adapter_id == adapter_id]
+        for seq in failing:
+            self.waiting.remove(seq)
+            self.failed.append((seq, error))
 
     def _preempt_newest(self, keep: set) -> bool:
         for seq in reversed(self.running):

@@ -74,13 +74,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if path is None and self.agent is not None:
             await self.agent.ensure_local(adapter_id)  # fetched from the manager if not held
 
-        def load(engine):
-            if path is not None:
-                engine.register_adapter(adapter_id, path)
-            pin = request.pin if request.HasField("pin") else None
-            return engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=pin)
-
-        resident = await self.engine.call(load)
+        if path is not None:
+            await self.engine.call(lambda engine: engine.register_adapter(adapter_id, path))
+        pin = request.pin if request.HasField("pin") else None
+        resident = await self.engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=pin)
         return inference_pb2.LoadAdapterResponse(adapter=resident_to_proto(resident))
 
     async def EvictAdapter(self, request: inference_pb2.EvictAdapterRequest, context):

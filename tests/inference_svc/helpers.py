@@ -40,7 +40,10 @@ def run_to_completion(engine):
     """Step until idle; {request_id: [RequestOutput, ...]}."""
     outputs = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        step = engine.step()
+        if not step and not engine.scheduler.running:
+            engine.adapters.wait_for_load()  # only adapter reads are left to wait for
+        for out in step:
             outputs.setdefault(out.request_id, []).append(out)
     return outputs
 

@@ -40,6 +40,8 @@ def test_many_adapters_share_few_slots_and_match_solo_runs(model_dir, adapter_ro
 
 def test_waiting_adapter_is_not_starved_by_a_stream_of_resident_ones(model_dir, adapter_root):
     engine = tiny_engine(model_dir, adapter_root, 2, max_loras=1, max_cpu_loras=2)
+    for adapter in ("a0", "a1"):  # both hot: steps count slot waits only, not a read's wall time
+        engine.load_adapter(adapter)
     short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     engine.add_request("a-0", [1, 2], short, "a0")
     engine.add_request("starving", [3, 4], short, "a1")
@@ -70,6 +72,8 @@ def test_kv_pressure_preempts_and_recomputes_without_changing_results(model_dir,
 
 def test_abort_frees_kv_blocks_and_slot_reference_at_once(model_dir, adapter_root):
     engine = tiny_engine(model_dir, adapter_root, 2)
+    for adapter in ("a0", "a1"):  # read before the steps counted below
+        engine.load_adapter(adapter)
     start = engine.kv.num_free_blocks
     for i in range(4):
         engine.add_request(f"r{i}", prompt(i), SamplingParams(max_tokens=50, temperature=0), f"a{i % 2}")
@@ -138,6 +142,7 @@ def test_host_cache_is_lru_with_pins(model_dir, adapter_root):
 
 def test_slot_tier_is_lru_and_busy_slots_are_never_taken(model_dir, adapter_root):
     engine = tiny_engine(model_dir, adapter_root, 3, max_loras=2, max_cpu_loras=3)
+    engine.load_adapter("a0")  # read before the step below
     engine.add_request("long", [1, 2], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), "a0")
     engine.step()
     slot_a0 = engine.adapters.slot_of["a0"]
@@ -177,6 +182,7 @@ def test_slot_replace_and_reset(model_dir, adapter_root):
 
 def test_queued_request_fails_when_pins_later_take_every_slot(model_dir, adapter_root):
     engine = tiny_engine(model_dir, adapter_root, 3, max_loras=1, max_cpu_loras=3)
+    engine.load_adapter("a0")  # read before the step below
     engine.add_request("long", [1, 2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a0")
     engine.add_request("queued", [1, 2], GREEDY, "a1")
     engine.step()
@@ -187,3 +193,43 @@ def test_queued_request_fails_when_pins_later_take_every_slot(model_dir, adapter
     assert len(tokens_of(results["long"])) == 3  # the pinned adapter's request still finished
     with pytest.raises(errors.NoEvictableSlot):
         engine.add_request("new", [1], GREEDY, "a2")  # and new ones are refused up front
+
+
+def test_hot_adapters_rotate_through_few_slots_within_a_bound(model_dir, adapter_root):
+    n_adapters, max_loras, arrival_steps = 6, 2, 60
+    engine = tiny_engine(
+        model_dir, adapter_root, n_adapters, max_loras=max_loras, max_cpu_loras=n_adapters, max_num_seqs=256
+    )
+    for i in range(n_adapters):  # all hot: steps count slot waits only, not a read's wall time
+        engine.load_adapter(f"a{i}")
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    arrived, finished = {}, {}
+    base_checks = []
+    step = 0
+    while step < arrival_steps or engine.has_unfinished_requests():
+        if step < arrival_steps:
+            for i in range(n_adapters):  # every adapter gets a new request every step
+                arrived[f"s{step}-a{i}"] = step
+                engine.add_request(f"s{step}-a{i}", prompt(i), short, f"a{i}")
+        if step in (20, 37):  # a base-model request while adapters wait for slots
+            engine.add_request(f"base-{step}", prompt(step), short)
+            base_checks.append(f"base-{step}")
+        for out in engine.step():
+            if out.finished:
+                assert out.finish_reason == "length", out
+                finished[out.request_id] = step
+        if step in (20, 37):
+            assert any(s.status == "waiting" and s.adapter_id for s in engine.scheduler.waiting)
+            assert engine.sequences[f"base-{step}"].status == "running"  # admitted in its first step
+        step += 1
+    # An adapter's request waits at most: its adapter's own slot draining (T + 1 steps), aging_limit
+    # steps, then ceil(n / max_loras) rounds of T + 1 steps while the longer waiters rotate through
+    # the slots, then its own T steps.
+    t, rounds = short.max_tokens, -(-n_adapters // max_loras)
+    bound = engine.scheduler.aging_limit + (rounds + 2) * (t + 1)
+    latency = {rid: finished[rid] - arrived[rid] for rid in arrived}
+    assert set(finished) == set(arrived) | set(base_checks)
+    assert max(latency.values()) <= bound, (max(latency.values()), bound)
+    served = [r.adapters - {None} for r in engine.step_history]
+    assert all(len(adapters) <= max_loras for adapters in served)
+    assert all(any(f"a{i}" in adapters for adapters in served[40:arrival_steps]) for i in range(n_adapters))
