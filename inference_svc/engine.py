@@ -21,6 +21,7 @@ from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
 from inference_svc.adapters import AdapterFiles, AdapterManifest
 from inference_svc.config import EngineConfig
+from inference_svc.cuda_graphs import DecodeGraphs
 from inference_svc.forward_batch import SequenceChunk, StepInputs
 from inference_svc.kv_cache import BlockTable, KVCache
 from inference_svc.lora_slots import LoraSlots
@@ -102,8 +103,11 @@ class LLMEngine:
             self.device,
             max_tables=config.max_num_seqs,
             max_blocks_per_table=-(-self.max_model_len // config.kv_block_size),
+            padding=self._uses_cuda_graphs(),
         )
-        self.inputs = StepInputs(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.device)
+        self.inputs = StepInputs(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.device, config.max_loras
+        )
         self.lora = LoraSlots(
             self.model_config,
             config.max_loras,
@@ -114,6 +118,12 @@ class LLMEngine:
             config.lora_backend,
             max_tokens=config.max_num_batched_tokens,
             activation_dtype=dtype,
+        )
+        # decode steps replayed from CUDA graphs, captured by warm_up()
+        self.graphs = (
+            DecodeGraphs(self.model, self.kv, self.lora, self.inputs, config.max_num_seqs)
+            if self._uses_cuda_graphs()
+            else None
         )
         self.adapters = AdapterCache(self.model_config, config, self.lora, lora_dtype, on_residency_change)
         self.scheduler = Scheduler(config, self.kv, self.adapters)
@@ -253,8 +263,10 @@ class LLMEngine:
             )
             for c in chunks
         ]
-        batch = self.inputs.build(seq_chunks)
-        logits = self.model.forward(batch, self.kv, self.lora)  # [n_sampling, V]
+        if self.graphs is not None and self.graphs.fits(seq_chunks):
+            logits = self.graphs.run(seq_chunks)  # [n_sampling, V]
+        else:
+            logits = self.model.forward(self.inputs.build(seq_chunks), self.kv, self.lora)
         sampling = []
         for c, sc in zip(chunks, seq_chunks):
             c.seq.num_computed += c.num_tokens
@@ -271,7 +283,7 @@ class LLMEngine:
             [s.output_ids for s in sampling],
         )
         for i, (seq, tok) in enumerate(zip(sampling, tokens)):
-            outputs.append(self._append(seq, tok, logits[i] if self.record_logits else None))
+            outputs.append(self._append(seq, tok, logits[i].clone() if self.record_logits else None))
         return outputs
 
     def _append(self, seq: Sequence, tok: SampledToken, logits: torch.Tensor | None) -> RequestOutput:
@@ -401,8 +413,9 @@ class LLMEngine:
 
         Runs one forward pass per shape, on scratch KV blocks and with every slot in use: decode
         steps of 1, 2, 4, ... up to `max_num_seqs` sequences, and single prompts of 2, 4, ... up to
-        `max_num_batched_tokens` tokens. Returns the (sequences, tokens) of each pass; nothing when
-        neither the LoRA ops nor attention run on Triton (torch compiles nothing).
+        `max_num_batched_tokens` tokens; then, on CUDA unless `enforce_eager`, captures the decode
+        CUDA graphs. Returns the (sequences, tokens) of each eager pass; nothing when neither the
+        LoRA ops nor attention run on Triton (torch compiles nothing).
         """
         device = self.device
         if "triton" not in (
@@ -429,7 +442,19 @@ class LLMEngine:
             finally:
                 for table in tables:
                     self.kv.free(table)
+        if self.graphs is not None:
+            self.graphs.capture()
         return shapes
+
+    def _uses_cuda_graphs(self) -> bool:
+        """Decode steps run from CUDA graphs: on CUDA, unless enforce_eager, with Triton kernels."""
+        device, config = self.device, self.config
+        return (
+            device.type == "cuda"
+            and not config.enforce_eager
+            and kernels.select_backend(config.lora_backend, device) == "triton"
+            and kernels.select_backend(config.attention_backend, device) == "triton"
+        )
 
     @property
     def step_history(self) -> list[StepRecord]:

@@ -49,7 +49,7 @@ class ForwardBatch:
 class StepInputs:
     """Persistent buffers for the inputs of a step of up to `max_tokens` tokens and `max_seqs` sequences."""
 
-    def __init__(self, kv: KVCache, max_tokens: int, max_seqs: int, device: torch.device):
+    def __init__(self, kv: KVCache, max_tokens: int, max_seqs: int, device: torch.device, max_loras: int = 0):
         self.kv = kv
         self.device = device
         self.max_tokens = max_tokens
@@ -67,15 +67,44 @@ class StepInputs:
         self.seq_lens = buffer(max_seqs, torch.int32)
         self.seq_rows = buffer(max_seqs, torch.int32)
         self.kv_tables = kv.tables_host.numpy()  # [rows, max_blocks] int32, the host copy
+        # LoRA metadata at fixed addresses, for decode steps padded to a CUDA graph's batch size
+        self.lora_buffers = (
+            kernels.LoraMetaBuffers(max_seqs, max_loras, device) if kv.padding_row >= 0 else None
+        )
 
-    def build(self, chunks: list[SequenceChunk], all_logits: bool = False) -> ForwardBatch:
-        """Lay out `chunks` for one forward pass; `all_logits` returns logits for every token."""
+    def build(
+        self, chunks: list[SequenceChunk], all_logits: bool = False, pad_to: int | None = None
+    ) -> ForwardBatch:
+        """Lay out `chunks` for one forward pass; `all_logits` returns logits for every token.
+
+        `pad_to` (decode steps replayed from a CUDA graph): add one-token padding sequences up to
+        that many, on the KV pool's padding row, and lay the LoRA metadata out at fixed addresses
+        with fixed grids; every row's logits are returned.
+        """
         num_seqs = len(chunks)
-        if num_seqs > self.max_seqs:
-            raise ValueError(f"{num_seqs} sequences exceed the step's max_num_seqs ({self.max_seqs})")
         lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, num_seqs)  # [B]
         starts = np.fromiter((c.start_pos for c in chunks), np.int64, num_seqs)
         rows = np.fromiter((c.block_table.row for c in chunks), np.int64, num_seqs)
+        seq_slots = np.fromiter((c.slot for c in chunks), np.int32, num_seqs)
+        want = np.fromiter((c.want_logits for c in chunks), bool, num_seqs)
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, int(lens.sum())
+        )
+        if pad_to is not None:
+            pad = pad_to - num_seqs
+            if pad < 0 or self.lora_buffers is None or (num_seqs and lens.max() > 1):
+                raise ValueError(
+                    f"only decode steps of <= {pad_to} sequences pad, on an engine built for graphs"
+                )
+            lens, starts = np.append(lens, np.ones(pad, np.int64)), np.append(starts, np.zeros(pad, np.int64))
+            rows = np.append(rows, np.full(pad, self.kv.padding_row))
+            seq_slots, want = (
+                np.append(seq_slots, np.full(pad, -1, np.int32)),
+                np.append(want, np.ones(pad, bool)),
+            )
+            tokens, num_seqs = np.append(tokens, np.zeros(pad, np.int64)), pad_to
+        if num_seqs > self.max_seqs:
+            raise ValueError(f"{num_seqs} sequences exceed the step's max_num_seqs ({self.max_seqs})")
         ends = np.cumsum(lens)  # [B] end row of each sequence's tokens
         num_tokens = int(ends[-1])
         if num_tokens > self.max_tokens:
@@ -87,21 +116,21 @@ class StepInputs:
         positions = np.arange(num_tokens) - firsts[seq_of] + starts[seq_of]  # [T]
         bs = self.kv.block_size
         kv_write = self.kv_tables[rows[seq_of], positions // bs].astype(np.int64) * bs + positions % bs
-        slots = np.repeat(np.fromiter((c.slot for c in chunks), np.int32, num_seqs), lens)  # [T]
-        tokens = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, num_tokens)
-        if all_logits:
-            logits_rows = np.arange(num_tokens)
-        else:
-            logits_rows = (ends - 1)[np.fromiter((c.want_logits for c in chunks), bool, num_seqs)]
+        slots = seq_slots[seq_of]  # [T]
+        logits_rows = np.arange(num_tokens) if all_logits else (ends - 1)[want]
         seq_lens = starts + lens
         self.kv.sync_tables({int(r): -(-int(n) // bs) for r, n in zip(rows, seq_lens)})
 
         slot_ids = self._fill(self.slot_ids, slots)
+        if pad_to is None:
+            lora_meta = kernels.make_batch_meta(slot_ids, host_slot_ids=slots)
+        else:
+            lora_meta = self.lora_buffers.fill(slots)
         return ForwardBatch(
             token_ids=self._fill(self.token_ids, tokens),
             positions=self._fill(self.positions, positions),
             slot_ids=slot_ids,
-            lora_meta=kernels.make_batch_meta(slot_ids, host_slot_ids=slots),
+            lora_meta=lora_meta,
             kv_write=self._fill(self.kv_write, kv_write),
             attention=AttentionMeta(
                 query_start_loc=self._fill(self.query_start_loc, np.concatenate(([0], ends))),

@@ -29,6 +29,8 @@ class KVCache:
 
     Storage is allocated once; sequences own `BlockTable`s and the allocator only moves block ids
     between the free list and those tables. At most `max_tables` tables hold blocks at a time.
+    With `padding`, one block and one extra table row (`padding_row`) are set aside for the
+    padding rows of steps replayed from CUDA graphs: they write and read only that block.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class KVCache:
         device: torch.device,
         max_tables: int,
         max_blocks_per_table: int,
+        padding: bool = False,
     ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks ({num_blocks}) must be >= 1: the KV-cache budget is too small")
@@ -49,13 +52,16 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, block_size, KVH, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        # [max_tables, max_blocks_per_table] int32: the host copy is written, the device copy read
+        # [rows, max_blocks_per_table] int32: the host copy is written, the device copy read
         pin = device.type == "cuda"
-        self.tables_host = torch.zeros(max_tables, max_blocks_per_table, dtype=torch.int32, pin_memory=pin)
-        self.tables = (
-            self.tables_host if device.type == "cpu" else torch.zeros_like(self.tables_host, device=device)
-        )
+        rows = max_tables + 1 if padding else max_tables
+        self.tables_host = torch.zeros(rows, max_blocks_per_table, dtype=torch.int32, pin_memory=pin)
         self._free_rows: list[int] = list(range(max_tables - 1, -1, -1))
+        self.padding_row = -1
+        if padding:
+            self.padding_row = max_tables
+            self.tables_host[self.padding_row, 0] = self._free.pop()
+        self.tables = self.tables_host if device.type == "cpu" else self.tables_host.to(device)
         self._dirty: dict[int, int] = {}  # row -> first entry not yet copied to the device
 
     @property

@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from kernels import torch_ops
-from kernels.metadata import LoraBatchMeta, make_batch_meta
+from kernels.metadata import LoraBatchMeta, LoraMetaBuffers, make_batch_meta
 from kernels.workspace import LoraWorkspace, WorkspaceShape, workspace_bytes
 
 __all__ = [
     "LoraBatchMeta",
+    "LoraMetaBuffers",
     "LoraWorkspace",
     "WorkspaceShape",
     "add_lora",

@@ -24,6 +24,10 @@ class LoraBatchMeta:
     segment_starts: torch.Tensor  # [A] int32, offset of each active slot in sorted_token_ids
     host_groups: tuple[tuple[int, torch.Tensor], ...]  # (slot, token indices) for host loops
     in_order: bool  # tokens already grouped by ascending slot: sorted_token_ids is 0..T-1
+    # Fixed launch grids (CUDA graphs): kernels run for at least this many slots and tokens per
+    # slot, whatever this step holds; the padding entries of active_slots are -1 and exit at once.
+    grid_slots: int = 0
+    grid_tokens: int = 0
 
     def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
         """(slot, [n] int64 token indices) for every active slot, in slot order."""
@@ -31,17 +35,19 @@ class LoraBatchMeta:
 
     @property
     def has_lora(self) -> bool:
-        return len(self.host_groups) > 0
+        """Whether the kernels run at all: some slot is active, or grids are fixed."""
+        return self.num_active > 0
 
     @property
     def num_active(self) -> int:
-        """Number of distinct slots >= 0 in the step (A)."""
-        return len(self.host_groups)
+        """Slots the kernel grids cover (A): the distinct slots >= 0 in the step, or grid_slots."""
+        return max(len(self.host_groups), self.grid_slots)
 
     @cached_property
     def max_tokens_per_slot(self) -> int:
-        """Largest token count of any active slot (0 if none); sizes kernel grids, no device sync."""
-        return max((len(rows) for _, rows in self.host_groups), default=0)
+        """Largest token count of any active slot (0 if none), or grid_tokens; sizes kernel grids
+        with no device sync."""
+        return max(max((len(rows) for _, rows in self.host_groups), default=0), self.grid_tokens)
 
     @cached_property
     def host_segments(self) -> tuple[tuple[int, int, int], ...]:
@@ -83,29 +89,77 @@ def make_batch_meta(slot_ids: torch.Tensor, host_slot_ids: np.ndarray | None = N
         raise ValueError(f"slot_ids must be 1-D, got shape {tuple(slot_ids.shape)}")
     if host_slot_ids is None:
         host_slot_ids = slot_ids.cpu().numpy()
+    order, active, counts, starts = _group(host_slot_ids)
+    device_order = _to(order, torch.int64, slot_ids.device)
+    return LoraBatchMeta(
+        num_tokens=int(slot_ids.shape[0]),
+        sorted_token_ids=device_order,
+        active_slots=_to(active, torch.int32, slot_ids.device),
+        tokens_per_slot=_to(counts, torch.int32, slot_ids.device),
+        segment_starts=_to(starts, torch.int32, slot_ids.device),
+        host_groups=_host_groups(device_order, active, counts, starts),
+        in_order=bool(np.array_equal(order, np.arange(len(order)))),
+    )
+
+
+class LoraMetaBuffers:
+    """Fixed-address metadata tensors for steps replayed from CUDA graphs (allocated once)."""
+
+    def __init__(self, max_tokens: int, max_slots: int, device: torch.device):
+        self.max_slots = max_slots
+        self.sorted_token_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [max_tokens]
+        self.active_slots = torch.full((max_slots,), -1, dtype=torch.int32, device=device)  # [max_slots]
+        self.tokens_per_slot = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        self.segment_starts = torch.zeros(max_slots, dtype=torch.int32, device=device)
+
+    def fill(self, host_slot_ids: np.ndarray) -> LoraBatchMeta:
+        """The metadata of `host_slot_ids` ([T] int32) written into the buffers, with grids fixed
+        at every slot and T tokens per slot (so one captured launch fits any step of T tokens)."""
+        num_tokens = len(host_slot_ids)
+        order, active, counts, starts = _group(host_slot_ids)
+        if len(active) > self.max_slots:
+            raise ValueError(f"{len(active)} active slots exceed the {self.max_slots} the buffers hold")
+
+        def padded(values: np.ndarray, fill: int) -> torch.Tensor:
+            out = np.full(self.max_slots, fill, dtype=np.int32)
+            out[: len(values)] = values
+            return torch.from_numpy(out)
+
+        sorted_ids = self.sorted_token_ids[:num_tokens]
+        sorted_ids.copy_(torch.from_numpy(order), non_blocking=True)
+        self.active_slots.copy_(padded(active, -1), non_blocking=True)
+        self.tokens_per_slot.copy_(padded(counts, 0), non_blocking=True)
+        self.segment_starts.copy_(padded(starts, 0), non_blocking=True)
+        return LoraBatchMeta(
+            num_tokens=num_tokens,
+            sorted_token_ids=sorted_ids,
+            active_slots=self.active_slots,
+            tokens_per_slot=self.tokens_per_slot,
+            segment_starts=self.segment_starts,
+            host_groups=_host_groups(sorted_ids, active, counts, starts),
+            in_order=bool(np.array_equal(order, np.arange(num_tokens))),
+            grid_slots=self.max_slots,
+            grid_tokens=num_tokens,
+        )
+
+
+def _group(host_slot_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(order [T], active slots [A], their token counts [A], their run starts in order [A])."""
     ids = host_slot_ids.astype(np.int64)
     order = np.argsort(ids, kind="stable")  # [T]
     sorted_ids = ids[order]
     bounds = np.flatnonzero(np.diff(sorted_ids)) + 1
     starts = np.concatenate(([0], bounds)) if len(ids) else bounds  # [distinct] run starts
     counts = np.diff(np.concatenate((starts, [len(ids)])))
-    slots = sorted_ids[starts]
-    keep = slots >= 0
-    active, counts, starts = slots[keep], counts[keep], starts[keep]
-    device_order = torch.from_numpy(order).to(slot_ids.device, non_blocking=True)
-    host_groups = tuple(
-        (int(s), device_order[int(b) : int(b) + int(n)]) for s, b, n in zip(active, starts, counts)
-    )
+    keep = sorted_ids[starts] >= 0
+    return order, sorted_ids[starts][keep], counts[keep], starts[keep]
 
-    def on_device(values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(values.astype(np.int32)).to(slot_ids.device, non_blocking=True)
 
-    return LoraBatchMeta(
-        num_tokens=int(slot_ids.shape[0]),
-        sorted_token_ids=device_order,
-        active_slots=on_device(active),
-        tokens_per_slot=on_device(counts),
-        segment_starts=on_device(starts),
-        host_groups=host_groups,
-        in_order=bool(np.array_equal(order, np.arange(len(order)))),
-    )
+def _host_groups(
+    device_order: torch.Tensor, active: np.ndarray, counts: np.ndarray, starts: np.ndarray
+) -> tuple[tuple[int, torch.Tensor], ...]:
+    return tuple((int(s), device_order[int(b) : int(b) + int(n)]) for s, b, n in zip(active, starts, counts))
+
+
+def _to(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(values).to(device=device, dtype=dtype, non_blocking=True)

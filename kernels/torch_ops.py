@@ -39,7 +39,7 @@ def lora_shrink(
     rank = lora_a.shape[1]
     if out is None:
         out = torch.zeros(num_tokens, rank, dtype=F32, device=x.device)
-    if not meta.has_lora:
+    if not meta.host_groups:
         return out.zero_()
     first = meta.host_segments[0][1]  # rows before it have no adapter
     out[:first].zero_()
@@ -71,7 +71,7 @@ def lora_expand(
     workspace: LoraWorkspace | None = None,
 ) -> None:
     """Add `t[i] @ lora_b[slot_ids[i]].T` into `out[i, out_offset:out_offset+N]` in place."""
-    if not meta.has_lora:
+    if not meta.host_groups:
         return
     width, rank = lora_b.shape[1], lora_b.shape[2]
     first = meta.host_segments[0][1]
