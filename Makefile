@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_ARGS ?=
 
-.PHONY: setup system-deps run test lint protos protos-check clean
+.PHONY: setup system-deps run test lint protos protos-check gpu-check clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -40,6 +40,12 @@ run: setup
 
 test: setup lint protos-check
 	$(PY) -m pytest -q
+
+# The prepared accelerator check (bench/gpu_check.py): needs a CUDA GPU, not `make setup`, so it
+# also runs on a bare GPU machine with the system python3.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .run

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import assets
+from bench.engine_timing import decode_len, engine_decode_tps, prompts
 from bench.peft_baseline import PeftServer
 from bench.report import Goal, ScenarioResult, Table
-from bench.scenarios.overhead import engine_decode_tps, prompts
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
 from inference_svc.model_config import ModelConfig
@@ -40,7 +40,8 @@ SMOKE = Params(shapes=("tiny",), contexts=(8, 32), batch=4, adapters=2, rank=4, 
 
 
 def measure_shape(ctx, p: Params, shape: str, bar) -> list[dict]:
-    longest = max(p.contexts) + p.new_tokens + 1
+    budget = max(2048, p.batch)
+    longest = max(p.contexts) + decode_len(p.batch, max(p.contexts), p.new_tokens, budget)
     model_dir = assets.model(ctx.work, shape, max_position_embeddings=max(2048, longest))
     paths = assets.adapters(ctx.work, model_dir, p.adapters, p.rank)
     names = list(paths)
@@ -49,7 +50,7 @@ def measure_shape(ctx, p: Params, shape: str, bar) -> list[dict]:
         max_cpu_loras=p.adapters,
         max_lora_rank=p.rank,
         max_num_seqs=p.batch,
-        max_num_batched_tokens=max(2048, p.batch),
+        max_num_batched_tokens=budget,
         device="cpu",
         dtype="float32",
         # room for the whole batch at the longest context, in blocks of 16 float32 positions

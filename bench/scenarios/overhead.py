@@ -14,15 +14,14 @@ after an 8-token prompt) come from
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from bench import assets, plots
+from bench.engine_timing import engine_decode_tps, engine_prefill_tps, prompts
 from bench.peft_baseline import PeftServer
 from bench.report import Goal, ScenarioResult, Table
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
-from inference_svc.sampling import SamplingParams
 
 NAME = "overhead"
 TITLE = "1. LoRA overhead: N distinct adapters in the batch vs none"
@@ -42,44 +41,6 @@ class Params:
 
 
 SMOKE = Params(shapes=("tiny",), adapters=(1, 4), rank=4, batch=4, new_tokens=2, prompt_len=4, repeats=1)
-
-
-def prompts(batch: int, length: int, vocab: int, salt: int = 0) -> list[list[int]]:
-    return [[(7 * i + 13 * j + salt) % (vocab - 2) + 1 for j in range(length)] for i in range(batch)]
-
-
-def engine_decode_tps(engine: LLMEngine, adapters: list[str | None], length: int, new_tokens: int) -> float:
-    """Generated tokens/s of `new_tokens` decode steps of the whole batch, timed once every
-    sequence has finished its prefill (which may take several chunked steps, untimed)."""
-    prefill_steps = -(-len(adapters) * length // engine.config.max_num_batched_tokens) + 1
-    params = SamplingParams(max_tokens=new_tokens + prefill_steps + 1, temperature=0, ignore_eos=True)
-    vocab = engine.model_config.vocab_size
-    ids = [f"decode-{time.monotonic_ns()}-{i}" for i in range(len(adapters))]
-    for rid, prompt, adapter in zip(ids, prompts(len(adapters), length, vocab), adapters):
-        engine.add_request(rid, prompt, params, adapter)
-    started: set[str] = set()
-    while len(started) < len(ids):  # the prefill steps
-        started.update(o.request_id for o in engine.step() if o.token is not None)
-    start, tokens = time.perf_counter(), 0
-    for _ in range(new_tokens):
-        tokens += sum(1 for o in engine.step() if o.token is not None)
-    elapsed = time.perf_counter() - start
-    for rid in ids:
-        engine.abort_request(rid)
-    return tokens / elapsed
-
-
-def engine_prefill_tps(engine: LLMEngine, adapters: list[str | None], length: int) -> float:
-    """Prompt tokens/s of one step prefilling every prompt of the batch."""
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    vocab = engine.model_config.vocab_size
-    for i, (prompt, adapter) in enumerate(zip(prompts(len(adapters), length, vocab, salt=5), adapters)):
-        engine.add_request(f"prefill-{time.monotonic_ns()}-{i}", prompt, params, adapter)
-    start = time.perf_counter()
-    outputs = engine.step()
-    elapsed = time.perf_counter() - start
-    assert len(outputs) == len(adapters) and not engine.has_unfinished_requests(), "prefill took >1 step"
-    return len(adapters) * length / elapsed
 
 
 def measure_shape(ctx, p: Params, shape: str, bar) -> dict:
