@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 run: setup
-	$(PY) -m loraserve.run $(RUN_ARGS)
+	$(PY) -m entrypoints.run $(RUN_ARGS)
 
 test: setup lint protos-check
 	$(PY) -m pytest -q

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_svc import errors
-from inference_svc.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
+from loraserve.peft_format import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 COPY_CHUNK = 1024**2
 # Staging entries untouched this long are left over from a manager that died mid-upload (an
@@ -177,30 +177,3 @@ def _file_sha256(path: Path) -> str:
         while block := f.read(COPY_CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_allowed(path: str, roots: tuple[str, ...]) -> Path:
-    """The real directory `path` names, if it and its adapter files lie under an allowed root.
-
-    Raises PathNotAllowed for relative paths, `..`, and anything (the directory or a file in it)
-    whose symlinks resolve outside every root; InvalidAdapter if the directory does not exist.
-    """
-    if not roots:
-        raise errors.PathNotAllowed(
-            "registering from a directory is disabled: the manager was started without --adapter-root"
-        )
-    given = Path(path)
-    if not given.is_absolute():
-        raise errors.PathNotAllowed(f"path {path!r} must be absolute")
-    if ".." in given.parts:
-        raise errors.PathNotAllowed(f"path {path!r} must not contain '..'")
-    if not given.is_dir():
-        raise errors.InvalidAdapter(f"{path}: adapter directory does not exist")
-    real = given.resolve(strict=True)
-    candidates = [real] + [(real / name).resolve() for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    for root in roots:
-        if all(c.is_relative_to(root) for c in candidates):
-            return real
-    raise errors.PathNotAllowed(
-        f"path {path!r} resolves (through symlinks) outside the adapter roots {list(roots)}"
-    )

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import sys
 
 from adapter_svc.config import ManagerConfig
-from inference_svc.errors import LoraServeError
+from loraserve.env_config import add_config_flags, config_from
+from loraserve.errors import LoraServeError
 from loraserve.security import add_security_flags
 
 ENV_PREFIX = "LORASERVE_MANAGER_"
@@ -22,42 +22,13 @@ ENV_PREFIX = "LORASERVE_MANAGER_"
 REPEATED = {"adapter_roots": "--adapter-root"}
 
 
-def _parser_for(field: dataclasses.Field):
-    t = str(field.type)
-    if "tuple" in t:
-        return lambda s: tuple(x for x in s.replace(",", " ").split() if x)
-    if "float" in t:
-        return float
-    if "int" in t:
-        return int
-    return str
-
-
 def add_manager_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("manager configuration (flag, or env LORASERVE_MANAGER_<NAME>)")
-    for f in dataclasses.fields(ManagerConfig):
-        env = ENV_PREFIX + f.name.upper()
-        help_ = f"(env {env}; default {f.default!r})"
-        if f.name in REPEATED:
-            group.add_argument(REPEATED[f.name], dest=f.name, action="append", metavar="DIR", help=help_)
-        else:
-            flag = "--" + f.name.replace("_", "-")
-            group.add_argument(flag, dest=f.name, type=_parser_for(f), default=None, help=help_)
+    add_config_flags(parser, ManagerConfig, ENV_PREFIX, "manager configuration", REPEATED)
 
 
 def manager_config_from(args: argparse.Namespace, environ=os.environ) -> ManagerConfig:
     """flag > environment variable > ManagerConfig default; raises ValueError naming the field."""
-    values = {}
-    for f in dataclasses.fields(ManagerConfig):
-        value = getattr(args, f.name, None)
-        if isinstance(value, list):
-            value = tuple(value)
-        env = environ.get(ENV_PREFIX + f.name.upper())
-        if value is None and env is not None:
-            value = _parser_for(f)(env)
-        if value is not None:
-            values[f.name] = value
-    return ManagerConfig(**values)
+    return config_from(ManagerConfig, args, ENV_PREFIX, environ)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

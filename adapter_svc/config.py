@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference_svc.config import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT
+from loraserve.engine_limits import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT
+from loraserve.env_config import require
 
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -69,23 +70,23 @@ class ManagerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             bool(CLUSTER_RE.match(self.cluster)), "cluster", self.cluster, f"must match {CLUSTER_RE.pattern}"
         )
-        _require(
+        require(
             self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "redis_url",
             self.redis_url,
             "must start with redis://, rediss:// or unix://",
         )
-        _require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
-        _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be in 0..65535")
+        require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be in 0..65535")
         roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)
         object.__setattr__(self, "adapter_roots", roots)
         for root in roots:
-            _require(Path(root).is_dir(), "adapter_roots", root, "must be an existing directory")
-        _require(bool(self.store_dir), "store_dir", self.store_dir, "must be set")
-        _require(
+            require(Path(root).is_dir(), "adapter_roots", root, "must be an existing directory")
+        require(bool(self.store_dir), "store_dir", self.store_dir, "must be set")
+        require(
             1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT,
             "max_lora_rank",
             self.max_lora_rank,
@@ -93,51 +94,46 @@ class ManagerConfig:
         )
         targets = tuple(self.lora_target_modules)
         object.__setattr__(self, "lora_target_modules", targets)
-        _require(
+        require(
             bool(targets) and set(targets) <= set(ALL_TARGET_MODULES),
             "lora_target_modules",
             list(targets),
             f"must be a non-empty subset of {list(ALL_TARGET_MODULES)}",
         )
-        _require(
+        require(
             self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "must be > 0"
         )
         if self.replica_ttl_s is None:
             object.__setattr__(self, "replica_ttl_s", 1.5 * self.heartbeat_interval_s)
-        _require(
+        require(
             self.replica_ttl_s > self.heartbeat_interval_s,
             "replica_ttl_s",
             self.replica_ttl_s,
             f"must be > heartbeat_interval_s ({self.heartbeat_interval_s}), or live replicas flap",
         )
-        _require(self.max_upload_bytes > 0, "max_upload_bytes", self.max_upload_bytes, "must be > 0")
-        _require(
+        require(self.max_upload_bytes > 0, "max_upload_bytes", self.max_upload_bytes, "must be > 0")
+        require(
             4096 <= self.fetch_chunk_bytes <= 4 * 1024**2,
             "fetch_chunk_bytes",
             self.fetch_chunk_bytes,
             "must be in 4096..4194304 (gRPC messages stay under 4 MiB)",
         )
-        _require(self.events_maxlen >= 100, "events_maxlen", self.events_maxlen, "must be >= 100")
-        _require(self.max_page_size >= 1, "max_page_size", self.max_page_size, "must be >= 1")
-        _require(self.load_timeout_s > 0, "load_timeout_s", self.load_timeout_s, "must be > 0")
-        _require(
+        require(self.events_maxlen >= 100, "events_maxlen", self.events_maxlen, "must be >= 100")
+        require(self.max_page_size >= 1, "max_page_size", self.max_page_size, "must be >= 1")
+        require(self.load_timeout_s > 0, "load_timeout_s", self.load_timeout_s, "must be > 0")
+        require(
             self.replica_rpc_timeout_s > 0, "replica_rpc_timeout_s", self.replica_rpc_timeout_s, "must be > 0"
         )
-        _require(self.redis_retries >= 0, "redis_retries", self.redis_retries, "must be >= 0")
-        _require(
+        require(self.redis_retries >= 0, "redis_retries", self.redis_retries, "must be >= 0")
+        require(
             0 < self.redis_backoff_base_s <= self.redis_backoff_cap_s,
             "redis_backoff_base_s",
             self.redis_backoff_base_s,
             f"must be > 0 and <= redis_backoff_cap_s ({self.redis_backoff_cap_s})",
         )
-        _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "must be >= 0")
+        require(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "must be >= 0")
 
     @property
     def sweep_interval_s(self) -> float:
         """How often lapsed replicas are looked for."""
         return self.heartbeat_interval_s / 4
-
-
-def _require(ok: bool, name: str, value, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} ({value!r}) {rule}")

@@ -10,24 +10,23 @@ from __future__ import annotations
 import grpc
 import redis.exceptions
 
+from loraserve import errors as shared
 
-class ManagerError(Exception):
+
+class ManagerError(shared.LoraServeError):
     """Base class of every error the adapter manager raises on purpose."""
 
 
 # --- INVALID_ARGUMENT --------------------------------------------------------------------------
 
 
-class InvalidArgument(ManagerError):
-    """A request field is malformed."""
+class InvalidArgument(ManagerError, shared.InvalidArgument):
+    """A request field is malformed. The shared layer's errors (adapter format, model config,
+    routing rules, adapter paths: `loraserve.errors`) are of the same family."""
 
 
 class InvalidAdapter(InvalidArgument):
     """The adapter's files fail validation (rank, target modules, shapes, format ...)."""
-
-
-class PathNotAllowed(InvalidArgument):
-    """A RegisterAdapter path is not under an allow-listed adapter root (or escapes one)."""
 
 
 class ChecksumMismatch(InvalidArgument):
@@ -130,7 +129,7 @@ class ReplicaCommandFailed(ManagerError):
 
 # Most specific first: the first family an error belongs to decides its code.
 STATUS_BY_FAMILY: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (shared.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),

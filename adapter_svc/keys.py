@@ -30,11 +30,7 @@ Lua scripts derive per-adapter and per-replica keys from the prefix with the sam
 
 from __future__ import annotations
 
-import re
-
 VERSION = "v1"
-# An adapter, alias, replica or tenant id: no ':' (the key separator), no spaces.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
 
 ADAPTER = "adapter:"
 ON_SUFFIX = ":on"

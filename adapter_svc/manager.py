@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from adapter_svc import errors
-from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, mismatch, read_hashed, resolve_allowed
+from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, mismatch, read_hashed
 from adapter_svc.config import ManagerConfig
-from adapter_svc.keys import ID_RE
 from adapter_svc.placement import can_hold, choose_replica
 from adapter_svc.registry import (
     HOLDING_STATES,
@@ -32,17 +31,14 @@ from adapter_svc.registry import (
     record_fields,
 )
 from adapter_svc.replica_client import ReplicaClient
-from adapter_svc.routing import Resolution, RoutingTable, Rule, check_alias, check_rules, resolve
-from adapter_svc.validation import (
-    Profile,
-    engine_from_dict,
-    profile_from_flags,
-    profile_from_replica,
-    validate,
-)
-from inference_svc.adapters import CONFIG_FILE, WEIGHTS_FILE
-from inference_svc.errors import InvalidModel
-from inference_svc.model_config import ModelConfig
+from adapter_svc.validation import Profile, profile_from_flags, profile_from_replica, validate
+from loraserve.adapter_paths import resolve_adapter_dir
+from loraserve.engine_limits import AdapterLimits
+from loraserve.errors import InvalidModel
+from loraserve.model_summary import ModelConfig
+from loraserve.names import ID_RE
+from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.routing import Resolution, RoutingTable, Rule, check_alias, check_rules, resolve
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +138,7 @@ class AdapterManager:
         """RegisterAdapter: validate a directory under an adapter root and keep a copy of it."""
         check_id("adapter_id", adapter_id)
         check_labels(tenant, metadata)
-        source = await asyncio.to_thread(resolve_allowed, path, self.config.adapter_roots)
+        source = await asyncio.to_thread(resolve_adapter_dir, path, self.config.adapter_roots)
         staged = await asyncio.to_thread(self.blobs.stage_directory, source)
         return await self._record(adapter_id, staged, f"dir:{source}", str(source), tenant, metadata)
 
@@ -460,7 +456,7 @@ class AdapterManager:
             raise errors.InvalidArgument("address must be set (host:port of the replica's InferenceService)")
         try:
             ModelConfig.from_dict(json.loads(model_json))
-            engine_from_dict(engine)
+            AdapterLimits.from_dict(engine)
         except (ValueError, KeyError, TypeError, InvalidModel) as e:
             raise errors.InvalidArgument(f"replica {replica_id!r} sent an unusable configuration: {e}") from e
         epoch, version, drop = await self.registry.join(

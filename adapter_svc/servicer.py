@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from adapter_svc import errors
 from adapter_svc.manager import AdapterManager, UploadHeader, WeightsInfo
 from adapter_svc.registry import AdapterRecord, Change, ReplicaRecord, Resident
-from adapter_svc.routing import Rule
+from loraserve.convert import resident_proto, rule_from, rule_proto
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
 
@@ -79,17 +77,9 @@ def engine_proto(engine: dict) -> inference_pb2.EngineConfig:
     return inference_pb2.EngineConfig(**{k: v for k, v in engine.items() if k in known and v is not None})
 
 
-def resident_proto(r: Resident) -> common_pb2.ResidentAdapter:
-    last_used = Timestamp()
-    last_used.FromMilliseconds(r.last_used_ms)
-    return common_pb2.ResidentAdapter(
-        adapter_id=r.adapter_id,
-        tier=common_pb2.ADAPTER_TIER_SLOT if r.slot >= 0 else common_pb2.ADAPTER_TIER_HOST,
-        slot=r.slot if r.slot >= 0 else None,
-        pinned=r.pinned,
-        last_used=last_used,
-        sha256=r.sha256,
-    )
+def resident_to_proto(r: Resident) -> common_pb2.ResidentAdapter:
+    slot = r.slot if r.slot >= 0 else None
+    return resident_proto(r.adapter_id, slot, r.pinned, r.last_used_ms * 1_000_000, r.sha256)
 
 
 def resident_from(r: common_pb2.ResidentAdapter) -> Resident:
@@ -124,29 +114,9 @@ def replica_proto(r: ReplicaRecord) -> pb.ReplicaState:
         joined_at_ms=r.joined_at_ms,
         last_heartbeat_ms=r.last_heartbeat_ms,
         engine=engine_proto(r.engine),
-        adapters=[resident_proto(a) for a in r.residents],
+        adapters=[resident_to_proto(a) for a in r.residents],
         loading=r.loading,
         down_reason=r.down_reason,
-    )
-
-
-def rule_proto(r: Rule) -> pb.RoutingRule:
-    return pb.RoutingRule(
-        name=r.name,
-        match_tenant=r.match_tenant,
-        match_headers=dict(r.match_headers),
-        match_adapter_id=r.match_adapter_id,
-        target=r.target,
-    )
-
-
-def rule_from(r: pb.RoutingRule) -> Rule:
-    return Rule(
-        name=r.name,
-        target=r.target,
-        match_tenant=r.match_tenant,
-        match_headers=tuple(sorted((k.lower(), v) for k, v in r.match_headers.items())),
-        match_adapter_id=r.match_adapter_id,
     )
 
 

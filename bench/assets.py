@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from inference_svc.demo_model import DEMO_SHAPE, TINY_SHAPE, write_demo_adapter, write_demo_model
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 SHAPES = {
     "tiny": TINY_SHAPE,

@@ -38,8 +38,8 @@ from adapter_svc.registry import record_fields
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
-from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc
 

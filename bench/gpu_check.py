@@ -49,7 +49,7 @@ from bench.engine_timing import decode_len, engine_decode_tps
 from bench.gpu_parity import Check, graphs_checks, parity_checks
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = (

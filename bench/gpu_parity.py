@@ -24,8 +24,8 @@ from bench import assets
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import write_demo_adapter
 from inference_svc.engine import LLMEngine
-from inference_svc.model_config import ModelConfig
 from inference_svc.sampling import SamplingParams
+from loraserve.model_summary import ModelConfig
 
 ADAPTERS = {
     "r16-all": dict(rank=16, alpha=32.0),

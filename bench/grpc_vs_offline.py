@@ -32,9 +32,9 @@ import grpc
 from inference_svc.cli import add_engine_flags, engine_config_from
 from inference_svc.demo_model import write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
-from inference_svc.model_config import ModelConfig
 from inference_svc.sampling import SamplingParams
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 

@@ -29,10 +29,11 @@ import torch
 
 from inference_svc import errors
 from inference_svc.adapter_loader import AdapterLoader, LoadedAdapter
-from inference_svc.adapters import AdapterFiles, AdapterManifest, LoraAdapter, inspect_adapter
+from inference_svc.adapters import LoraAdapter, inspect_adapter
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import LoraSlots
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import AdapterFiles, AdapterManifest
 
 
 @dataclass(frozen=True)

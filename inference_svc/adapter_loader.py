@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from inference_svc.adapters import AdapterFiles, LoraAdapter, load_adapter
+from inference_svc.adapters import LoraAdapter, load_adapter
 from inference_svc.config import EngineConfig
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import AdapterFiles
 
 
 @dataclass(frozen=True)

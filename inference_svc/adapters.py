@@ -1,76 +1,41 @@
-"""PEFT LoRA adapters: parse and validate `adapter_config.json` + `adapter_model.safetensors`.
+"""PEFT LoRA adapters into host memory: the weights as tensors, ready for a slot.
 
-`inspect_adapter` reads the config and the safetensors header only (what the manager and `plan`
-need); `load_adapter` reads the weights file once, validates the same header from those bytes, and
-returns per-(layer, module) tensors with the scaling folded into B, ready for a slot.
+The format itself (config checks, the safetensors header, the manifest) is torch-free and shared
+with the adapter manager: `loraserve.peft_format`. `load_adapter` reads the weights file once,
+validates it with that module from those bytes, and returns per-(layer, module) tensors with the
+scaling folded into B; `inspect_adapter` is the format's header-only check that can also read the
+pickle weights an engine may be allowed to accept.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
-import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inference_svc import errors
-from inference_svc.config import ALL_TARGET_MODULES, EngineConfig
-from inference_svc.model_config import ModelConfig
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-
-SAFETENSORS_DTYPES = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight
-_KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
-    r"(?:self_attn|mlp)\.(?P<module>\w+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight$"
+from inference_svc.config import EngineConfig
+from loraserve import errors, peft_format
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import (
+    PICKLE_WEIGHTS_FILE,
+    TENSOR_KEY_RE,
+    WEIGHTS_FILE,
+    AdapterFiles,
+    AdapterManifest,
+    TensorInfo,
+    build_manifest,
+    check_adapter_config,
+    parse_safetensors_header,
+    read_adapter_config,
+    weights_path,
 )
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype code, e.g. "F32"
-    shape: tuple[int, ...]
-    start: int  # byte offset into the data section
-    end: int
-
-
-@dataclass(frozen=True)
-class AdapterManifest:
-    """What an adapter is, known without reading its weights."""
-
-    path: str
-    rank: int  # the largest per-module rank
-    lora_alpha: float
-    use_rslora: bool
-    target_modules: tuple[str, ...]  # modules that carry tensors
-    module_ranks: dict  # {(layer, module): rank}
-    module_scales: dict  # {(layer, module): alpha / r or alpha / sqrt(r)}
-    size_bytes: int  # of the weights file
-    tensors: tuple[TensorInfo, ...]
-
-
-@dataclass(frozen=True)
-class AdapterFiles:
-    """An adapter directory's two files held in memory, e.g. just fetched from the adapter
-    manager: the engine validates and loads from these bytes instead of reading the directory."""
-
-    config_json: bytes  # adapter_config.json
-    weights: bytearray  # adapter_model.safetensors (loaded tensors may view it: never mutate it)
+# safetensors dtype code -> torch dtype (the codes of `peft_format.SAFETENSORS_DTYPE_SIZES`).
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -91,264 +56,17 @@ class LoraAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[TensorInfo, ...]:
-    """Validate a safetensors header (the first 8 + N bytes) against the file's size."""
-    if len(data) < 8:
-        raise errors.CorruptSafetensors(f"{where}: file is {file_size} bytes, too short for a header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise errors.CorruptSafetensors(
-            f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
-        )
-    if len(data) < 8 + n:
-        raise errors.CorruptSafetensors(f"{where}: header is truncated")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.CorruptSafetensors(f"{where}: header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise errors.CorruptSafetensors(f"{where}: header is not a JSON object")
-    data_size = file_size - 8 - n
-    tensors, spans = [], []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
-            raise errors.CorruptSafetensors(f"{where}: tensor {name!r} has a malformed entry")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise errors.UnsupportedTensorDtype(
-                f"{where}: tensor {name!r} has dtype {dtype}; LoRA weights must be one of "
-                f"{sorted(SAFETENSORS_DTYPES)}"
-            )
-        ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-        ok_offsets = (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size
-        )
-        if not ok_shape or not ok_offsets:
-            raise errors.CorruptSafetensors(
-                f"{where}: tensor {name!r} has shape {shape} / offsets {offsets} outside the "
-                f"{data_size}-byte data section"
-            )
-        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
-        if offsets[1] - offsets[0] != expected:
-            raise errors.CorruptSafetensors(
-                f"{where}: tensor {name!r} claims shape {shape} ({expected} bytes) but spans "
-                f"{offsets[1] - offsets[0]} bytes"
-            )
-        tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
-        spans.append((offsets[0], offsets[1]))
-    spans.sort()
-    for (_, end), (start, _) in zip(spans, spans[1:]):
-        if start < end:
-            raise errors.CorruptSafetensors(f"{where}: tensors overlap in the data section")
-    if spans and spans[-1][1] != data_size:
-        raise errors.CorruptSafetensors(
-            f"{where}: data section is {data_size} bytes but tensors end at {spans[-1][1]}"
-        )
-    return tuple(tensors)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def read_adapter_config(path: Path, files: AdapterFiles | None = None) -> dict:
-    cfg_path = path / CONFIG_FILE
-    if files is None and not cfg_path.is_file():
-        raise errors.AdapterFilesMissing(f"{path}: {CONFIG_FILE} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text() if files is None else files.config_json.decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.AdapterConfigInvalid(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise errors.AdapterConfigInvalid(f"{cfg_path}: not a JSON object")
-    return cfg
-
-
-def check_adapter_config(cfg: dict, engine: EngineConfig, where: str) -> None:
-    """Reject every PEFT option the engine does not serve, each with its own error type."""
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise errors.AdapterConfigInvalid(f"{where}: peft_type {peft_type!r} is not LORA")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in cfg:
-            raise errors.AdapterConfigInvalid(f"{where}: adapter_config.json lacks {key!r}")
-    if cfg.get("use_dora"):
-        raise errors.DoraNotSupported(f"{where}: DoRA adapters (use_dora=true) are not supported")
-    if cfg.get("modules_to_save"):
-        raise errors.ModulesToSaveNotSupported(
-            f"{where}: modules_to_save {cfg['modules_to_save']} would replace base weights; not supported"
-        )
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        raise errors.BiasNotSupported(
-            f"{where}: bias={cfg.get('bias')!r} / lora_bias={cfg.get('lora_bias')!r}; only "
-            "bias='none' is supported"
-        )
-    if cfg.get("fan_in_fan_out"):
-        raise errors.AdapterConfigInvalid(f"{where}: fan_in_fan_out=true is not supported")
-    if not _is_number(cfg["lora_alpha"]):
-        raise errors.AdapterConfigInvalid(f"{where}: lora_alpha must be a finite number")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = cfg.get(key) or {}
-        if not isinstance(pattern, dict):
-            raise errors.AdapterConfigInvalid(f"{where}: {key} must be an object of pattern -> value")
-        for regex in pattern:
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise errors.AdapterConfigInvalid(f"{where}: {key} key {regex!r} is not a regex ({e})") from e
-    if not all(_is_number(a) for a in (cfg.get("alpha_pattern") or {}).values()):
-        raise errors.AdapterConfigInvalid(f"{where}: alpha_pattern values must be finite numbers")
-    ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
-    for r in ranks:
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise errors.RankInvalid(f"{where}: rank {r!r} must be a positive integer")
-        if r > engine.max_lora_rank:
-            raise errors.RankTooLarge(f"{where}: rank {r} exceeds max_lora_rank ({engine.max_lora_rank})")
-    targets = cfg["target_modules"]
-    if not (
-        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        raise errors.AdapterConfigInvalid(
-            f"{where}: target_modules must be a list of names or a regex string"
-        )
-    if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(engine.lora_target_modules))
-        if unknown:
-            raise errors.UnsupportedTargetModule(
-                f"{where}: target modules {unknown} are not supported; this engine serves "
-                f"LoRA on {list(engine.lora_target_modules)}"
-            )
-
-
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module's dotted name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
-def build_manifest(
-    path: Path,
-    cfg: dict,
-    tensors: tuple[TensorInfo, ...],
-    size: int,
-    model: ModelConfig,
-    engine: EngineConfig,
-) -> AdapterManifest:
-    """Match every tensor to a (layer, module, A|B) of the base model and check its shape."""
-    where = str(path)
-    shapes = model.module_shapes()
-    found: dict = {}
-    for t in tensors:
-        if "lora_magnitude_vector" in t.name:
-            raise errors.DoraNotSupported(f"{where}: tensor {t.name!r} is a DoRA magnitude")
-        if t.name.endswith(".bias"):
-            raise errors.BiasNotSupported(f"{where}: tensor {t.name!r} is a LoRA bias")
-        m = _KEY_RE.match(t.name)
-        if m is None:
-            raise errors.UnsupportedTargetModule(
-                f"{where}: tensor {t.name!r} does not belong to a LoRA-capable linear layer "
-                f"({list(ALL_TARGET_MODULES)})"
-            )
-        layer, module, kind = int(m["layer"]), m["module"], m["kind"]
-        if module not in engine.lora_target_modules:
-            raise errors.UnsupportedTargetModule(
-                f"{where}: tensor {t.name!r} targets {module!r}; this engine serves LoRA on "
-                f"{list(engine.lora_target_modules)}"
-            )
-        if layer >= model.num_layers:
-            raise errors.ShapeMismatch(
-                f"{where}: tensor {t.name!r} is for layer {layer}; the model has {model.num_layers} layers"
-            )
-        found.setdefault((layer, module), {})[kind] = t
-    if not found:
-        raise errors.AdapterConfigInvalid(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
-    ranks, scales = {}, {}
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    for (layer, module), pair in sorted(found.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(pair)).pop()
-            raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
-        name = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
-        r = _pattern_value(rank_pattern, name, cfg["r"])
-        alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"])
-        fan_in, fan_out = shapes[module]
-        a, b = pair["lora_A"], pair["lora_B"]
-        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
-            raise errors.ShapeMismatch(
-                f"{where}: layer {layer} {module}: lora_A {list(a.shape)} / lora_B "
-                f"{list(b.shape)} do not match the base model's [{r}, {fan_in}] / [{fan_out}, {r}]"
-            )
-        ranks[(layer, module)] = r
-        scales[(layer, module)] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return AdapterManifest(
-        path=where,
-        rank=max(ranks.values()),
-        lora_alpha=float(cfg["lora_alpha"]),
-        use_rslora=bool(cfg.get("use_rslora")),
-        target_modules=tuple(sorted({m for _, m in found}, key=ALL_TARGET_MODULES.index)),
-        module_ranks=ranks,
-        module_scales=scales,
-        size_bytes=size,
-        tensors=tensors,
-    )
-
-
-def _weights_path(path: Path, engine: EngineConfig) -> Path:
-    weights = path / WEIGHTS_FILE
-    if weights.is_file():
-        return weights
-    if (path / PICKLE_WEIGHTS_FILE).is_file():
-        if engine.allow_pickle_adapters:
-            return path / PICKLE_WEIGHTS_FILE
-        raise errors.PickleWeightsNotAllowed(
-            f"{path}: only pickle weights ({PICKLE_WEIGHTS_FILE}) found; convert them to "
-            f"safetensors or start the engine with allow_pickle_adapters"
-        )
-    raise errors.AdapterFilesMissing(f"{path}: {WEIGHTS_FILE} is missing")
-
-
 def inspect_adapter(
     path: str | Path, model: ModelConfig, engine: EngineConfig, files: AdapterFiles | None = None
 ) -> AdapterManifest:
-    """Validate an adapter directory reading only its config and safetensors header.
-
-    With `files`, the directory's contents are those bytes and the directory is not read.
-    """
-    path = Path(path)
-    if files is not None:
-        cfg = read_adapter_config(path, files)
-        check_adapter_config(cfg, engine, str(path))
-        where = str(path / WEIGHTS_FILE)
-        tensors = parse_safetensors_header(files.weights, len(files.weights), where)
-        return build_manifest(path, cfg, tensors, len(files.weights), model, engine)
-    if not path.is_dir():
-        raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
-    cfg = read_adapter_config(path)
-    check_adapter_config(cfg, engine, str(path))
-    weights = _weights_path(path, engine)
-    size = weights.stat().st_size
-    if weights.suffix == ".bin":  # allowed explicitly; a pickle has no header to read alone
-        tensors = _pickle_tensor_infos(_load_pickle(weights))
-        return build_manifest(path, cfg, tensors, size, model, engine)
-    with weights.open("rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            head += f.read(min(n, MAX_HEADER_BYTES))
-    tensors = parse_safetensors_header(head, size, str(weights))
-    return build_manifest(path, cfg, tensors, size, model, engine)
+    """`peft_format.inspect_adapter` against this engine's limits, reading allowed pickle weights."""
+    return peft_format.inspect_adapter(
+        path,
+        model,
+        engine.adapter_limits,
+        files,
+        pickle_tensors=lambda p: _pickle_tensor_infos(_load_pickle(p)),
+    )
 
 
 def load_adapter(
@@ -368,34 +86,35 @@ def load_adapter(
     path = Path(path)
     if files is None and not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
+    limits = engine.adapter_limits
     cfg = read_adapter_config(path, files)
-    check_adapter_config(cfg, engine, str(path))
+    check_adapter_config(cfg, limits, str(path))
     if files is not None:
-        weights_path, data = path / WEIGHTS_FILE, files.weights
+        weights_file, data = path / WEIGHTS_FILE, files.weights
     else:
-        weights_path = _weights_path(path, engine)
-        data = bytearray(weights_path.stat().st_size)
-        with weights_path.open("rb") as f:  # the one read of the weights
+        weights_file = weights_path(path, limits)
+        data = bytearray(weights_file.stat().st_size)
+        with weights_file.open("rb") as f:  # the one read of the weights
             f.readinto(data)
     sha = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())  # hashlib releases the GIL
     section = None
-    if weights_path.suffix == ".bin":
-        state = _load_pickle(weights_path)
+    if weights_file.name == PICKLE_WEIGHTS_FILE:
+        state = _load_pickle(weights_file)
         tensors = _pickle_tensor_infos(state)
     else:
-        tensors = parse_safetensors_header(data, len(data), str(weights_path))
+        tensors = parse_safetensors_header(data, len(data), str(weights_file))
         section = _data_section(data, tensors)
         state = _tensors_from_bytes(data, tensors, section)
-    manifest = build_manifest(path, cfg, tensors, len(data), model, engine)
-    max_abs = _check_finite(state, str(weights_path), section)
+    manifest = build_manifest(path, cfg, tensors, len(data), model, limits)
+    max_abs = _check_finite(state, str(weights_file), section)
     if max_abs * max(manifest.module_scales.values()) >= torch.finfo(dtype).max:
         raise errors.NonFiniteWeights(
-            f"{weights_path}: weights up to {max_abs:.3g} overflow {dtype} once scaled by "
+            f"{weights_file}: weights up to {max_abs:.3g} overflow {dtype} once scaled by "
             f"{max(manifest.module_scales.values()):.3g}"
         )
     by_name = {}
     for name, tensor in state.items():
-        m = _KEY_RE.match(name)
+        m = TENSOR_KEY_RE.match(name)
         by_name[(int(m["layer"]), m["module"], m["kind"])] = tensor
     weights = {}
     for key, scale in manifest.module_scales.items():
@@ -412,7 +131,8 @@ def _data_section(data: bytearray, tensors: tuple[TensorInfo, ...]) -> torch.Ten
     """The whole data section as one flat tensor, when every tensor shares one aligned dtype."""
     if not tensors or len({t.dtype for t in tensors}) != 1 or tensors[0].end == tensors[0].start == 0:
         return None
-    dtype, size = SAFETENSORS_DTYPES[tensors[0].dtype]
+    dtype = TORCH_DTYPES[tensors[0].dtype]
+    size = dtype.itemsize
     (n,) = struct.unpack("<Q", data[:8])
     span = len(data) - 8 - n
     if (8 + n) % size or span % size or span == 0 or any(t.start % size for t in tensors):
@@ -448,7 +168,8 @@ def _tensors_from_bytes(
     base = 8 + n
     out = {}
     for t in tensors:
-        dtype, size = SAFETENSORS_DTYPES[t.dtype]
+        dtype = TORCH_DTYPES[t.dtype]
+        size = dtype.itemsize
         count = (t.end - t.start) // size
         if section is not None:  # slices of one flat view: cheaper than a frombuffer each
             out[t.name] = section[t.start // size : t.start // size + count].view(t.shape)
@@ -465,7 +186,7 @@ def _tensors_from_bytes(
 
 
 def _pickle_tensor_infos(state: dict) -> tuple[TensorInfo, ...]:
-    codes = {dtype: code for code, (dtype, _) in SAFETENSORS_DTYPES.items()}
+    codes = {dtype: code for code, dtype in TORCH_DTYPES.items()}
     infos = []
     for name, tensor in state.items():
         if tensor.dtype not in codes:

@@ -7,7 +7,6 @@ Every EngineConfig field is a flag (`--max-loras`) and an environment variable
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -16,58 +15,27 @@ import time
 from pathlib import Path
 
 from inference_svc.config import EngineConfig
-from inference_svc.errors import LoraServeError
+from loraserve.env_config import add_config_flags, config_from
+from loraserve.errors import LoraServeError
 from loraserve.security import add_security_flags
 
 ENV_PREFIX = "LORASERVE_"
 
 
-def _field_type(field: dataclasses.Field):
-    t = str(field.type)
-    if "tuple" in t:
-        return lambda s: tuple(x for x in s.replace(",", " ").split() if x)
-    if "bool" in t:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if "int" in t:
-        return int
-    return str
-
-
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field, with its comment as help and its env var as default."""
-    group = parser.add_argument_group("engine configuration (flag, or env LORASERVE_<NAME>)")
-    for f in dataclasses.fields(EngineConfig):
-        env = ENV_PREFIX + f.name.upper()
-        default = None if f.default is dataclasses.MISSING else f.default
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=_field_type(f),
-            default=None,
-            metavar=f.name.upper(),
-            help=f"(env {env}; default {default!r})",
-        )
+    """One flag per EngineConfig field, with its env var and default in the help."""
+    add_config_flags(parser, EngineConfig, ENV_PREFIX, "engine configuration")
 
 
 def engine_config_from(args: argparse.Namespace, environ=os.environ) -> EngineConfig:
     """Build the config: flag > environment variable > EngineConfig default."""
-    values = {}
-    for f in dataclasses.fields(EngineConfig):
-        value = getattr(args, f.name, None)
-        env = environ.get(ENV_PREFIX + f.name.upper())
-        if value is None and env is not None:
-            value = _field_type(f)(env)
-        if value is not None:
-            values[f.name] = value
-    return EngineConfig(**values)
+    return config_from(EngineConfig, args, ENV_PREFIX, environ)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from inference_svc.adapters import read_adapter_config
     from inference_svc.memory_plan import compute_plan
-    from inference_svc.model_config import ModelConfig
+    from loraserve.model_summary import ModelConfig
+    from loraserve.peft_format import read_adapter_config
 
     config = engine_config_from(args)
     model = ModelConfig.from_dir(args.model)
@@ -95,8 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Offline demo: a generated model (unless --model), demo adapters, one mixed batch."""
     from inference_svc.demo_model import write_demo_adapter, write_demo_model
     from inference_svc.engine import LLMEngine
-    from inference_svc.model_config import ModelConfig
     from inference_svc.sampling import SamplingParams
+    from loraserve.model_summary import ModelConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loraserve-demo-"))
     model_dir = Path(args.model) if args.model else write_demo_model(work / "model")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_LORA_RANK_LIMIT = 512
+from loraserve.engine_limits import ALL_TARGET_MODULES, DTYPE_NAMES, AdapterLimits
+from loraserve.env_config import require
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -61,65 +62,54 @@ class EngineConfig:
     allow_pickle_adapters: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.max_loras >= 1, "max_loras", self.max_loras, "must be >= 1")
-        _require(
-            1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT,
-            "max_lora_rank",
-            self.max_lora_rank,
-            f"must be in 1..{MAX_LORA_RANK_LIMIT}",
-        )
-        if self.max_cpu_loras is None:
-            object.__setattr__(self, "max_cpu_loras", self.max_loras)
-        if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        _require(
-            self.lora_dtype == "auto" or self.lora_dtype in DTYPES,
-            "lora_dtype",
-            self.lora_dtype,
-            f"must be 'auto' or one of {sorted(DTYPES)}",
-        )
-        _require(
+        limits = self.adapter_limits  # validates the adapter-facing fields
+        object.__setattr__(self, "max_cpu_loras", limits.max_cpu_loras)
+        object.__setattr__(self, "lora_target_modules", limits.lora_target_modules)
+        require(
             self.dtype == "auto" or self.dtype in DTYPES,
             "dtype",
             self.dtype,
             f"must be 'auto' or one of {sorted(DTYPES)}",
         )
-        targets = tuple(self.lora_target_modules)
-        object.__setattr__(self, "lora_target_modules", targets)
-        unknown = sorted(set(targets) - set(ALL_TARGET_MODULES))
-        _require(
-            not unknown and len(targets) > 0,
-            "lora_target_modules",
-            list(targets),
-            f"must be a non-empty subset of {list(ALL_TARGET_MODULES)}",
-        )
-        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
-        _require(
+        require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        require(
             self.max_num_batched_tokens >= self.max_num_seqs,
             "max_num_batched_tokens",
             self.max_num_batched_tokens,
             f"must be >= max_num_seqs ({self.max_num_seqs})",
         )
-        _require(
+        require(
             self.max_model_len is None or self.max_model_len >= 2,
             "max_model_len",
             self.max_model_len,
             "must be >= 2",
         )
-        _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
-        _require(self.kv_cache_bytes > 0, "kv_cache_bytes", self.kv_cache_bytes, "must be > 0")
-        _require(self.max_queue_len >= 1, "max_queue_len", self.max_queue_len, "must be >= 1")
+        require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
+        require(self.kv_cache_bytes > 0, "kv_cache_bytes", self.kv_cache_bytes, "must be > 0")
+        require(self.max_queue_len >= 1, "max_queue_len", self.max_queue_len, "must be >= 1")
         for name in ("max_prompt_tokens", "max_output_tokens"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, name, value, "must be >= 1 (or unset)")
-        _require(
+            require(value is None or value >= 1, name, value, "must be >= 1 (or unset)")
+        require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",
             self.device,
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
         for name in ("lora_backend", "attention_backend"):
-            _require(getattr(self, name) in BACKENDS, name, getattr(self, name), f"must be one of {BACKENDS}")
+            require(getattr(self, name) in BACKENDS, name, getattr(self, name), f"must be one of {BACKENDS}")
+
+    @property
+    def adapter_limits(self) -> AdapterLimits:
+        """The torch-free part of this configuration that decides which adapters it accepts."""
+        return AdapterLimits(
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
+            lora_dtype=self.lora_dtype,
+            lora_target_modules=self.lora_target_modules,
+            allow_pickle_adapters=self.allow_pickle_adapters,
+        )
 
     def replace(self, **changes) -> EngineConfig:
         """A new, validated config with `changes` applied (the only way to 'change' one)."""
@@ -141,8 +131,3 @@ class EngineConfig:
     def slot_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """dtype of the LoRA slot tensors ("auto" follows the model)."""
         return model_dtype if self.lora_dtype == "auto" else DTYPES[self.lora_dtype]
-
-
-def _require(ok: bool, name: str, value, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} ({value!r}) {rule}")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from inference_svc.config import ALL_TARGET_MODULES
-from inference_svc.model_config import ModelConfig
+from loraserve.engine_limits import ALL_TARGET_MODULES
+from loraserve.model_summary import ModelConfig
 
 DEMO_SHAPE = dict(
     hidden_size=256,

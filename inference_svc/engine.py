@@ -19,7 +19,6 @@ import torch
 import kernels
 from inference_svc import errors
 from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
-from inference_svc.adapters import AdapterFiles, AdapterManifest
 from inference_svc.config import EngineConfig
 from inference_svc.cuda_graphs import DecodeGraphs
 from inference_svc.forward_batch import SequenceChunk, StepInputs
@@ -27,10 +26,11 @@ from inference_svc.kv_cache import BlockTable, KVCache
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.memory_plan import MemoryPlan, compute_plan, dtype_name
 from inference_svc.model import CausalLM
-from inference_svc.model_config import ModelConfig
 from inference_svc.sampling import SampledToken, SamplingParams, sample
 from inference_svc.scheduler import Scheduler, Sequence, StepRecord
 from inference_svc.tokenizer import IncrementalDecoder, load_tokenizer
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import AdapterFiles, AdapterManifest
 
 log = logging.getLogger(__name__)
 

@@ -1,77 +1,14 @@
-"""Typed errors of the data plane. The gRPC layer maps each family to one status code."""
+"""Typed errors of the data plane. The gRPC layer maps each family to one status code.
+
+The base families (`LoraServeError`, `InvalidArgument`) and the adapter-format and model errors
+the engine also raises live in `loraserve.errors`, shared with the adapter manager.
+"""
 
 from __future__ import annotations
 
-
-class LoraServeError(Exception):
-    """Base class of every error the inference service raises on purpose."""
-
+from loraserve.errors import InvalidArgument, LoraServeError
 
 # --- INVALID_ARGUMENT --------------------------------------------------------------------------
-
-
-class InvalidArgument(LoraServeError):
-    """A request or setting is malformed (maps to INVALID_ARGUMENT)."""
-
-
-class InvalidModel(InvalidArgument):
-    """The model directory cannot be served (missing files, unsupported architecture)."""
-
-
-class InvalidAdapter(InvalidArgument):
-    """An adapter cannot be loaded; subclasses name the exact problem."""
-
-
-class AdapterFilesMissing(InvalidAdapter):
-    """adapter_config.json or adapter_model.safetensors is absent."""
-
-
-class AdapterConfigInvalid(InvalidAdapter):
-    """adapter_config.json is not valid JSON or lacks a required field."""
-
-
-class RankTooLarge(InvalidAdapter):
-    """The adapter's rank exceeds the engine's max_lora_rank."""
-
-
-class RankInvalid(InvalidAdapter):
-    """r <= 0 (or a non-integer rank)."""
-
-
-class UnsupportedTargetModule(InvalidAdapter):
-    """The adapter targets a module the engine cannot carry LoRA on."""
-
-
-class ShapeMismatch(InvalidAdapter):
-    """A tensor's shape does not match the base model."""
-
-
-class DoraNotSupported(InvalidAdapter):
-    """use_dora is set."""
-
-
-class ModulesToSaveNotSupported(InvalidAdapter):
-    """modules_to_save is set (full-weight copies of base modules)."""
-
-
-class BiasNotSupported(InvalidAdapter):
-    """bias is not "none"."""
-
-
-class NonFiniteWeights(InvalidAdapter):
-    """A tensor holds NaN or Inf."""
-
-
-class CorruptSafetensors(InvalidAdapter):
-    """The safetensors file is truncated, has a bad header, or lies about offsets/dtypes."""
-
-
-class UnsupportedTensorDtype(InvalidAdapter):
-    """A LoRA tensor is not a floating-point dtype the engine reads."""
-
-
-class PickleWeightsNotAllowed(InvalidAdapter):
-    """Only pickle weights (.bin) are present and they were not explicitly allowed."""
 
 
 class InvalidRequest(InvalidArgument):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 
 class BlockTable:

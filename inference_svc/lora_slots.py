@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from inference_svc.adapters import LoraAdapter
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 # Fused projections of one decoder layer and the modules stacked in each, in output order.
 PROJECTION_GROUPS = {

@@ -13,8 +13,8 @@ import torch
 import kernels
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import workspace_shape
-from inference_svc.model_config import ModelConfig
 from kernels import attention
+from loraserve.model_summary import ModelConfig
 
 # A rank this many times the largest adapter rank wastes most of every slot.
 RANK_WASTE_FACTOR = 4

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference_svc.errors import InvalidModel
 from inference_svc.forward_batch import ForwardBatch
 from inference_svc.kv_cache import KVCache
 from inference_svc.lora_slots import LoraSlots
-from inference_svc.model_config import ModelConfig
 from inference_svc.weights import load_state_dict
 from kernels.attention import paged_attention
+from loraserve.errors import InvalidModel
+from loraserve.model_summary import ModelConfig
 
 
 class RotaryEmbedding:

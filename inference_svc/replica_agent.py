@@ -39,10 +39,13 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from adapter_svc.routing import RoutingTable, Rule, resolve
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidencyEvent, ResidentAdapter
-from inference_svc.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles
+from loraserve import errors as format_errors
+from loraserve.convert import resident_proto, routing_table_from
+from loraserve.names import REQUEST_KEY_HEADER, TENANT_HEADER
+from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles
+from loraserve.routing import RoutingTable, resolve
 from loraserve.security import SecurityConfig, aio_channel
 from loraserve.telemetry import client_interceptors
 from loraserve.v1 import adapter_pb2 as pb
@@ -60,9 +63,6 @@ CHANGE_KINDS = {
 }
 # Most residency changes sent in one ReportResidency call.
 REPORT_BATCH = 256
-# Request headers: the tenant routing rules match, and the key alias variants stick to.
-TENANT_HEADER = "x-tenant"
-REQUEST_KEY_HEADER = "x-request-key"
 # Calls to the manager wait (up to their deadline) for the channel to reconnect rather than fail at
 # once: a manager restart then costs a delay, not errors. Reconnects are attempted at least every 2 s.
 MANAGER_CHANNEL_OPTIONS = (
@@ -280,7 +280,7 @@ class ReplicaAgent:
             replica_id=self.replica_id,
             epoch=self.epoch,
             adapter_id=adapter_id,
-            snapshot=[_resident_proto(r) for r in residents],
+            snapshot=[resident_to_proto(r) for r in residents],
         )
         try:
             acquired = await self._stub.AcquireAdapter(request, timeout=self.rpc_timeout_s)
@@ -340,7 +340,7 @@ class ReplicaAgent:
             raise _engine_error(adapter_id, e) from e
         got = digest.hexdigest()
         if header is None or got != header.sha256 or got != sha256 or len(data) != header.size_bytes:
-            raise errors.CorruptSafetensors(
+            raise format_errors.CorruptSafetensors(
                 f"adapter {adapter_id!r}: fetched {len(data)} bytes hashing to {got}; the manager "
                 f"registered {sha256}"
             )
@@ -364,7 +364,7 @@ class ReplicaAgent:
         residents = engine.list_resident_adapters()
         with self._lock:
             self._host = {r.adapter_id for r in residents}
-            return [_resident_proto(r) for r in residents], self._seq
+            return [resident_to_proto(r) for r in residents], self._seq
 
     async def _join(self, purge: bool) -> None:
         def take(engine):
@@ -468,38 +468,23 @@ class ReplicaAgent:
 
     async def _refresh_routing(self) -> None:
         table = await self._stub.GetRoutingTable(pb.GetRoutingTableRequest(), timeout=self.rpc_timeout_s)
-        self.routing = RoutingTable(
-            version=table.version,
-            aliases={a.name: tuple((v.adapter_id, v.weight) for v in a.variants) for a in table.aliases},
-            rules=tuple(
-                Rule(
-                    name=r.name,
-                    target=r.target,
-                    match_tenant=r.match_tenant,
-                    match_headers=tuple(sorted(r.match_headers.items())),
-                    match_adapter_id=r.match_adapter_id,
-                )
-                for r in table.rules
-            ),
-        )
+        self.routing = routing_table_from(table)
 
 
 # --- engine-thread helpers ----------------------------------------------------------------------
 
 
-def _resident_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
-    out = common_pb2.ResidentAdapter(
-        adapter_id=r.adapter_id,
-        tier=common_pb2.ADAPTER_TIER_SLOT if r.slot is not None else common_pb2.ADAPTER_TIER_HOST,
-        slot=r.slot,
-        pinned=r.pinned,
+def resident_to_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
+    return resident_proto(
+        r.adapter_id,
+        r.slot,
+        r.pinned,
+        int(r.last_used * 1e9),
+        r.sha256,
         in_flight=r.in_flight,
         rank=r.rank,
         size_bytes=r.size_bytes,
-        sha256=r.sha256,
     )
-    out.last_used.FromMilliseconds(int(r.last_used * 1000))
-    return out
 
 
 def _register(engine, adapter_id: str, path: Path, files: AdapterFiles) -> None:
@@ -547,7 +532,7 @@ def _engine_error(adapter_id: str, e: grpc.aio.AioRpcError) -> errors.LoraServeE
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return errors.NoEvictableSlot(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return errors.InvalidAdapter(details)
+        return format_errors.InvalidAdapter(details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return errors.FailedPrecondition(details)
     return errors.Unavailable(details)

@@ -10,24 +10,20 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from inference_svc import errors
-from inference_svc.adapter_cache import ResidentAdapter
-from inference_svc.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
-from inference_svc.replica_agent import ReplicaAgent
+from inference_svc.replica_agent import ReplicaAgent, resident_to_proto
 from inference_svc.sampling import SamplingParams
 from loraserve import auth
-from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from loraserve.adapter_paths import resolve_adapter_dir
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 FINISH_REASONS = {
     "length": inference_pb2.FINISH_REASON_LENGTH,
     "stop": inference_pb2.FINISH_REASON_STOP,
 }
-TIERS = {"host": common_pb2.ADAPTER_TIER_HOST, "slot": common_pb2.ADAPTER_TIER_SLOT}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -99,22 +95,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise errors.FailedPrecondition(
                 "loading adapters by path is disabled: start the server with --adapter-root DIR"
             )
-        if not Path(path).is_absolute():
-            raise errors.InvalidRequest("path", f"must be an absolute path, got {path!r}")
-        if ".." in Path(path).parts:
-            raise errors.InvalidRequest("path", f"{path!r} must not contain '..'")
-        resolved = Path(path).resolve()  # follows symlinks, so a link cannot escape the roots
-        # ... and neither can a link to the adapter's files inside an allowed directory
-        files = [
-            resolved,
-            *((resolved / name).resolve() for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE)),
-        ]
-        if not any(all(f.is_relative_to(root) for f in files) for root in self.adapter_roots):
-            roots = ", ".join(str(r) for r in self.adapter_roots)
-            raise errors.InvalidRequest(
-                "path", f"{path!r} resolves (through symlinks) outside the adapter roots ({roots})"
-            )
-        return resolved
+        return resolve_adapter_dir(path, self.adapter_roots)
 
 
 def _adapter_id(adapter_id: str) -> str:
@@ -182,22 +163,6 @@ def response_from(batch: list[RequestOutput], with_alternatives: bool) -> infere
         response.usage.prompt_tokens = last.usage.prompt_tokens
         response.usage.completion_tokens = last.usage.completion_tokens
     return response
-
-
-def resident_to_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
-    last_used = Timestamp()
-    last_used.FromNanoseconds(int(r.last_used * 1e9))
-    return common_pb2.ResidentAdapter(
-        adapter_id=r.adapter_id,
-        tier=TIERS[r.tier],
-        slot=r.slot,
-        pinned=r.pinned,
-        last_used=last_used,
-        in_flight=r.in_flight,
-        rank=r.rank,
-        size_bytes=r.size_bytes,
-        sha256=r.sha256,
-    )
 
 
 def engine_info_to_proto(info: dict) -> inference_pb2.GetEngineInfoResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference_svc.errors import InvalidModel
+from loraserve.errors import InvalidModel
 
 
 class Tokenizer:

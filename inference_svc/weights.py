@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from inference_svc.errors import InvalidModel
+from loraserve.errors import InvalidModel
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

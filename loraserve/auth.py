@@ -47,16 +47,14 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.names import ID_RE, TENANT_HEADER
 from loraserve.v1 import adapter_pb2
 
 ADMIN, TENANT, SERVICE = "admin", "tenant", "service"
 ROLES = (ADMIN, TENANT, SERVICE)
 AUTHORIZATION = "authorization"
-# The request header routing rules match a tenant on (`inference_svc.replica_agent.TENANT_HEADER`).
-TENANT_HEADER = "x-tenant"
 # Methods every caller may use without a token.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_BYTES = 32
 
@@ -111,7 +109,7 @@ class TokenTable:
                 raise ValueError(f"{at}.sha256 must be 64 lower-case hex digits")
             if role not in ROLES:
                 raise ValueError(f"{at}.role ({role!r}) must be one of {list(ROLES)}")
-            if (role == TENANT) != bool(tenant) or (tenant and not TENANT_RE.match(str(tenant))):
+            if (role == TENANT) != bool(tenant) or (tenant and not ID_RE.match(str(tenant))):
                 raise ValueError(
                     f"{at}.tenant ({tenant!r}) must be a tenant name exactly when role is tenant"
                 )
@@ -120,7 +118,7 @@ class TokenTable:
             principals[digest] = Principal(str(entry.get("name") or f"token-{i}"), role, tenant)
         owners = raw.get("adapters", {})
         if not isinstance(owners, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and TENANT_RE.match(v) for k, v in owners.items()
+            isinstance(k, str) and isinstance(v, str) and ID_RE.match(v) for k, v in owners.items()
         ):
             raise ValueError(f"{where}: 'adapters' must map adapter ids to tenant names")
         return cls(principals, owners)

@@ -11,7 +11,7 @@ import pytest
 from stack_helpers import LoopThread, RedisProcess, free_port, manager_config, write_model
 
 from adapter_svc.server import ManagerServer
-from loraserve.cli import main
+from entrypoints.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

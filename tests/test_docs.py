@@ -1,9 +1,9 @@
-"""README's reference tables are generated from the code (`python -m loraserve.docs`) and must be
+"""README's reference tables are generated from the code (`python -m entrypoints.docs`) and must be
 current: a config field or metric added without regenerating them fails here."""
 
 from pathlib import Path
 
-from loraserve import docs
+from entrypoints import docs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

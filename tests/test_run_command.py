@@ -1,4 +1,4 @@
-"""The README's run command (`python -m loraserve.run`, what `make run` runs), as a user meets it:
+"""The README's run command (`python -m entrypoints.run`, what `make run` runs), as a user meets it:
 started as a subprocess on a tiny model and private ports, waited for, driven with the grpcurl
 lines and the CLI commands it prints, then stopped with Ctrl-C (SIGINT), after which no process
 and no port may be left behind. The tests run in file order; the last one sends the SIGINT."""
@@ -83,7 +83,7 @@ class RunCommand:
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "loraserve", *argv],
+            [sys.executable, "-m", "entrypoints", *argv],
             capture_output=True,
             text=True,
             timeout=120,
@@ -96,7 +96,15 @@ class RunCommand:
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("run_command")
     model_dir = write_demo_model(root / "model", **TINY_SHAPE)
-    argv = [sys.executable, "-m", "loraserve.run", "--model", str(model_dir), "--run-dir", str(root / "run")]
+    argv = [
+        sys.executable,
+        "-m",
+        "entrypoints.run",
+        "--model",
+        str(model_dir),
+        "--run-dir",
+        str(root / "run"),
+    ]
     argv += ["--port-base", str(free_port())]
     argv += [
         "--max-loras",

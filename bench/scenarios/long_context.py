@@ -17,7 +17,7 @@ from bench.peft_baseline import PeftServer
 from bench.report import Goal, ScenarioResult, Table
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 NAME = "long-context"
 TITLE = "7. Decode at long contexts: ours vs transformers + PEFT"

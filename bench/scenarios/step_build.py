@@ -23,7 +23,7 @@ from bench.procs import REPO
 from bench.report import Goal, ScenarioResult, Table
 from inference_svc.forward_batch import SequenceChunk, StepInputs
 from inference_svc.kv_cache import BlockTable, KVCache
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 NAME = "step-build"
 TITLE = "6. Host time to build a step: new input path / old"
@@ -41,6 +41,8 @@ class Params:
 
 
 SMOKE = Params(batch=4, context=64, chunk=16, repeats=2)
+# Modules the baseline imports that have moved since: old name -> where they live now.
+MOVED = {"inference_svc.model_config": "loraserve.model_summary"}
 
 
 def load_old(commit: str, name: str):
@@ -55,6 +57,8 @@ def load_old(commit: str, name: str):
         ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"step-build needs the git history of {REPO} (commit {commit}): {e}") from None
+    for old, new in MOVED.items():
+        source = source.replace(old, new)
     spec = importlib.util.spec_from_loader(f"old_{name}", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -29,9 +29,9 @@ from bench import assets, plots
 from bench.metrics import percentile
 from bench.procs import RedisServer, Service
 from bench.report import Goal, ScenarioResult, Table
-from inference_svc.adapters import WEIGHTS_FILE
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
+from loraserve.peft_format import WEIGHTS_FILE
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 NAME = "swap"

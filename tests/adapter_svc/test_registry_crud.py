@@ -23,7 +23,7 @@ from manager_harness import (
 from safetensors.torch import load_file, save_file
 
 from inference_svc.demo_model import write_demo_adapter
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

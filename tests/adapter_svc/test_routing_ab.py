@@ -8,7 +8,7 @@ import grpc
 import pytest
 from manager_harness import TIMEOUT_S, ReplicaHandle, code_of, register
 
-from adapter_svc.routing import RoutingTable, Rule, pick_variant, resolve
+from loraserve.routing import RoutingTable, Rule, pick_variant, resolve
 from loraserve.v1 import adapter_pb2 as pb
 
 REQUESTS = 1000

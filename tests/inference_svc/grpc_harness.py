@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
-from inference_svc.model_config import ModelConfig
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 NUM_ADAPTERS = 8

@@ -13,6 +13,7 @@ from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.demo_model import write_demo_adapter
 from inference_svc.sampling import SamplingParams
+from loraserve import errors as format_errors
 
 from helpers import run_to_completion, tiny_engine, tokens_of
 
@@ -85,7 +86,7 @@ def test_a_failed_read_fails_only_the_requests_waiting_for_it(model_dir, adapter
     results = run_to_completion(engine)
     for rid in ("bad-1", "bad-2"):
         assert results[rid][-1].finish_reason == "error"
-        assert isinstance(results[rid][-1].error, errors.NonFiniteWeights)
+        assert isinstance(results[rid][-1].error, format_errors.NonFiniteWeights)
     assert tokens_of(results["good"]) == solo_tokens(model_dir, adapter_root, "a0", [1, 2, 3])
     assert results["base"][-1].finish_reason == "length"
     assert "broken" not in engine.adapters.host and not engine.adapters.failed_loads

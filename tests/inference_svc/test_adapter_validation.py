@@ -8,13 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference_svc import errors
-from inference_svc.adapters import AdapterFiles, inspect_adapter
+from inference_svc.adapters import TORCH_DTYPES, inspect_adapter
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
-from inference_svc.model_config import ModelConfig
 from inference_svc.sampling import SamplingParams
+from loraserve import errors
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import SAFETENSORS_DTYPE_SIZES, AdapterFiles
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -340,3 +341,7 @@ def test_valid_adapter_copy_is_accepted(good, tmp_path, engine):
     shutil.copytree(good, copy)
     manifest = engine.register_adapter("copy", copy)
     assert manifest.rank == 8 and len(manifest.target_modules) == 7
+
+
+def test_every_safetensors_dtype_the_format_accepts_has_a_torch_dtype_of_its_size():
+    assert {code: dtype.itemsize for code, dtype in TORCH_DTYPES.items()} == SAFETENSORS_DTYPE_SIZES

@@ -9,7 +9,7 @@ import pytest
 
 from inference_svc.config import EngineConfig
 from inference_svc.memory_plan import compute_plan, human_bytes
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 
 from helpers import TINY_CONFIG_JSON
 

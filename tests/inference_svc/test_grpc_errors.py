@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2
 from inference_svc import errors
 from inference_svc.errors_grpc import status_for
 from inference_svc.servicer import SERVICE_NAME
+from loraserve import errors as shared_errors
 from loraserve.v1 import inference_pb2
 
 
@@ -154,7 +155,8 @@ def test_draining_server_is_unavailable_and_not_serving(grpc_model):
 @pytest.mark.parametrize(
     "error, code",
     [
-        (errors.RankTooLarge("r=64"), grpc.StatusCode.INVALID_ARGUMENT),
+        (shared_errors.RankTooLarge("r=64"), grpc.StatusCode.INVALID_ARGUMENT),
+        (shared_errors.PathNotAllowed("x"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.PromptTooLong("max_tokens", "too long"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.AdapterNotFound("x"), grpc.StatusCode.NOT_FOUND),
         (errors.AdapterAlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),

@@ -8,9 +8,9 @@ import torch
 
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
-from inference_svc.errors import InvalidModel
-from inference_svc.model_config import ModelConfig
 from inference_svc.tokenizer import ByteTokenizer, IncrementalDecoder, load_tokenizer
+from loraserve.errors import InvalidModel
+from loraserve.model_summary import ModelConfig
 
 from oracles import load_hf_model, write_hf_model
 

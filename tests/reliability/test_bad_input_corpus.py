@@ -21,7 +21,7 @@ from reliability_harness import SecureManager, SecureReplica, code_of, register_
 from test_adapter_validation import CORPUS, WEIGHTS
 
 from inference_svc.demo_model import write_demo_adapter
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
@@ -99,9 +99,12 @@ def make_escapes(root: Path, outside: Path, template: Path) -> dict[str, tuple[s
     (root / "file-link").mkdir()
     shutil.copy(template / "adapter_config.json", root / "file-link")
     (root / "file-link" / WEIGHTS).symlink_to(outside / "adapter" / WEIGHTS)
+    shutil.copytree(template, root / "pickle-link")  # a loader allowed pickles could open it
+    (root / "pickle-link" / "adapter_model.bin").symlink_to(outside / "adapter" / WEIGHTS)
     return {
         "directory symlink out of the root": (str(root / "dir-link"), "outside"),
         "weights file symlink out of the root": (str(root / "file-link"), "outside"),
+        "pickle weights symlink out of the root": (str(root / "pickle-link"), "outside"),
         "'..' out of the root": (f"{root}/../outside/adapter", "'..'"),
         "absolute path outside the root": (str(outside / "adapter"), "outside"),
         "relative path": ("root/good-a", "absolute"),

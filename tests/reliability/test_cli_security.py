@@ -4,7 +4,7 @@ served with one, as one-line errors either way."""
 from reliability_harness import SecureManager, make_pki, register_as, tls_channel, write_tokens
 from stack_helpers import manager_config
 
-from loraserve.cli import main
+from entrypoints.cli import main
 from loraserve.security import SecurityConfig
 
 

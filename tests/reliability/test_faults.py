@@ -30,7 +30,7 @@ from reliability_harness import code_of
 
 from adapter_svc.blobs import BlobStore
 from inference_svc.demo_model import write_demo_adapter
-from inference_svc.model_config import ModelConfig
+from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, inference_pb2
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of adapter parsing: whatever the bytes, only the project's own
+"""Property-based fuzzing of the PEFT format (`loraserve.peft_format`): whatever the bytes, only the project's own
 validation errors come out (never a KeyError, TypeError, struct.error, ...)."""
 
 import json
@@ -7,15 +7,22 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference_svc import errors
-from inference_svc.adapters import check_adapter_config, inspect_adapter, parse_safetensors_header
-from inference_svc.config import EngineConfig
-from inference_svc.model_config import ModelConfig
+from loraserve import errors
+from loraserve.engine_limits import AdapterLimits
+from loraserve.model_summary import ModelConfig
+from loraserve.peft_format import check_adapter_config, inspect_adapter, parse_safetensors_header
 
-from helpers import TINY_CONFIG_JSON
-
-MODEL = ModelConfig.from_dict(TINY_CONFIG_JSON)
-ENGINE = EngineConfig(max_lora_rank=16, device="cpu")
+MODEL = ModelConfig.from_dict(
+    {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
+)
+LIMITS = AdapterLimits(max_lora_rank=16)
 VALID_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -67,7 +74,7 @@ tensor_names = st.one_of(
 @given(st.dictionaries(config_keys, json_values, max_size=8))
 def test_adapter_config_fuzz_raises_only_validation_errors(cfg):
     try:
-        check_adapter_config({**VALID_CONFIG, **cfg}, ENGINE, "fuzz")
+        check_adapter_config({**VALID_CONFIG, **cfg}, LIMITS, "fuzz")
     except errors.InvalidAdapter:
         pass
 
@@ -104,6 +111,6 @@ def test_whole_adapter_directories_raise_only_validation_errors(tmp_path_factory
     raw = json.dumps(header).encode()
     (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
     try:
-        inspect_adapter(path, MODEL, ENGINE)
+        inspect_adapter(path, MODEL, LIMITS)
     except errors.InvalidAdapter:
         pass

@@ -1,4 +1,4 @@
-"""The base model's shape, read from a Hugging Face `config.json` (and nothing else)."""
+"""The base model's shape, read from a Hugging Face `config.json` (and nothing else); torch-free."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference_svc.errors import InvalidModel
+from loraserve.errors import InvalidModel
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

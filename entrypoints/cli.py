@@ -27,12 +27,12 @@ import grpc
 from tqdm import tqdm
 
 from loraserve.auth import token_metadata
+from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loraserve.telemetry import REQUEST_ID_HEADER, new_request_id
 
 DEFAULT_MANAGER = "127.0.0.1:50052"
 DEFAULT_REPLICA = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
 
 class CliError(Exception):

@@ -18,8 +18,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from adapter_svc import errors
-from adapter_svc.keys import ID_RE
+from loraserve import errors
+from loraserve.names import ID_RE
 
 MAX_VARIANTS = 64
 MAX_RULES = 1000

@@ -1,6 +1,6 @@
-"""`python -m loraserve.run`: the whole stack on one machine, without Docker (`make run`).
+"""`python -m entrypoints.run`: the whole stack on one machine, without Docker (`make run`).
 
-    python -m loraserve.run [--model DIR] [--port-base N] [--run-dir DIR] [--no-serve] [ENGINE FLAGS]
+    python -m entrypoints.run [--model DIR] [--port-base N] [--run-dir DIR] [--no-serve] [ENGINE FLAGS]
 
 Starts, in one process group of its own, with logs in RUN_DIR/logs:
   1. a private redis-server (append-only file in RUN_DIR/redis),
@@ -201,7 +201,7 @@ def demo_files(run_dir: Path, model: str | None, num_adapters: int) -> tuple[Pat
     ]
     if missing:
         from inference_svc.demo_model import write_demo_adapter
-        from inference_svc.model_config import ModelConfig
+        from loraserve.model_summary import ModelConfig
 
         shape = ModelConfig.from_dir(model_dir)
         for i in tqdm(missing, desc="writing demo adapters", disable=None, leave=False):
@@ -339,7 +339,7 @@ def run_demo(replica: str, adapters: list[str]) -> None:
 
 def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving: bool) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-    cli = "loraserve" if shutil.which("loraserve") else f"{sys.executable} -m loraserve"
+    cli = "loraserve" if shutil.which("loraserve") else f"{sys.executable} -m entrypoints"
     generate = (
         f'{{"adapter_id": "{adapters[1 % len(adapters)] if adapters else ""}", "text": "Hello", '
         '"params": {"max_tokens": 8, "temperature": 0}}'
@@ -381,7 +381,7 @@ def _interrupt(signum, frame) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m loraserve.run",
+        prog="python -m entrypoints.run",
         description="Run Redis, the adapter manager and one inference replica locally, with a demo.",
         epilog="Other flags (e.g. --max-loras 8, --device cuda) are passed to the inference replica.",
     )

@@ -1,4 +1,4 @@
-"""`python -m loraserve.docs [--check]`: regenerate the README's reference tables from the code.
+"""`python -m entrypoints.docs [--check]`: regenerate the README's reference tables from the code.
 
 Each table sits between `<!-- BEGIN GENERATED: NAME -->` and `<!-- END GENERATED: NAME -->` in
 README.md and is rebuilt from its source of truth:
@@ -133,7 +133,7 @@ def regenerate(text: str, generated: dict[str, str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraserve.docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.docs", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md is stale; change nothing")
     parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args(argv)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if changed or missing:
             stale = ", ".join(changed + [f"{name} (missing)" for name in missing])
             print(
-                f"{args.readme}: stale generated tables: {stale}; run `python -m loraserve.docs`",
+                f"{args.readme}: stale generated tables: {stale}; run `python -m entrypoints.docs`",
                 file=sys.stderr,
             )
             return 1

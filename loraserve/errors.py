@@ -1,0 +1,84 @@
+"""Error types raised by the shared layer, and the base families both services build on.
+
+The PEFT format (`loraserve.peft_format`), the model summary (`loraserve.model_summary`), routing
+rules (`loraserve.routing`) and the adapter-root allow-list (`loraserve.adapter_paths`) raise these.
+Each service maps them to gRPC status codes in its own one place (`inference_svc.errors_grpc`,
+`adapter_svc.errors`): every `InvalidArgument` is INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+
+class LoraServeError(Exception):
+    """Base class of every error loraserve raises on purpose."""
+
+
+class InvalidArgument(LoraServeError):
+    """A request, setting or file is malformed (maps to INVALID_ARGUMENT)."""
+
+
+class InvalidModel(InvalidArgument):
+    """The model directory cannot be served (missing files, unsupported architecture)."""
+
+
+class PathNotAllowed(InvalidArgument):
+    """An adapter path is not under an allow-listed adapter root (or escapes one)."""
+
+
+# --- the adapter format: each names the exact problem -----------------------------------------
+
+
+class InvalidAdapter(InvalidArgument):
+    """An adapter cannot be loaded; subclasses name the exact problem."""
+
+
+class AdapterFilesMissing(InvalidAdapter):
+    """adapter_config.json or adapter_model.safetensors is absent."""
+
+
+class AdapterConfigInvalid(InvalidAdapter):
+    """adapter_config.json is not valid JSON or lacks a required field."""
+
+
+class RankTooLarge(InvalidAdapter):
+    """The adapter's rank exceeds the engine's max_lora_rank."""
+
+
+class RankInvalid(InvalidAdapter):
+    """r <= 0 (or a non-integer rank)."""
+
+
+class UnsupportedTargetModule(InvalidAdapter):
+    """The adapter targets a module the engine cannot carry LoRA on."""
+
+
+class ShapeMismatch(InvalidAdapter):
+    """A tensor's shape does not match the base model."""
+
+
+class DoraNotSupported(InvalidAdapter):
+    """use_dora is set."""
+
+
+class ModulesToSaveNotSupported(InvalidAdapter):
+    """modules_to_save is set (full-weight copies of base modules)."""
+
+
+class BiasNotSupported(InvalidAdapter):
+    """bias is not "none"."""
+
+
+class NonFiniteWeights(InvalidAdapter):
+    """A tensor holds NaN or Inf."""
+
+
+class CorruptSafetensors(InvalidAdapter):
+    """The safetensors file is truncated, has a bad header, or lies about offsets/dtypes."""
+
+
+class UnsupportedTensorDtype(InvalidAdapter):
+    """A LoRA tensor is not a floating-point dtype the engine reads."""
+
+
+class PickleWeightsNotAllowed(InvalidAdapter):
+    """Only pickle weights (.bin) are present and they were not explicitly allowed."""

@@ -1,0 +1,12 @@
+"""Names every process agrees on: the syntax of ids and the request headers routing reads."""
+
+from __future__ import annotations
+
+import re
+
+# An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
+# Request header naming the tenant routing rules match on (set from the token when auth is on).
+TENANT_HEADER = "x-tenant"
+# Request header whose value an alias's variant choice sticks to.
+REQUEST_KEY_HEADER = "x-request-key"

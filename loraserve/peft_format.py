@@ -1,0 +1,363 @@
+"""The PEFT LoRA adapter format, torch-free: `adapter_config.json` + `adapter_model.safetensors`.
+
+Both services validate adapters with this module: `inspect_adapter` reads the config and the
+safetensors header only and returns an `AdapterManifest` (what the adapter is, matched against a
+base model and an engine's `AdapterLimits`); `non_finite_tensor` scans the weights for NaN/Inf.
+Turning the weights into tensors is the engine's job (`inference_svc.adapters.load_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loraserve import errors
+from loraserve.engine_limits import ALL_TARGET_MODULES, AdapterLimits
+from loraserve.model_summary import ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+
+# safetensors dtype code -> bytes per element, for the dtypes LoRA weights may use.
+SAFETENSORS_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# dtype code -> (the element as an unsigned int, its exponent bits): all ones = NaN or Inf.
+_EXPONENT_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight
+TENSOR_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<module>\w+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    start: int  # byte offset into the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """What an adapter is, known without reading its weights."""
+
+    path: str
+    rank: int  # the largest per-module rank
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]  # modules that carry tensors
+    module_ranks: dict  # {(layer, module): rank}
+    module_scales: dict  # {(layer, module): alpha / r or alpha / sqrt(r)}
+    size_bytes: int  # of the weights file
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory's two files held in memory, e.g. just fetched from the adapter
+    manager: the engine validates and loads from these bytes instead of reading the directory."""
+
+    config_json: bytes  # adapter_config.json
+    weights: bytearray  # adapter_model.safetensors (loaded tensors may view it: never mutate it)
+
+
+def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[TensorInfo, ...]:
+    """Validate a safetensors header (the first 8 + N bytes) against the file's size."""
+    if len(data) < 8:
+        raise errors.CorruptSafetensors(f"{where}: file is {file_size} bytes, too short for a header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise errors.CorruptSafetensors(
+            f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
+        )
+    if len(data) < 8 + n:
+        raise errors.CorruptSafetensors(f"{where}: header is truncated")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.CorruptSafetensors(f"{where}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise errors.CorruptSafetensors(f"{where}: header is not a JSON object")
+    data_size = file_size - 8 - n
+    tensors, spans = [], []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
+            raise errors.CorruptSafetensors(f"{where}: tensor {name!r} has a malformed entry")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
+            raise errors.UnsupportedTensorDtype(
+                f"{where}: tensor {name!r} has dtype {dtype}; LoRA weights must be one of "
+                f"{sorted(SAFETENSORS_DTYPE_SIZES)}"
+            )
+        ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+        ok_offsets = (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        )
+        if not ok_shape or not ok_offsets:
+            raise errors.CorruptSafetensors(
+                f"{where}: tensor {name!r} has shape {shape} / offsets {offsets} outside the "
+                f"{data_size}-byte data section"
+            )
+        expected = math.prod(shape) * SAFETENSORS_DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise errors.CorruptSafetensors(
+                f"{where}: tensor {name!r} claims shape {shape} ({expected} bytes) but spans "
+                f"{offsets[1] - offsets[0]} bytes"
+            )
+        tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise errors.CorruptSafetensors(f"{where}: tensors overlap in the data section")
+    if spans and spans[-1][1] != data_size:
+        raise errors.CorruptSafetensors(
+            f"{where}: data section is {data_size} bytes but tensors end at {spans[-1][1]}"
+        )
+    return tuple(tensors)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def read_adapter_config(path: Path, files: AdapterFiles | None = None) -> dict:
+    cfg_path = path / CONFIG_FILE
+    if files is None and not cfg_path.is_file():
+        raise errors.AdapterFilesMissing(f"{path}: {CONFIG_FILE} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text() if files is None else files.config_json.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.AdapterConfigInvalid(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise errors.AdapterConfigInvalid(f"{cfg_path}: not a JSON object")
+    return cfg
+
+
+def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
+    """Reject every PEFT option the engine does not serve, each with its own error type."""
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise errors.AdapterConfigInvalid(f"{where}: peft_type {peft_type!r} is not LORA")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise errors.AdapterConfigInvalid(f"{where}: adapter_config.json lacks {key!r}")
+    if cfg.get("use_dora"):
+        raise errors.DoraNotSupported(f"{where}: DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("modules_to_save"):
+        raise errors.ModulesToSaveNotSupported(
+            f"{where}: modules_to_save {cfg['modules_to_save']} would replace base weights; not supported"
+        )
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise errors.BiasNotSupported(
+            f"{where}: bias={cfg.get('bias')!r} / lora_bias={cfg.get('lora_bias')!r}; only "
+            "bias='none' is supported"
+        )
+    if cfg.get("fan_in_fan_out"):
+        raise errors.AdapterConfigInvalid(f"{where}: fan_in_fan_out=true is not supported")
+    if not _is_number(cfg["lora_alpha"]):
+        raise errors.AdapterConfigInvalid(f"{where}: lora_alpha must be a finite number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise errors.AdapterConfigInvalid(f"{where}: {key} must be an object of pattern -> value")
+        for regex in pattern:
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise errors.AdapterConfigInvalid(f"{where}: {key} key {regex!r} is not a regex ({e})") from e
+    if not all(_is_number(a) for a in (cfg.get("alpha_pattern") or {}).values()):
+        raise errors.AdapterConfigInvalid(f"{where}: alpha_pattern values must be finite numbers")
+    ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
+    for r in ranks:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise errors.RankInvalid(f"{where}: rank {r!r} must be a positive integer")
+        if r > limits.max_lora_rank:
+            raise errors.RankTooLarge(f"{where}: rank {r} exceeds max_lora_rank ({limits.max_lora_rank})")
+    targets = cfg["target_modules"]
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise errors.AdapterConfigInvalid(
+            f"{where}: target_modules must be a list of names or a regex string"
+        )
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(limits.lora_target_modules))
+        if unknown:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: target modules {unknown} are not supported; this engine serves "
+                f"LoRA on {list(limits.lora_target_modules)}"
+            )
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rule: the first pattern key that matches the end of the module's dotted name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def build_manifest(
+    path: Path,
+    cfg: dict,
+    tensors: tuple[TensorInfo, ...],
+    size: int,
+    model: ModelConfig,
+    limits: AdapterLimits,
+) -> AdapterManifest:
+    """Match every tensor to a (layer, module, A|B) of the base model and check its shape."""
+    where = str(path)
+    shapes = model.module_shapes()
+    found: dict = {}
+    for t in tensors:
+        if "lora_magnitude_vector" in t.name:
+            raise errors.DoraNotSupported(f"{where}: tensor {t.name!r} is a DoRA magnitude")
+        if t.name.endswith(".bias"):
+            raise errors.BiasNotSupported(f"{where}: tensor {t.name!r} is a LoRA bias")
+        m = TENSOR_KEY_RE.match(t.name)
+        if m is None:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: tensor {t.name!r} does not belong to a LoRA-capable linear layer "
+                f"({list(ALL_TARGET_MODULES)})"
+            )
+        layer, module, kind = int(m["layer"]), m["module"], m["kind"]
+        if module not in limits.lora_target_modules:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: tensor {t.name!r} targets {module!r}; this engine serves LoRA on "
+                f"{list(limits.lora_target_modules)}"
+            )
+        if layer >= model.num_layers:
+            raise errors.ShapeMismatch(
+                f"{where}: tensor {t.name!r} is for layer {layer}; the model has {model.num_layers} layers"
+            )
+        found.setdefault((layer, module), {})[kind] = t
+    if not found:
+        raise errors.AdapterConfigInvalid(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
+    ranks, scales = {}, {}
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    for (layer, module), pair in sorted(found.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(pair)).pop()
+            raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
+        name = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        r = _pattern_value(rank_pattern, name, cfg["r"])
+        alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"])
+        fan_in, fan_out = shapes[module]
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+            raise errors.ShapeMismatch(
+                f"{where}: layer {layer} {module}: lora_A {list(a.shape)} / lora_B "
+                f"{list(b.shape)} do not match the base model's [{r}, {fan_in}] / [{fan_out}, {r}]"
+            )
+        ranks[(layer, module)] = r
+        scales[(layer, module)] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return AdapterManifest(
+        path=where,
+        rank=max(ranks.values()),
+        lora_alpha=float(cfg["lora_alpha"]),
+        use_rslora=bool(cfg.get("use_rslora")),
+        target_modules=tuple(sorted({m for _, m in found}, key=ALL_TARGET_MODULES.index)),
+        module_ranks=ranks,
+        module_scales=scales,
+        size_bytes=size,
+        tensors=tensors,
+    )
+
+
+def weights_path(path: Path, limits: AdapterLimits) -> Path:
+    """The directory's weights file: safetensors, else pickle weights if `limits` allow them."""
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    if (path / PICKLE_WEIGHTS_FILE).is_file():
+        if limits.allow_pickle_adapters:
+            return path / PICKLE_WEIGHTS_FILE
+        raise errors.PickleWeightsNotAllowed(
+            f"{path}: only pickle weights ({PICKLE_WEIGHTS_FILE}) found; convert them to "
+            f"safetensors or start the engine with allow_pickle_adapters"
+        )
+    raise errors.AdapterFilesMissing(f"{path}: {WEIGHTS_FILE} is missing")
+
+
+def inspect_adapter(
+    path: str | Path,
+    model: ModelConfig,
+    limits: AdapterLimits,
+    files: AdapterFiles | None = None,
+    pickle_tensors: Callable[[Path], tuple[TensorInfo, ...]] | None = None,
+) -> AdapterManifest:
+    """Validate an adapter directory reading only its config and safetensors header.
+
+    With `files`, the directory's contents are those bytes and the directory is not read.
+    Pickle weights (allowed by `limits` only) have no header to read alone: `pickle_tensors`
+    reads them (the engine passes its torch reader); without one they are refused.
+    """
+    path = Path(path)
+    if files is not None:
+        cfg = read_adapter_config(path, files)
+        check_adapter_config(cfg, limits, str(path))
+        where = str(path / WEIGHTS_FILE)
+        tensors = parse_safetensors_header(files.weights, len(files.weights), where)
+        return build_manifest(path, cfg, tensors, len(files.weights), model, limits)
+    if not path.is_dir():
+        raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
+    cfg = read_adapter_config(path)
+    check_adapter_config(cfg, limits, str(path))
+    weights = weights_path(path, limits)
+    size = weights.stat().st_size
+    if weights.name == PICKLE_WEIGHTS_FILE:
+        if pickle_tensors is None:
+            raise errors.PickleWeightsNotAllowed(f"{path}: pickle weights can only be read by an engine")
+        return build_manifest(path, cfg, pickle_tensors(weights), size, model, limits)
+    with weights.open("rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, MAX_HEADER_BYTES))
+    tensors = parse_safetensors_header(head, size, str(weights))
+    return build_manifest(path, cfg, tensors, size, model, limits)
+
+
+def non_finite_tensor(weights: Path, tensors: tuple[TensorInfo, ...]) -> str | None:
+    """The name of the first tensor of a (header-validated) safetensors file holding NaN or Inf.
+
+    Reads every tensor once (memory-mapped); a value is NaN or Inf when its exponent bits are all
+    ones, which holds for every IEEE format, bfloat16 included.
+    """
+    data = np.memmap(weights, dtype=np.uint8, mode="r")
+    (n,) = struct.unpack("<Q", data[:8].tobytes())
+    base = 8 + n
+    for t in tensors:
+        if t.end == t.start:
+            continue
+        as_uint, exponent = _EXPONENT_BITS[t.dtype]
+        values = data[base + t.start : base + t.end].view(as_uint)
+        if np.any((values & exponent) == exponent):
+            return t.name
+    return None
