@@ -119,7 +119,7 @@ def test_the_installed_command_never_prints_a_traceback(argv, code):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "loraserve", *(a.format(port=port) for a in argv)],
+        [str(Path(sys.executable).with_name("loraserve")), *(a.format(port=port) for a in argv)],
         capture_output=True,
         text=True,
         timeout=60,
