@@ -1,8 +1,8 @@
 """Prometheus metrics of the adapter manager.
 
 RPC counts and latencies are recorded by `loraserve.telemetry.TelemetryInterceptor` through
-`ManagerMetrics.observe_rpc`. Registry and membership gauges are refreshed from Redis by
-`refresh_forever` (a few pipelined counting commands every `REFRESH_S`), never per RPC; they
+`ManagerMetrics.observe_rpc`. Registry and membership gauges are refreshed by `refresh_forever`
+(`Registry.counts`: a few pipelined counting commands, every `REFRESH_S`), never per RPC; they
 describe the whole cluster, so every manager copy reports the same values.
 """
 
@@ -14,7 +14,7 @@ import logging
 import redis
 from prometheus_client import CollectorRegistry
 
-from adapter_svc.registry import STATES, Registry
+from adapter_svc.registry import Registry
 from loraserve.telemetry import MetricSpec, build_metrics
 
 log = logging.getLogger(__name__)
@@ -78,32 +78,20 @@ class ManagerMetrics:
 
     async def refresh(self, registry: Registry) -> None:
         """Read the registry and membership counts from Redis into the gauges."""
-        client, keys = registry.client, registry.keys
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.zcard(keys.adapters)
-                for state in STATES:
-                    pipe.zcard(keys.by_state(state))
-                pipe.scard(keys.pinned)
-                pipe.zrange(keys.replicas, 0, -1)
-                total, *by_state, pinned, replica_ids = await pipe.execute()
-            async with client.pipeline(transaction=False) as pipe:
-                for replica_id in replica_ids:
-                    pipe.hget(keys.replica(replica_id), "status")
-                statuses = await pipe.execute()
+            counts = await registry.counts()
         except redis.RedisError as e:
             self.m[P + "redis_errors_total"].labels("refresh").inc()
             self.m[P + "redis_up"].set(0)
             log.debug("metrics refresh could not reach redis: %s", e)
             return
         self.m[P + "redis_up"].set(1)
-        self.m[P + "registered_adapters"].set(total)
-        for state, count in zip(STATES, by_state):
+        self.m[P + "registered_adapters"].set(counts.adapters)
+        for state, count in counts.by_state.items():
             self.m[P + "adapters_by_state"].labels(state).set(count)
-        self.m[P + "pinned_adapters"].set(pinned)
-        up = sum(1 for s in statuses if s == "UP")
-        self.m[P + "replicas"].labels("up").set(up)
-        self.m[P + "replicas"].labels("down").set(len(statuses) - up)
+        self.m[P + "pinned_adapters"].set(counts.pinned)
+        self.m[P + "replicas"].labels("up").set(counts.replicas_up)
+        self.m[P + "replicas"].labels("down").set(counts.replicas_down)
 
     async def refresh_forever(self, registry: Registry) -> None:
         while True:

@@ -1,171 +1,46 @@
 """The control plane's state in Redis: the registry, replica membership and mirrors, routing, events.
 
-Every method is one or two round trips: a Lua script from `scripts.py` for each change (atomic,
+The only module that talks to Redis. Every method is one or two round trips: a Lua script from `scripts.py` for each change (atomic,
 multi-key), a MULTI/EXEC pipeline for each consistent multi-key read. The client retries commands
 with exponential backoff while the connection is lost; after the last retry the error propagates
-and the RPC answers UNAVAILABLE (see `errors.STATUS_BY_FAMILY`).
+and the RPC answers UNAVAILABLE (see `errors.STATUS_BY_FAMILY`). Every reply is decoded here into
+the typed values of `records.py`; callers never see a raw list.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
+from adapter_svc.records import (
+    STATES,
+    AdapterRecord,
+    Change,
+    ClusterCounts,
+    Event,
+    Exhausted,
+    HeartbeatAnswer,
+    JoinAnswer,
+    Refusal,
+    Refused,
+    Registered,
+    ReplicaRecord,
+    Reservation,
+    Resident,
+)
 from adapter_svc.scripts import Scripts
 
-STATES = ("REGISTERED", "LOADING", "CACHED", "ACTIVE", "FAILED")
-HOLDING_STATES = ("LOADING", "CACHED", "ACTIVE")
 # Index entries one ListAdapters call examines at most (filters may skip many of them).
 LIST_SCAN_BUDGET = 5000
 # Longest an XREAD waits for new events before the watcher loops (stays under socket_timeout).
 EVENTS_BLOCK_MS = 1000
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One registry entry, with its per-replica states."""
-
-    adapter_id: str
-    source: str
-    sha256: str
-    config_sha256: str
-    rank: int
-    lora_alpha: float
-    use_rslora: bool
-    target_modules: tuple[str, ...]
-    size_bytes: int
-    tenant: str
-    metadata: dict
-    state: str
-    reason: str
-    pinned: bool
-    deleting: bool
-    created_at_ms: int
-    updated_at_ms: int
-    placements: dict = field(default_factory=dict)  # replica id -> LOADING | CACHED | ACTIVE
-
-    @classmethod
-    def from_fields(cls, f: dict, placements: dict | None = None) -> AdapterRecord:
-        return cls(
-            adapter_id=f["adapter_id"],
-            source=f["source"],
-            sha256=f["sha256"],
-            config_sha256=f["config_sha256"],
-            rank=int(f["rank"]),
-            lora_alpha=float(f["lora_alpha"]),
-            use_rslora=f["use_rslora"] == "1",
-            target_modules=tuple(m for m in f["target_modules"].split(",") if m),
-            size_bytes=int(f["size_bytes"]),
-            tenant=f.get("tenant", ""),
-            metadata=json.loads(f.get("metadata") or "{}"),
-            state=f["state"],
-            reason=f.get("reason", ""),
-            pinned=f.get("pinned") == "1",
-            deleting=f.get("deleting") == "1",
-            created_at_ms=int(float(f["created_at"])),
-            updated_at_ms=int(float(f["updated_at"])),
-            placements=dict(placements or {}),
-        )
-
-
-def record_fields(
-    adapter_id: str,
-    source: str,
-    sha256: str,
-    config_sha256: str,
-    rank: int,
-    lora_alpha: float,
-    use_rslora: bool,
-    target_modules: tuple[str, ...],
-    size_bytes: int,
-    tenant: str,
-    metadata: dict,
-) -> dict[str, str]:
-    """The string fields REGISTER stores for a new adapter."""
-    return {
-        "adapter_id": adapter_id,
-        "source": source,
-        "sha256": sha256,
-        "config_sha256": config_sha256,
-        "rank": str(rank),
-        "lora_alpha": repr(float(lora_alpha)),
-        "use_rslora": "1" if use_rslora else "0",
-        "target_modules": ",".join(target_modules),
-        "size_bytes": str(size_bytes),
-        "tenant": tenant,
-        "metadata": json.dumps(metadata, sort_keys=True),
-        "pinned": "0",
-    }
-
-
-@dataclass(frozen=True)
-class Resident:
-    """One adapter in a replica's snapshot or mirror."""
-
-    adapter_id: str
-    slot: int  # -1 = host cache only
-    pinned: bool
-    last_used_ms: int
-    sha256: str = ""
-
-    def as_lua(self) -> list:
-        return [self.adapter_id, self.slot, int(self.pinned), int(self.last_used_ms), self.sha256]
-
-
-@dataclass(frozen=True)
-class ReplicaRecord:
-    """A replica's membership and its mirrored residency."""
-
-    replica_id: str
-    address: str
-    status: str  # UP | DOWN
-    epoch: int
-    joined_at_ms: int
-    last_heartbeat_ms: int
-    engine: dict
-    model_json: str
-    down_reason: str
-    residents: tuple[Resident, ...]  # most recently used first
-    loading: tuple[str, ...]
-
-    @property
-    def up(self) -> bool:
-        return self.status == "UP"
-
-    def holds(self, adapter_id: str) -> Resident | None:
-        return next((r for r in self.residents if r.adapter_id == adapter_id), None)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One residency change a replica reports."""
-
-    seq: int
-    kind: str  # loaded | activated | deactivated | evicted | load_failed
-    adapter_id: str
-    slot: int  # -1 when not about a slot
-    at_ms: int
-    reason: str = ""
-
-    def as_lua(self) -> list:
-        return [self.seq, self.kind, self.adapter_id, self.slot, int(self.at_ms), self.reason]
-
-
-@dataclass(frozen=True)
-class Event:
-    event_id: str
-    type: str
-    adapter_id: str
-    replica_id: str
-    detail: str
-    at_ms: int
 
 
 def connect(config: ManagerConfig) -> redis.Redis:
@@ -206,10 +81,9 @@ class Registry:
 
     # --- registry -----------------------------------------------------------------------------
 
-    async def register(self, adapter_id: str, fields: dict[str, str]) -> str:
-        """'ok' | 'same' (identical content already registered) | 'exists' | 'alias'."""
+    async def register(self, adapter_id: str, fields: dict[str, str]) -> Registered:
         (status,) = await self._call(self.scripts.register, adapter_id, json.dumps(fields))
-        return status
+        return Registered(status)
 
     async def get(self, adapter_id: str) -> AdapterRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -217,6 +91,16 @@ class Registry:
             pipe.hgetall(self.keys.adapter_on(adapter_id))
             fields, on = await pipe.execute()
         return AdapterRecord.from_fields(fields, on) if fields else None
+
+    async def require(self, adapter_id: str, live: bool = False) -> AdapterRecord:
+        """The adapter's record. Raises AdapterNotFound; with `live`, FailedPrecondition while it is
+        being unregistered."""
+        record = await self.get(adapter_id)
+        if record is None:
+            raise errors.AdapterNotFound(adapter_id)
+        if live and record.deleting:
+            raise errors.FailedPrecondition(f"adapter {adapter_id!r} is being unregistered")
+        return record
 
     async def list_page(
         self, cursor: str, page_size: int, tenant: str, state: str
@@ -248,18 +132,25 @@ class Registry:
             found = await pipe.execute()
         return [AdapterRecord.from_fields(f) for f in found if f]
 
-    async def unregister_begin(self, adapter_id: str, force: bool) -> list[str]:
-        return await self._call(self.scripts.unregister_begin, adapter_id, "1" if force else "0")
+    async def unregister_begin(self, adapter_id: str, force: bool) -> tuple[str, ...] | Refused:
+        """Mark the adapter `deleting` (no new loads); -> the replicas that hold it, or the refusal
+        (NOT_FOUND, PINNED, ACTIVE or REFERENCED)."""
+        out = await self._call(self.scripts.unregister_begin, adapter_id, "1" if force else "0")
+        return tuple(out[1:]) if out[0] == "ok" else _refused(out)
 
     async def unregister_abort(self, adapter_id: str) -> None:
         await self._call(self.scripts.unregister_abort, adapter_id)
 
-    async def unregister_finish(self, adapter_id: str, force: bool) -> list[str]:
-        return await self._call(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
+    async def unregister_finish(self, adapter_id: str, force: bool) -> Refused | None:
+        """Delete the adapter; None when done, else the refusal (NOT_FOUND, HELD or REFERENCED)."""
+        out = await self._call(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
+        return None if out[0] == "ok" else _refused(out)
 
-    async def set_pinned(self, adapter_id: str, pinned: bool) -> list[str]:
-        """['ok', replica, state, ...] | ['not_found'] | ['deleting']."""
-        return await self._call(self.scripts.pin, adapter_id, "1" if pinned else "0")
+    async def set_pinned(self, adapter_id: str, pinned: bool) -> dict[str, str] | Refused:
+        """Pin or unpin cluster-wide; -> its live holders {replica id: state}, or the refusal
+        (NOT_FOUND or DELETING)."""
+        out = await self._call(self.scripts.pin, adapter_id, "1" if pinned else "0")
+        return dict(zip(out[1::2], out[2::2])) if out[0] == "ok" else _refused(out)
 
     async def pinned_ids(self) -> list[str]:
         return sorted(await self.client.smembers(self.keys.pinned))
@@ -275,8 +166,8 @@ class Registry:
         snapshot: list[Resident],
         snapshot_seq: int,
         ttl_ms: int,
-    ) -> tuple[int, int, list[str]]:
-        """Replace the replica's mirror; -> (epoch, routing version, ids to drop)."""
+    ) -> JoinAnswer:
+        """Replace the replica's mirror with its snapshot."""
         epoch, version, drop = await self._call(
             self.scripts.join,
             replica_id,
@@ -287,12 +178,12 @@ class Registry:
             snapshot_seq,
             ttl_ms,
         )
-        return int(epoch), int(version), list(drop)
+        return JoinAnswer(int(epoch), int(version), tuple(drop))
 
     async def heartbeat(
         self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, ttl_ms: int
-    ) -> tuple[int, list[str], list[str], list[str]] | None:
-        """(routing version, ids to unpin, to pin, to drop), or None when the replica must rejoin."""
+    ) -> HeartbeatAnswer:
+        """Renew the replica's membership and reconcile its pins and mirror."""
         out = await self._call(
             self.scripts.heartbeat,
             replica_id,
@@ -302,8 +193,8 @@ class Registry:
             ttl_ms,
         )
         if out[0] == "rejoin":
-            return None
-        return int(out[1]), list(out[2]), list(out[3]), list(out[4])
+            return HeartbeatAnswer(rejoin=True)
+        return HeartbeatAnswer(False, int(out[1]), tuple(out[2]), tuple(out[3]), tuple(out[4]))
 
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
         """Apply changes in order; False when the replica must rejoin."""
@@ -320,8 +211,10 @@ class Registry:
         usage: list[Resident],
         max_cpu_loras: int,
         timeout_ms: int,
-    ) -> list:
-        return await self._call(
+    ) -> Reservation | Exhausted | Refused:
+        """The host-cache policy: reserve room for `adapter_id` on the replica, naming LRU victims;
+        a refusal is STALE, NOT_FOUND or DELETING."""
+        out = await self._call(
             self.scripts.acquire,
             replica_id,
             epoch,
@@ -330,6 +223,14 @@ class Registry:
             max_cpu_loras,
             timeout_ms,
         )
+        kind = out[0]
+        if kind == "ok":
+            return Reservation(out[1], int(out[2]), bool(out[3]), False, tuple(out[4]))
+        if kind == "resident":
+            return Reservation(out[1], int(out[2]), bool(out[3]), True)
+        if kind == "exhausted":
+            return Exhausted(int(out[1]), int(out[2]))
+        return _refused(out)
 
     async def mark_down(
         self, replica_id: str, reason: str, only_if_lapsed: bool, epoch: int | None = None
@@ -424,6 +325,24 @@ class Registry:
     async def release_placement(self, adapter_id: str) -> None:
         await self.client.delete(self.keys.placement(adapter_id))
 
+    # --- gauges -------------------------------------------------------------------------------
+
+    async def counts(self) -> ClusterCounts:
+        """Registry and membership sizes (two pipelines, not one snapshot: for gauges only)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.adapters)
+            for state in STATES:
+                pipe.zcard(self.keys.by_state(state))
+            pipe.scard(self.keys.pinned)
+            pipe.zrange(self.keys.replicas, 0, -1)
+            total, *by_state, pinned, replica_ids = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for replica_id in replica_ids:
+                pipe.hget(self.keys.replica(replica_id), "status")
+            statuses = await pipe.execute()
+        up = sum(1 for s in statuses if s == "UP")
+        return ClusterCounts(total, dict(zip(STATES, by_state)), pinned, up, len(statuses) - up)
+
     # --- routing ------------------------------------------------------------------------------
 
     async def routing(self) -> tuple[int, dict[str, list], list[dict]]:
@@ -439,14 +358,20 @@ class Registry:
             json.loads(rules or "[]"),
         )
 
-    async def set_alias(self, name: str, variants: list[list]) -> list:
-        return await self._call(self.scripts.set_alias, name, json.dumps(variants))
+    async def set_alias(self, name: str, variants: list[list]) -> Refused | None:
+        """None when stored, else the refusal (CONFLICT, or UNKNOWN naming the variant)."""
+        out = await self._call(self.scripts.set_alias, name, json.dumps(variants))
+        return None if out[0] == "ok" else _refused(out)
 
-    async def delete_alias(self, name: str) -> list:
-        return await self._call(self.scripts.delete_alias, name)
+    async def delete_alias(self, name: str) -> Refused | None:
+        """None when deleted, else the refusal (NOT_FOUND, or REFERENCED naming the rules)."""
+        out = await self._call(self.scripts.delete_alias, name)
+        return None if out[0] == "ok" else _refused(out)
 
-    async def set_rules(self, rules: list[dict]) -> list:
-        return await self._call(self.scripts.set_rules, _lua_list(rules))
+    async def set_rules(self, rules: list[dict]) -> Refused | None:
+        """None when stored, else the refusal (UNKNOWN naming the target)."""
+        out = await self._call(self.scripts.set_rules, _lua_list(rules))
+        return None if out[0] == "ok" else _refused(out)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -471,6 +396,10 @@ class Registry:
                     )
                 )
         return events
+
+
+def _refused(answer: list) -> Refused:
+    return Refused(Refusal(answer[0]), tuple(str(n) for n in answer[1:]))
 
 
 def _lua_list(items: list) -> str:

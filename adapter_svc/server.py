@@ -94,7 +94,7 @@ class ManagerServer:
         await self._server.start()
         await self._probe()
         self._tasks = [
-            asyncio.create_task(self.manager.run_sweeper(), name="replica-sweeper"),
+            asyncio.create_task(self.manager.membership.run_sweeper(), name="replica-sweeper"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
         ]
         if self.config.metrics_port:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from adapter_svc import errors
-from adapter_svc.manager import AdapterManager, UploadHeader, WeightsInfo
-from adapter_svc.registry import AdapterRecord, Change, ReplicaRecord, Resident
+from adapter_svc.catalog import UploadHeader, WeightsInfo
+from adapter_svc.manager import AdapterManager
+from adapter_svc.records import AdapterRecord, Change, ReplicaRecord, Resident
 from loraserve.convert import resident_proto, rule_from, rule_proto
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
@@ -129,12 +130,15 @@ def alias_proto(name: str, variants) -> pb.Alias:
 
 class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     def __init__(self, manager: AdapterManager):
-        self.manager = manager
+        self.catalog = manager.catalog
+        self.routes = manager.routes
+        self.placement = manager.placement
+        self.membership = manager.membership
 
     # registry
 
     async def RegisterAdapter(self, request, context):
-        record = await self.manager.register_dir(
+        record = await self.catalog.register_dir(
             request.adapter_id, request.path, request.tenant, dict(request.metadata)
         )
         return adapter_proto(record)
@@ -152,13 +156,13 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
                     raise errors.InvalidArgument("UploadAdapter takes one header, then only chunks")
                 yield message.chunk
 
-        return adapter_proto(await self.manager.upload(header, chunks()))
+        return adapter_proto(await self.catalog.upload(header, chunks()))
 
     async def GetAdapter(self, request, context):
-        return adapter_proto(await self.manager.get(request.adapter_id))
+        return adapter_proto(await self.catalog.get(request.adapter_id))
 
     async def ListAdapters(self, request, context):
-        records, token = await self.manager.list_adapters(
+        records, token = await self.catalog.list_adapters(
             request.page_size,
             request.page_token,
             request.tenant,
@@ -168,54 +172,54 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         return pb.ListAdaptersResponse(adapters=[adapter_proto(r) for r in records], next_page_token=token)
 
     async def UnregisterAdapter(self, request, context):
-        evicted = await self.manager.unregister(request.adapter_id, request.force)
+        evicted = await self.catalog.unregister(request.adapter_id, request.force)
         return pb.UnregisterAdapterResponse(evicted_from=evicted)
 
     # placement
 
     async def LoadAdapter(self, request, context):
-        replica_id, resident = await self.manager.load(
+        replica_id, resident = await self.placement.load(
             request.adapter_id, request.replica_id, request.to_slot
         )
         return pb.ClusterLoadAdapterResponse(replica_id=replica_id, adapter=resident)
 
     async def EvictAdapter(self, request, context):
-        evicted = await self.manager.evict(request.adapter_id, request.replica_id, request.force)
+        evicted = await self.placement.evict(request.adapter_id, request.replica_id, request.force)
         return pb.ClusterEvictAdapterResponse(evicted_from=evicted)
 
     async def PinAdapter(self, request, context):
-        return pb.PinAdapterResponse(replica_ids=await self.manager.pin(request.adapter_id))
+        return pb.PinAdapterResponse(replica_ids=await self.placement.pin(request.adapter_id))
 
     async def UnpinAdapter(self, request, context):
-        await self.manager.unpin(request.adapter_id)
+        await self.placement.unpin(request.adapter_id)
         return pb.UnpinAdapterResponse()
 
     async def GetClusterState(self, request, context):
-        return pb.ClusterState(replicas=[replica_proto(r) for r in await self.manager.cluster_state()])
+        return pb.ClusterState(replicas=[replica_proto(r) for r in await self.placement.cluster_state()])
 
     # routing
 
     async def SetAlias(self, request, context):
         variants = [(v.adapter_id, v.weight) for v in request.alias.variants]
-        return alias_proto(request.alias.name, await self.manager.set_alias(request.alias.name, variants))
+        return alias_proto(request.alias.name, await self.routes.set_alias(request.alias.name, variants))
 
     async def GetAlias(self, request, context):
-        return alias_proto(request.name, await self.manager.get_alias(request.name))
+        return alias_proto(request.name, await self.routes.get_alias(request.name))
 
     async def DeleteAlias(self, request, context):
-        await self.manager.delete_alias(request.name)
+        await self.routes.delete_alias(request.name)
         return pb.DeleteAliasResponse()
 
     async def SetRoutingRules(self, request, context):
-        rules = await self.manager.set_rules([rule_from(r) for r in request.rules.rules])
+        rules = await self.routes.set_rules([rule_from(r) for r in request.rules.rules])
         return pb.RoutingRules(rules=[rule_proto(r) for r in rules])
 
     async def GetRoutingRules(self, request, context):
-        table = await self.manager.routing_table()
+        table = await self.routes.routing_table()
         return pb.RoutingRules(rules=[rule_proto(r) for r in table.rules])
 
     async def GetRoutingTable(self, request, context):
-        table = await self.manager.routing_table()
+        table = await self.routes.routing_table()
         return pb.RoutingTable(
             version=table.version,
             aliases=[alias_proto(name, v) for name, v in sorted(table.aliases.items())],
@@ -223,7 +227,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         )
 
     async def ResolveAdapter(self, request, context):
-        res = await self.manager.resolve(
+        res = await self.routes.resolve(
             request.adapter_id, request.request_key, request.tenant, dict(request.headers)
         )
         return pb.ResolveAdapterResponse(adapter_id=res.adapter_id, alias=res.alias, rule=res.rule)
@@ -231,7 +235,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     # events
 
     async def WatchEvents(self, request, context):
-        async for e in self.manager.events(request.after_id, request.adapter_id, request.replica_id):
+        async for e in self.catalog.events(request.after_id, request.adapter_id, request.replica_id):
             yield pb.AdapterEvent(
                 id=e.event_id,
                 type=e.type,
@@ -244,7 +248,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     # replicas
 
     async def JoinReplica(self, request, context):
-        joined = await self.manager.join(
+        joined = await self.membership.join(
             request.replica_id,
             request.address,
             engine_dict(request.engine),
@@ -260,7 +264,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         )
 
     async def Heartbeat(self, request, context):
-        answer = await self.manager.heartbeat(
+        answer = await self.membership.heartbeat(
             request.replica_id,
             request.epoch,
             [resident_from(r) for r in request.snapshot],
@@ -276,15 +280,15 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
 
     async def ReportResidency(self, request, context):
         changes = [change_from(c) for c in request.changes]
-        ok = await self.manager.report(request.replica_id, request.epoch, changes)
+        ok = await self.membership.report(request.replica_id, request.epoch, changes)
         return pb.ReportResidencyResponse(rejoin=not ok)
 
     async def LeaveReplica(self, request, context):
-        await self.manager.leave(request.replica_id, request.epoch)
+        await self.membership.leave(request.replica_id, request.epoch)
         return pb.LeaveReplicaResponse()
 
     async def AcquireAdapter(self, request, context):
-        acquired = await self.manager.acquire(
+        acquired = await self.placement.acquire(
             request.replica_id,
             request.epoch,
             request.adapter_id,
@@ -300,7 +304,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         )
 
     async def FetchAdapterWeights(self, request, context):
-        async for part in self.manager.fetch(request.adapter_id):
+        async for part in self.catalog.fetch(request.adapter_id):
             if isinstance(part, WeightsInfo):
                 yield pb.AdapterWeightsChunk(
                     header=pb.WeightsHeader(

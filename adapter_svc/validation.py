@@ -1,4 +1,5 @@
-"""Adapter validation against the engine configurations the cluster actually runs.
+"""What the manager accepts: request ids and labels, and adapters checked against the engine
+configurations the cluster actually runs.
 
 A `Profile` is one (base model, engine adapter limits) pair: each live replica brings its own when
 it joins; `--model-config` supplies one for a manager with no replica yet. An adapter must pass
@@ -9,6 +10,7 @@ Nothing here imports torch: the format and the limits come from the shared layer
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,32 @@ from adapter_svc.config import ManagerConfig
 from loraserve import errors as shared_errors
 from loraserve.engine_limits import AdapterLimits
 from loraserve.model_summary import ModelConfig
+from loraserve.names import ID_RE
 from loraserve.peft_format import WEIGHTS_FILE, AdapterManifest, inspect_adapter, non_finite_tensor
+
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY = 128
+MAX_METADATA_VALUE = 4096
+
+
+def check_id(kind: str, value: str) -> None:
+    """InvalidArgument unless `value` is a well-formed id (adapter, replica, tenant, page token)."""
+    if not ID_RE.match(value or ""):
+        raise errors.InvalidArgument(f"{kind} {value!r} must match {ID_RE.pattern}")
+
+
+def check_labels(tenant: str, metadata: Mapping[str, str]) -> None:
+    """InvalidArgument unless the tenant is an id (or empty) and the metadata is within bounds."""
+    if tenant:
+        check_id("tenant", tenant)
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise errors.InvalidArgument(f"metadata has {len(metadata)} entries; at most {MAX_METADATA_ENTRIES}")
+    for key, value in metadata.items():
+        if not 0 < len(key) <= MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise errors.InvalidArgument(
+                f"metadata {key[:40]!r}: keys must be 1..{MAX_METADATA_KEY} characters and values "
+                f"at most {MAX_METADATA_VALUE}"
+            )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import redis.asyncio.connection
 
 from adapter_svc import scripts
 from adapter_svc.config import ManagerConfig
-from adapter_svc.registry import record_fields
+from adapter_svc.records import record_fields
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model

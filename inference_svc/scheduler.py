@@ -92,6 +92,7 @@ class StepRecord:
     num_tokens: int
     adapters: frozenset  # distinct adapter ids (None = base) in the step
     slots: frozenset  # distinct slots >= 0 in the step
+    preemptions_total: int = 0  # sequences preempted (KV blocks freed, to recompute) so far
 
 
 class Scheduler:
@@ -111,6 +112,7 @@ class Scheduler:
         self.history: deque[StepRecord] = deque(maxlen=4096)
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine each step
         self.steps = 0  # schedule() calls so far
+        self.preemptions = 0  # sequences preempted so far
         self.slot_wait_since: dict[str, int] = {}  # adapter without a slot -> step it was first passed over
         self.yielding: dict[str, None] = {}  # slot holders admitting nothing new, in the order they yielded
 
@@ -150,6 +152,7 @@ class Scheduler:
                 sum(c.num_tokens for c in chunks),
                 frozenset(c.seq.adapter_id for c in chunks),
                 slots,
+                self.preemptions,
             )
         )
         return chunks
@@ -245,6 +248,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and slot; it is recomputed when admitted again."""
         self.running.remove(seq)
+        self.preemptions += 1
         self.kv.free(seq.block_table)
         seq.num_computed = 0
         self._release_slot(seq)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py and helpers
 
+from harness import LoopThread, write_adapters, write_model  # noqa: E402
 from oracles import ADAPTER_SPECS, MODEL_KINDS, write_hf_model, write_peft_adapter  # noqa: E402
 
 
@@ -26,3 +27,31 @@ def hf_checkpoint(request, tmp_path_factory):
         for i, (name, spec) in enumerate(ADAPTER_SPECS.items())
     }
     return kind, model_dir, adapters
+
+
+# --- the servers' tests (adapter_svc/, reliability/; inference_svc/ overrides model_dir) ----------
+
+
+@pytest.fixture(scope="session")
+def loop():
+    """The event loop that hosts every in-process server of the session."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny Llama-style demo model (2 layers, hidden 64)."""
+    return write_model(tmp_path_factory.mktemp("servers_model"))
+
+
+@pytest.fixture(scope="session")
+def adapters(model_dir, tmp_path_factory):
+    """{id: dir} of 8 rank-4 adapters on q_proj/v_proj, all under one adapter root."""
+    return write_adapters(model_dir, tmp_path_factory.mktemp("adapter_root"), 8)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(adapters):
+    return next(iter(adapters.values())).parent

@@ -8,10 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from stack_helpers import LoopThread, RedisProcess, free_port, manager_config, write_model
 
-from adapter_svc.server import ManagerServer
 from entrypoints.cli import main
+
+from harness import (
+    LoopThread,
+    ManagerHandle,
+    RedisProcess,
+    free_port,
+    manager_config,
+    write_adapters,
+    write_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,13 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 def manager(tmp_path_factory):
     """(manager address, model dir, adapter root) of an in-process manager with no replica."""
     root = tmp_path_factory.mktemp("cli")
-    model_dir, adapter_root = write_model(root, 2)
+    model_dir, adapter_root = write_model(root), root / "adapters"
+    write_adapters(model_dir, adapter_root, 2)
     redis_proc = RedisProcess(root / "redis").start()
     loop = LoopThread()
     try:
-        server = loop.start(ManagerServer, manager_config(redis_proc.url, root, adapter_root, model_dir))
-        yield f"127.0.0.1:{server.port}", model_dir, adapter_root
-        loop.run(server.stop(0.5))
+        manager = ManagerHandle(loop, manager_config(redis_proc.url, root, adapter_root, model_dir))
+        yield manager.address, model_dir, adapter_root
+        manager.close()
     finally:
         loop.close()
         redis_proc.stop()

@@ -5,25 +5,27 @@ import concurrent.futures
 import re
 from pathlib import Path
 
-import grpc
 import pytest
-from stack_helpers import (
-    TIMEOUT_S,
-    LoopThread,
-    RedisProcess,
-    scrape,
-    start_stack,
-    total,
-    value,
-    wait_for,
-    write_model,
-)
 
 from adapter_svc import metrics as manager_metrics
 from inference_svc import metrics as engine_metrics
 from inference_svc.adapter_cache import ResidencyEvent
 from inference_svc.metrics import BASE_LABEL, OTHER_LABEL, EngineMetrics
-from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraserve.v1 import inference_pb2
+
+from harness import (
+    TIMEOUT_S,
+    LoopThread,
+    RedisProcess,
+    register,
+    scrape,
+    start_stack,
+    total,
+    value,
+    wait_for,
+    write_adapters,
+    write_model,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ADAPTERS = ["ad-0", "ad-1", "ad-2"]
@@ -33,28 +35,21 @@ PROMPT, PROMPT_TOKENS, MAX_TOKENS = "hello", 5, 4  # the demo tokenizer has one 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    model_dir, adapter_root = write_model(root, len(ADAPTERS))
+    model_dir, adapter_root = write_model(root), root / "adapters"
+    write_adapters(model_dir, adapter_root, len(ADAPTERS))
     redis_proc = RedisProcess(root / "redis").start()
     loop = LoopThread()
     try:
         manager, replica = start_stack(loop, redis_proc.url, root, model_dir, adapter_root, metrics=True)
-        manager_channel = grpc.insecure_channel(f"127.0.0.1:{manager.port}")
-        replica_channel = grpc.insecure_channel(f"127.0.0.1:{replica.port}")
-        registry = adapter_pb2_grpc.AdapterServiceStub(manager_channel)
         for adapter_id in ADAPTERS:
-            path = str(adapter_root / adapter_id)
-            registry.RegisterAdapter(
-                adapter_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path), timeout=30
-            )
+            register(manager.stub, adapter_id, adapter_root / adapter_id)
         yield {
-            "manager_url": manager.metrics_server.url,
-            "replica_url": replica.metrics_server.url,
-            "inference": inference_pb2_grpc.InferenceServiceStub(replica_channel),
+            "manager_url": manager.server.metrics_server.url,
+            "replica_url": replica.server.metrics_server.url,
+            "inference": replica.stub,
         }
-        manager_channel.close()
-        replica_channel.close()
-        loop.run(replica.stop(0.5))
-        loop.run(manager.stop(0.5))
+        replica.close()
+        manager.close()
     finally:
         loop.close()
         redis_proc.stop()

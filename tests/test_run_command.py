@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from stack_helpers import free_port, scrape, total, wait_for
 
 from inference_svc.demo_model import TINY_SHAPE, write_demo_model
+
+from harness import free_port, scrape, total, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

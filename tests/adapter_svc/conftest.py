@@ -1,37 +1,6 @@
 import pytest
-from manager_harness import (
-    LoopThread,
-    ManagerHandle,
-    RedisProcess,
-    manager_config,
-    write_adapters,
-    write_model,
-)
 
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A tiny Llama-style demo model (2 layers, hidden 64)."""
-    return write_model(tmp_path_factory.mktemp("manager_model"))
-
-
-@pytest.fixture(scope="session")
-def adapters(model_dir, tmp_path_factory):
-    """{id: dir} of 8 rank-4 adapters on q_proj/v_proj, all under one adapter root."""
-    return write_adapters(model_dir, tmp_path_factory.mktemp("adapter_root"), 8)
-
-
-@pytest.fixture(scope="session")
-def adapter_root(adapters):
-    return next(iter(adapters.values())).parent
-
-
-@pytest.fixture(scope="session")
-def loop():
-    """The event loop that hosts every in-process server of the session."""
-    thread = LoopThread()
-    yield thread
-    thread.close()
+from harness import ManagerHandle, RedisProcess, ReplicaHandle, manager_config
 
 
 @pytest.fixture
@@ -48,3 +17,14 @@ def manager(loop, redis_proc, tmp_path, adapter_root, model_dir):
     handle = ManagerHandle(loop, manager_config(redis_proc.url, tmp_path, adapter_root, model_dir))
     yield handle
     handle.close()
+
+
+@pytest.fixture
+def replicas(loop, manager, model_dir):
+    """Two managed replicas, r1 and r2 (max_loras 2, max_cpu_loras 3), joined to `manager`."""
+    handles = [
+        ReplicaHandle(loop, model_dir, manager.address, f"r{i}", max_loras=2, max_cpu_loras=3) for i in (1, 2)
+    ]
+    yield {h.replica_id: h for h in handles}
+    for h in handles:
+        h.close()

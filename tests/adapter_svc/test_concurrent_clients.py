@@ -10,11 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
-from manager_harness import TIMEOUT_S, ReplicaHandle, mirror, register, truth, wait_for
 
-from adapter_svc.registry import STATES
+from adapter_svc.records import STATES
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, mirror, register, replica_state, truth, wait_for
 
 CLIENTS = 16
 RUN_S = 6.0  # each client stops starting operations after this long
@@ -27,16 +27,6 @@ EXPECTED = {
     grpc.StatusCode.NOT_FOUND,  # unregistered by its owner meanwhile
     grpc.StatusCode.ALREADY_EXISTS,
 }
-
-
-@pytest.fixture
-def replicas(loop, manager, model_dir):
-    handles = [
-        ReplicaHandle(loop, model_dir, manager.address, f"r{i}", max_loras=2, max_cpu_loras=3) for i in (1, 2)
-    ]
-    yield {h.replica_id: h for h in handles}
-    for h in handles:
-        h.close()
 
 
 def client(n: int, manager, replicas, adapters, deadline: float, counts: dict, lock: threading.Lock) -> None:
@@ -109,9 +99,9 @@ def test_sixteen_concurrent_clients_keep_every_invariant(manager, replicas, redi
 
     def quiescent():
         held = {rid: truth(h.stub) for rid, h in replicas.items()}
-        return (held,) if all(mirror(r, rid) == h for rid, h in held.items()) else None
+        return (held,) if all(mirror(manager.stub, rid) == h for rid, h in held.items()) else None
 
-    held = wait_for(quiescent, "Redis to mirror both replicas after the run")[0]
+    held = wait_for(quiescent, "the manager to mirror both replicas after the run")[0]
 
     for rid, handle in replicas.items():
         config = handle.server.config.engine
@@ -119,7 +109,7 @@ def test_sixteen_concurrent_clients_keep_every_invariant(manager, replicas, redi
         assert max(history, default=0) <= config.max_loras  # the scheduler's own record of each step
         assert len(held[rid]) <= config.max_cpu_loras
         assert sum(slot >= 0 for slot, _ in held[rid].values()) <= config.max_loras
-        assert r.hlen(redis_proc.keys.replica_loading(rid)) == 0
+        assert list(replica_state(manager.stub, rid).loading) == []
 
     # The pin held: ad-0 stayed on its replica, pinned, and was never evicted anywhere.
     assert all(held[rid].get("ad-0", (None, False))[1] for rid in pinned_on)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 
-from manager_harness import (
+from loraserve.v1 import inference_pb2
+
+from harness import (
     TIMEOUT_S,
     ManagerHandle,
     ReplicaHandle,
@@ -15,8 +17,6 @@ from manager_harness import (
     truth,
     wait_for,
 )
-
-from loraserve.v1 import inference_pb2
 
 
 def local_copy(replica, adapter_id: str):
@@ -60,7 +60,7 @@ def test_fetched_bytes_serve_at_once_and_the_local_copy_serves_later_loads(
         evict_on_replica(replica, "ad-0")
         again = replica.generate("ad-0", max_tokens=4)
         assert [t for out in again for t in out.token_ids] == expected
-        assert manager.manager.fetches == 1
+        assert manager.manager.catalog.fetches == 1
 
         # With the manager gone, the local copy still serves it (after one call to the manager
         # times out: shortened here from the default 10 s).

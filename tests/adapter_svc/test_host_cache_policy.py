@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from manager_harness import TIMEOUT_S, ReplicaHandle, code_of, mirror, register, truth, wait_for
 
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, ReplicaHandle, code_of, in_sync, register, replica_state, truth, wait_for
 
 
 @pytest.fixture
@@ -32,47 +33,36 @@ def decisions(redis_proc) -> list[str]:
     return [f["detail"] for _, f in entries if f["type"] == "loading" and f["detail"]]
 
 
-def settled(redis_proc, replica) -> dict:
-    """The replica's residency once Redis mirrors it exactly."""
-    r = redis_proc.client()
-
-    def same():
-        held = truth(replica.stub)
-        return (held,) if held == mirror(r, "r1") else None
-
-    return wait_for(same, "Redis to mirror the replica")[0]
-
-
-def use(replica, redis_proc, adapter_id: str) -> set[str]:
+def use(replica, manager, adapter_id: str) -> set[str]:
     out = replica.generate(adapter_id)
     assert out[-1].adapter_id == adapter_id
-    return set(settled(redis_proc, replica))
+    return set(in_sync(manager.stub, "r1", replica.stub))
 
 
 def test_lru_eviction_pins_and_exhaustion(manager, replica, redis_proc):
-    assert [use(replica, redis_proc, f"ad-{i}") for i in range(3)] == [
+    assert [use(replica, manager, f"ad-{i}") for i in range(3)] == [
         {"ad-0"},
         {"ad-0", "ad-1"},
         {"ad-0", "ad-1", "ad-2"},
     ]
-    assert use(replica, redis_proc, "ad-3") == {"ad-1", "ad-2", "ad-3"}
-    assert use(replica, redis_proc, "ad-4") == {"ad-2", "ad-3", "ad-4"}
-    assert use(replica, redis_proc, "ad-0") == {"ad-3", "ad-4", "ad-0"}
-    assert use(replica, redis_proc, "ad-3") == {"ad-3", "ad-4", "ad-0"}  # a hit refreshes ad-3
-    assert use(replica, redis_proc, "ad-1") == {"ad-3", "ad-0", "ad-1"}  # so ad-4 is the LRU
+    assert use(replica, manager, "ad-3") == {"ad-1", "ad-2", "ad-3"}
+    assert use(replica, manager, "ad-4") == {"ad-2", "ad-3", "ad-4"}
+    assert use(replica, manager, "ad-0") == {"ad-3", "ad-4", "ad-0"}
+    assert use(replica, manager, "ad-3") == {"ad-3", "ad-4", "ad-0"}  # a hit refreshes ad-3
+    assert use(replica, manager, "ad-1") == {"ad-3", "ad-0", "ad-1"}  # so ad-4 is the LRU
     assert evictions(redis_proc) == ["ad-0", "ad-1", "ad-2", "ad-4"]
     assert decisions(redis_proc) == ["evicting ad-0", "evicting ad-1", "evicting ad-2", "evicting ad-4"]
 
     # A pinned adapter survives every later load.
     pinned = manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id="ad-3"), timeout=TIMEOUT_S)
     assert list(pinned.replica_ids) == ["r1"]
-    assert settled(redis_proc, replica)["ad-3"] == (-1, True)
+    assert in_sync(manager.stub, "r1", replica.stub)["ad-3"] == (-1, True)
     for adapter_id in ("ad-2", "ad-4", "ad-0", "ad-1", "ad-2"):
-        assert "ad-3" in use(replica, redis_proc, adapter_id)
+        assert "ad-3" in use(replica, manager, adapter_id)
     assert "ad-3" not in evictions(redis_proc)[4:]
 
     # Every entry pinned: nothing can be evicted, and the answer is RESOURCE_EXHAUSTED, not a hang.
-    held = set(settled(redis_proc, replica))
+    held = set(in_sync(manager.stub, "r1", replica.stub))
     for adapter_id in sorted(held - {"ad-3"}):
         manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S)
     cold = sorted({f"ad-{i}" for i in range(5)} - held)[0]
@@ -80,12 +70,12 @@ def test_lru_eviction_pins_and_exhaustion(manager, replica, redis_proc):
         replica.generate(cold)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_cpu_loras=3" in e.value.details()
-    load = code_of(manager.stub.LoadAdapter, pb.ClusterLoadAdapterRequest(adapter_id=cold))
+    load = code_of(manager.stub.LoadAdapter, pb.ClusterLoadAdapterRequest(adapter_id=cold)).code
     assert load == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert set(settled(redis_proc, replica)) == held
-    evict = code_of(manager.stub.EvictAdapter, pb.ClusterEvictAdapterRequest(adapter_id="ad-3"))
+    assert set(in_sync(manager.stub, "r1", replica.stub)) == held
+    evict = code_of(manager.stub.EvictAdapter, pb.ClusterEvictAdapterRequest(adapter_id="ad-3")).code
     assert evict == grpc.StatusCode.FAILED_PRECONDITION
-    unregister = code_of(manager.stub.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id="ad-3"))
+    unregister = code_of(manager.stub.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id="ad-3")).code
     assert unregister == grpc.StatusCode.FAILED_PRECONDITION
 
     # Unpinned, adapters are evictable again (at once for the manager, by heartbeat on the replica;
@@ -93,9 +83,9 @@ def test_lru_eviction_pins_and_exhaustion(manager, replica, redis_proc):
     for adapter_id in sorted(held):
         manager.stub.UnpinAdapter(pb.UnpinAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S)
     wait_for(lambda: not any(p for _, p in truth(replica.stub).values()), "the replica to drop its pins")
-    settled(redis_proc, replica)
-    (lru,) = redis_proc.client().zrange(redis_proc.keys.replica_host("r1"), 0, 0)
-    assert use(replica, redis_proc, cold) == held - {lru} | {cold}
+    in_sync(manager.stub, "r1", replica.stub)
+    lru = replica_state(manager.stub, "r1").adapters[-1].adapter_id  # most recently used first
+    assert use(replica, manager, cold) == held - {lru} | {cold}
     assert evictions(redis_proc)[-1] == lru
 
 
@@ -107,7 +97,7 @@ def test_concurrent_cold_requests_beyond_the_host_cache_wait_instead_of_failing(
     with ThreadPoolExecutor(5) as pool:
         outs = list(pool.map(lambda i: replica.generate(f"ad-{i}"), range(5)))
     assert [o[-1].adapter_id for o in outs] == [f"ad-{i}" for i in range(5)]
-    assert len(settled(redis_proc, replica)) == 3
+    assert len(in_sync(manager.stub, "r1", replica.stub)) == 3
 
 
 def test_unpin_reaches_the_replica_at_once(manager, replica, redis_proc):

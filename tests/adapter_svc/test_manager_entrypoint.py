@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from manager_harness import ManagerProcess, free_port, manager_config
 
 from adapter_svc.cli import add_manager_flags, manager_config_from
 from adapter_svc.config import ManagerConfig
+
+from harness import ManagerProcess, free_port, manager_config
 
 
 @pytest.mark.parametrize(

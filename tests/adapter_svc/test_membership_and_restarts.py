@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import grpc
-from manager_harness import (
+
+from loraserve.v1 import adapter_pb2 as pb
+from loraserve.v1 import adapter_pb2_grpc
+
+from harness import (
     TIMEOUT_S,
     ManagerHandle,
     ManagerProcess,
@@ -11,30 +15,14 @@ from manager_harness import (
     ReplicaHandle,
     ReplicaProcess,
     free_port,
+    in_sync,
     manager_config,
     mirror,
     register,
+    replica_state,
     truth,
     wait_for,
 )
-
-from loraserve.v1 import adapter_pb2 as pb
-from loraserve.v1 import adapter_pb2_grpc
-
-
-def replica_state(stub, replica_id: str) -> pb.ReplicaState:
-    cluster = stub.GetClusterState(pb.GetClusterStateRequest(), timeout=TIMEOUT_S)
-    return next(r for r in cluster.replicas if r.replica_id == replica_id)
-
-
-def in_sync(redis_proc, replica_id: str, stub) -> dict:
-    r = redis_proc.client()
-
-    def same():
-        held = truth(stub)
-        return (held,) if held == mirror(r, replica_id) else None
-
-    return wait_for(same, f"Redis to mirror {replica_id}")[0]
 
 
 def test_killed_replica_is_marked_down_within_two_heartbeats_and_reconciled_on_return(
@@ -54,7 +42,7 @@ def test_killed_replica_is_marked_down_within_two_heartbeats_and_reconciled_on_r
         manager.stub.LoadAdapter(
             pb.ClusterLoadAdapterRequest(adapter_id="ad-1", to_slot=True), timeout=TIMEOUT_S
         )
-        assert in_sync(redis_proc, "rk", replica.stub) == {"ad-0": (-1, True), "ad-1": (0, False)}
+        assert in_sync(manager.stub, "rk", replica.stub) == {"ad-0": (-1, True), "ad-1": (0, False)}
 
         replica.kill()
         down = wait_for(
@@ -65,7 +53,7 @@ def test_killed_replica_is_marked_down_within_two_heartbeats_and_reconciled_on_r
         r = redis_proc.client()
         down_at = int(r.hget(redis_proc.keys.replica("rk"), "down_at"))
         assert down_at - down.last_heartbeat_ms <= 2 * interval_s * 1000  # Redis's clock on both ends
-        assert mirror(r, "rk") == {} and list(down.adapters) == []
+        assert mirror(manager.stub, "rk") == {} and list(down.adapters) == []
         for adapter_id in ("ad-0", "ad-1"):
             got = manager.stub.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S)
             assert (got.state, list(got.placements)) == (pb.ADAPTER_STATE_REGISTERED, [])
@@ -80,7 +68,7 @@ def test_killed_replica_is_marked_down_within_two_heartbeats_and_reconciled_on_r
             and back.epoch == down.epoch + 1
         )
         wait_for(lambda: truth(replica.stub).get("ad-0") == (-1, True), "the pinned adapter to be reloaded")
-        assert in_sync(redis_proc, "rk", replica.stub) == {"ad-0": (-1, True)}
+        assert in_sync(manager.stub, "rk", replica.stub) == {"ad-0": (-1, True)}
     finally:
         if replica is not None:
             replica.terminate()
@@ -110,7 +98,7 @@ def test_manager_restart_loses_nothing(loop, redis_proc, tmp_path, adapter_root,
         replica.generate("ad-2")  # fetched once, then evicted: the replica keeps its verified copy
         stub.EvictAdapter(pb.ClusterEvictAdapterRequest(adapter_id="ad-2"), timeout=TIMEOUT_S)
         replica.generate("ad-1")
-        held = in_sync(redis_proc, "r1", replica.stub)
+        held = in_sync(stub, "r1", replica.stub)
 
         def view():
             adapters_ = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT_S)
@@ -132,8 +120,7 @@ def test_manager_restart_loses_nothing(loop, redis_proc, tmp_path, adapter_root,
             # The registry and routing are as they were. The replica may have been marked down
             # meanwhile (the outage outlasted its TTL): it rejoins and the mirror converges again.
             held["ad-2"] = truth(replica.stub)["ad-2"]  # loaded while the manager was away
-            r = redis_proc.client()
-            wait_for(lambda: view() == before and mirror(r, "r1") == held, "the state before the restart")
+            wait_for(lambda: view() == before and mirror(stub, "r1") == held, "the state before the restart")
             assert replica_state(stub, "r1").status == pb.REPLICA_STATUS_UP
             # The new process serves the stored bytes: a fresh adapter still reaches the replica.
             register(stub, "ad-3", adapters["ad-3"])
@@ -208,11 +195,11 @@ def test_a_replica_marked_down_while_alive_rejoins_and_is_reconciled(
         # As if its heartbeats had stalled past the TTL: the manager drops it and its residency.
         manager.stub.LeaveReplica(pb.LeaveReplicaRequest(replica_id="r1", epoch=epoch), timeout=TIMEOUT_S)
         assert replica_state(manager.stub, "r1").status == pb.REPLICA_STATUS_DOWN
-        assert mirror(redis_proc.client(), "r1") == {}
+        assert mirror(manager.stub, "r1") == {}
         # Its next call to the manager is refused (stale epoch); it rejoins with a snapshot and retries.
         assert replica.generate("ad-1")[-1].adapter_id == "ad-1"
         back = replica_state(manager.stub, "r1")
         assert back.status == pb.REPLICA_STATUS_UP and back.epoch > epoch
-        assert set(in_sync(redis_proc, "r1", replica.stub)) == {"ad-0", "ad-1"}
+        assert set(in_sync(manager.stub, "r1", replica.stub)) == {"ad-0", "ad-1"}
     finally:
         replica.close()

@@ -11,20 +11,13 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-from manager_harness import (
-    TIMEOUT_S,
-    ManagerHandle,
-    code_of,
-    manager_config,
-    register,
-    wait_for,
-    write_model,
-)
 from safetensors.torch import load_file, save_file
 
 from inference_svc.demo_model import write_demo_adapter
 from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, ManagerHandle, code_of, manager_config, register, wait_for, write_model
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -61,7 +54,7 @@ def test_register_get_list_unregister(manager, redis_proc, adapters, tmp_path):
 
     # Registering the same content again is idempotent; other content under the id is refused.
     assert register(manager.stub, "ad-0", path, tenant="acme").sha256 == got.sha256
-    assert code_of(register, manager.stub, "ad-0", adapters["ad-1"]) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(register, manager.stub, "ad-0", adapters["ad-1"]).code == grpc.StatusCode.ALREADY_EXISTS
 
     register(manager.stub, "ad-1", adapters["ad-1"], tenant="other")
     listed = manager.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT_S)
@@ -71,12 +64,13 @@ def test_register_get_list_unregister(manager, redis_proc, adapters, tmp_path):
 
     manager.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="ad-0"), timeout=TIMEOUT_S)
     assert (
-        code_of(manager.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="ad-0")) == grpc.StatusCode.NOT_FOUND
+        code_of(manager.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="ad-0")).code
+        == grpc.StatusCode.NOT_FOUND
     )
     assert r.exists(redis_proc.keys.adapter("ad-0")) == 0
     assert r.zrange(redis_proc.keys.adapters, 0, -1) == ["ad-1"]
     assert r.zrange(redis_proc.keys.by_tenant("acme"), 0, -1) == []
-    unregister = code_of(manager.stub.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id="ad-0"))
+    unregister = code_of(manager.stub.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id="ad-0")).code
     assert unregister == grpc.StatusCode.NOT_FOUND
     types = [f["type"] for _, f in r.xrange(redis_proc.keys.events)]
     assert types == ["registered", "registered", "unregistered"]
@@ -91,9 +85,9 @@ def test_upload(manager, adapters, loop, redis_proc, tmp_path, adapter_root, mod
     assert len(list((tmp_path / "store" / "blobs").glob("*/*"))) == 1
 
     wrong = upload_requests("up-x", path, sha256="0" * 64)
-    assert code_of(manager.stub.UploadAdapter, wrong) == INVALID
+    assert code_of(manager.stub.UploadAdapter, wrong).code == INVALID
     chunks_only = iter([pb.UploadAdapterRequest(chunk=b"abc")])
-    assert code_of(manager.stub.UploadAdapter, chunks_only) == INVALID
+    assert code_of(manager.stub.UploadAdapter, chunks_only).code == INVALID
 
     small = ManagerHandle(
         loop,
@@ -101,7 +95,7 @@ def test_upload(manager, adapters, loop, redis_proc, tmp_path, adapter_root, mod
     )
     try:
         big = upload_requests("up-big", path)
-        assert code_of(small.stub.UploadAdapter, big) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert code_of(small.stub.UploadAdapter, big).code == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         small.close()
     assert not list((tmp_path / "store" / "staging").iterdir())  # refused uploads leave nothing
@@ -206,7 +200,7 @@ def test_paths_outside_the_adapter_roots_are_refused(manager, adapters, adapter_
         with pytest.raises(grpc.RpcError) as e:
             register(manager.stub, "escape", path)
         assert e.value.code() == INVALID, path
-    assert code_of(register, manager.stub, "no-such", adapter_root / "no-such") == INVALID
+    assert code_of(register, manager.stub, "no-such", adapter_root / "no-such").code == INVALID
 
 
 def alias_request(name: str, target: str) -> pb.SetAliasRequest:
@@ -216,24 +210,24 @@ def alias_request(name: str, target: str) -> pb.SetAliasRequest:
 
 
 def test_ids_namespace_and_aliases(manager, adapters):
-    assert code_of(register, manager.stub, "bad id", adapters["ad-0"]) == INVALID
-    assert code_of(register, manager.stub, "a:b", adapters["ad-0"]) == INVALID
+    assert code_of(register, manager.stub, "bad id", adapters["ad-0"]).code == INVALID
+    assert code_of(register, manager.stub, "a:b", adapters["ad-0"]).code == INVALID
     register(manager.stub, "ad-0", adapters["ad-0"])
     set_alias = manager.stub.SetAlias
-    assert code_of(set_alias, alias_request("ad-0", "ad-0")) == grpc.StatusCode.ALREADY_EXISTS
-    assert code_of(set_alias, alias_request("bot", "nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(set_alias, alias_request("ad-0", "ad-0")).code == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(set_alias, alias_request("bot", "nope")).code == grpc.StatusCode.NOT_FOUND
     set_alias(alias_request("bot", "ad-0"), timeout=TIMEOUT_S)
-    assert code_of(register, manager.stub, "bot", adapters["ad-1"]) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(register, manager.stub, "bot", adapters["ad-1"]).code == grpc.StatusCode.ALREADY_EXISTS
     unregister = manager.stub.UnregisterAdapter
     assert (
-        code_of(unregister, pb.UnregisterAdapterRequest(adapter_id="ad-0"))
+        code_of(unregister, pb.UnregisterAdapterRequest(adapter_id="ad-0")).code
         == grpc.StatusCode.FAILED_PRECONDITION
     )
     unregister(
         pb.UnregisterAdapterRequest(adapter_id="ad-0", force=True), timeout=TIMEOUT_S
     )  # unrouted, then gone
-    assert code_of(manager.stub.GetAlias, pb.GetAliasRequest(name="bot")) == grpc.StatusCode.NOT_FOUND
-    assert code_of(manager.stub.ListAdapters, pb.ListAdaptersRequest(page_size=5000)) == INVALID
+    assert code_of(manager.stub.GetAlias, pb.GetAliasRequest(name="bot")).code == grpc.StatusCode.NOT_FOUND
+    assert code_of(manager.stub.ListAdapters, pb.ListAdaptersRequest(page_size=5000)).code == INVALID
 
 
 def test_without_a_validation_context_registration_is_refused(
@@ -254,10 +248,10 @@ def test_redis_outage_answers_unavailable_and_recovers(manager, redis_proc, adap
     register(manager.stub, "ad-0", adapters["ad-0"])
     redis_proc.kill()
     assert (
-        code_of(manager.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="ad-0"))
+        code_of(manager.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="ad-0")).code
         == grpc.StatusCode.UNAVAILABLE
     )
-    assert code_of(register, manager.stub, "ad-1", adapters["ad-1"]) == grpc.StatusCode.UNAVAILABLE
+    assert code_of(register, manager.stub, "ad-1", adapters["ad-1"]).code == grpc.StatusCode.UNAVAILABLE
     wait_for(lambda: manager.health_status() == not_serving, "health NOT_SERVING while Redis is down")
     redis_proc.start()  # same port; no persistence in this test, so the registry starts empty
     wait_for(lambda: manager.health_status() == serving, "health SERVING again")

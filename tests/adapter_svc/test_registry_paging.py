@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from manager_harness import TIMEOUT_S, register
-
 from adapter_svc import scripts
-from adapter_svc.registry import record_fields
+from adapter_svc.records import record_fields
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, register
 
 COUNT = 10_500
 TENANTS = 7

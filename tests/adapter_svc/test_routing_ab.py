@@ -6,10 +6,11 @@ import math
 
 import grpc
 import pytest
-from manager_harness import TIMEOUT_S, ReplicaHandle, code_of, register
 
 from loraserve.routing import RoutingTable, Rule, pick_variant, resolve
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, ReplicaHandle, code_of, register
 
 REQUESTS = 1000
 SIGMAS = 4
@@ -80,7 +81,7 @@ def test_replicas_route_like_the_manager(loop, manager, alias, adapters, model_d
     )
     bad = [pb.RoutingRule(name="x", match_tenant="t", target="nowhere")]
     set_bad = pb.SetRoutingRulesRequest(rules=pb.RoutingRules(rules=bad))
-    assert code_of(manager.stub.SetRoutingRules, set_bad) == grpc.StatusCode.NOT_FOUND
+    assert code_of(manager.stub.SetRoutingRules, set_bad).code == grpc.StatusCode.NOT_FOUND
     replica = ReplicaHandle(loop, model_dir, manager.address, "r1")
     try:
         for i in range(12):

@@ -6,9 +6,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from manager_harness import TIMEOUT_S, ManagerHandle, ReplicaHandle, manager_config, register, wait_for
 
 from loraserve.v1 import adapter_pb2 as pb
+
+from harness import TIMEOUT_S, ManagerHandle, ReplicaHandle, manager_config, register, wait_for
 
 CALLERS = 8
 
@@ -42,7 +43,7 @@ def test_concurrent_manager_loads_share_one(manager, replicas, redis_proc, adapt
             pool.map(lambda _: manager.stub.LoadAdapter(request, timeout=TIMEOUT_S), range(CALLERS))
         )
     assert len({a.replica_id for a in answers}) == 1
-    assert manager.manager.fetches == 1
+    assert manager.manager.catalog.fetches == 1
     assert loads(redis_proc, replicas, "ad-5") == [answers[0].replica_id]
 
 
@@ -58,7 +59,7 @@ def test_two_managers_on_one_redis_still_load_once(
             answers = list(pool.map(lambda stub: stub.LoadAdapter(request, timeout=TIMEOUT_S), stubs))
         assert len({a.replica_id for a in answers}) == 1
         assert loads(redis_proc, replicas, "ad-6") == [answers[0].replica_id]
-        assert manager.manager.fetches + other.manager.fetches == 1
+        assert manager.manager.catalog.fetches + other.manager.catalog.fetches == 1
     finally:
         other.close()
 
@@ -69,5 +70,5 @@ def test_concurrent_cold_generates_on_a_replica_fetch_once(manager, replicas, re
     with ThreadPoolExecutor(CALLERS) as pool:
         outputs = list(pool.map(lambda _: replica.generate("ad-7"), range(CALLERS)))
     assert all(out[-1].adapter_id == "ad-7" for out in outputs)
-    assert manager.manager.fetches == 1
+    assert manager.manager.catalog.fetches == 1
     assert loads(redis_proc, replicas, "ad-7") == ["r2"]

@@ -1,6 +1,6 @@
 import pytest
-from grpc_harness import start_server, write_model_and_adapters
 
+from harness import start_server, write_model_and_adapters
 from helpers import tiny_model
 
 

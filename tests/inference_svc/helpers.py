@@ -36,11 +36,13 @@ def tiny_engine(model_dir, adapter_root, n_adapters=0, **config):
     return engine
 
 
-def run_to_completion(engine):
-    """Step until idle; {request_id: [RequestOutput, ...]}."""
+def run_to_completion(engine, after_step=None):
+    """Step until idle, calling `after_step(engine)` after each step; {request_id: [RequestOutput, ...]}."""
     outputs = {}
     while engine.has_unfinished_requests():
         step = engine.step()
+        if after_step is not None:
+            after_step(engine)
         if not step and not engine.scheduler.running:
             engine.adapters.wait_for_load()  # only adapter reads are left to wait for
         for out in step:

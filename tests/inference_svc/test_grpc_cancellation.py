@@ -2,7 +2,8 @@
 
 import grpc
 import pytest
-from grpc_harness import long_request, resources, wait_for
+
+from harness import long_request, resources, wait_for
 
 
 def test_cancelled_streams_release_kv_blocks_and_slots(served):

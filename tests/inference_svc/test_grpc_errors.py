@@ -2,7 +2,6 @@
 
 import grpc
 import pytest
-from grpc_harness import TIMEOUT_S, long_request, request, resources, start_server, wait_for
 from grpc_health.v1 import health_pb2
 
 from inference_svc import errors
@@ -10,6 +9,8 @@ from inference_svc.errors_grpc import status_for
 from inference_svc.servicer import SERVICE_NAME
 from loraserve import errors as shared_errors
 from loraserve.v1 import inference_pb2
+
+from harness import TIMEOUT_S, long_request, request, resources, start_server, wait_for
 
 
 def status_of(call) -> grpc.RpcError:

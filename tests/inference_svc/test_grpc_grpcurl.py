@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from grpc_harness import request
+
+from harness import request
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 README_ADDRESS = "localhost:50051"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_harness import TIMEOUT_S, long_request, request, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
+
+from harness import TIMEOUT_S, long_request, request, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 3.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -36,7 +37,11 @@ def test_tokens_authenticate_by_hash_only(tmp_path):
         and table.authenticate(None) is None
         and table.authenticate("") is None
     )
-    assert "s3cret" not in path.read_text()
+    # Neither stored nor compared as plain text: presenting a stored digest is refused (a table
+    # that compared tokens as-is would accept it), and the loaded table holds no token.
+    assert table.authenticate(hash_token("s3cret-acme")) is None
+    assert table.authenticate(hash_token("s3cret-admin")) is None
+    assert b"s3cret" not in pickle.dumps(table)
 
 
 @pytest.mark.parametrize(

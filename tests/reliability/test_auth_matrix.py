@@ -7,23 +7,27 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from manager_harness import TIMEOUT_S, RedisProcess, manager_config, wait_for
-from reliability_harness import (
-    INFERENCE,
-    MANAGER,
-    SecureManager,
-    SecureReplica,
-    call_method,
-    code_of,
-    register_as,
-    write_tokens,
-)
 
 from inference_svc import errors
 from loraserve.auth import token_metadata
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
+
+from credentials import write_tokens
+from harness import (
+    INFERENCE,
+    MANAGER,
+    TIMEOUT_S,
+    ManagerHandle,
+    RedisProcess,
+    ReplicaHandle,
+    call_method,
+    code_of,
+    manager_config,
+    register,
+    wait_for,
+)
 
 # What each non-admin role may call; everything else is PERMISSION_DENIED for it.
 TENANT_MAY = {
@@ -57,7 +61,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
     tmp = tmp_path_factory.mktemp("auth_matrix")
     redis_proc = RedisProcess(tmp / "redis").start()
     tokens = write_tokens(tmp / "tokens.json")
-    manager = SecureManager(
+    manager = ManagerHandle(
         loop,
         manager_config(redis_proc.url, tmp, adapter_root, model_dir),
         SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service),
@@ -65,15 +69,15 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
     replica = None
     try:
         admin = tokens.md("admin")
-        register_as(manager.stub, admin, "ad-0", adapters["ad-0"], tenant="acme")
-        register_as(manager.stub, admin, "ad-1", adapters["ad-1"], tenant="globex")
-        register_as(manager.stub, admin, "ad-2", adapters["ad-2"])  # no tenant: admins only
-        replica = SecureReplica(
+        register(manager.stub, "ad-0", adapters["ad-0"], call_metadata=admin, tenant="acme")
+        register(manager.stub, "ad-1", adapters["ad-1"], call_metadata=admin, tenant="globex")
+        register(manager.stub, "ad-2", adapters["ad-2"], call_metadata=admin)  # no tenant: admins only
+        replica = ReplicaHandle(
             loop,
             model_dir,
-            SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service),
             manager.address,
             "r-auth",
+            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service),
         )
         yield tokens, manager, replica, redis_proc
     finally:
@@ -144,7 +148,7 @@ def test_a_tenant_sees_its_own_adapters_and_nothing_of_others(cluster):
 
     # Generate: own adapter and the base model yes; anything else is "not found", before any load.
     assert replica.generate("ad-0", metadata=acme)[-1].adapter_id == "ad-0"
-    assert replica.generate("", metadata=acme)[-1].usage.completion_tokens == 4
+    assert replica.generate("", metadata=acme, max_tokens=4)[-1].usage.completion_tokens == 4
     for adapter_id in ("ad-1", "ad-2", "no-such-adapter"):
         code, details = code_of(replica.generate, adapter_id, metadata=acme)
         assert (code, details) == (grpc.StatusCode.NOT_FOUND, str(errors.AdapterNotFound(adapter_id)))
@@ -211,7 +215,9 @@ def test_replicas_must_present_a_service_token(cluster, loop, model_dir):
     for token, code in ((None, "missing or invalid bearer token"), (tokens.acme, "may not call JoinReplica")):
         security = SecurityConfig(auth_tokens=str(tokens.path), service_token=token)
         with pytest.raises(errors.Unavailable, match=code):
-            SecureReplica(loop, model_dir, security, manager.address, "r-intruder", join_timeout_s=0.5)
+            ReplicaHandle(
+                loop, model_dir, manager.address, "r-intruder", security=security, join_timeout_s=0.5
+            )
     cluster_state = manager.stub.GetClusterState(
         pb.GetClusterStateRequest(), timeout=TIMEOUT_S, metadata=tokens.md("admin")
     )

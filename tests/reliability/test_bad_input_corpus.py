@@ -16,8 +16,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from manager_harness import TIMEOUT_S, RedisProcess, manager_config
-from reliability_harness import SecureManager, SecureReplica, code_of, register_as, write_tokens
 from test_adapter_validation import CORPUS, WEIGHTS
 
 from inference_svc.demo_model import write_demo_adapter
@@ -25,6 +23,9 @@ from loraserve.model_summary import ModelConfig
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
+
+from credentials import write_tokens
+from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, code_of, manager_config, register
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_UPLOAD_BYTES = 256 * 1024
@@ -60,7 +61,7 @@ def setup(loop, tmp_path_factory, model_dir):
     redis_proc = RedisProcess(tmp / "redis").start()
     tokens = write_tokens(tmp / "tokens.json")
     security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
-    manager = SecureManager(
+    manager = ManagerHandle(
         loop,
         manager_config(redis_proc.url, tmp, root, model_dir, max_upload_bytes=MAX_UPLOAD_BYTES),
         security,
@@ -68,14 +69,14 @@ def setup(loop, tmp_path_factory, model_dir):
     replica = None
     try:
         admin = tokens.md("admin")
-        register_as(manager.stub, admin, "good-a", good["good-a"], tenant="acme")
-        register_as(manager.stub, admin, "good-g", good["good-g"], tenant="globex")
-        replica = SecureReplica(
+        register(manager.stub, "good-a", good["good-a"], call_metadata=admin, tenant="acme")
+        register(manager.stub, "good-g", good["good-g"], call_metadata=admin, tenant="globex")
+        replica = ReplicaHandle(
             loop,
             model_dir,
-            security,
             manager.address,
             "r-corpus",
+            security=security,
             server_overrides=dict(adapter_roots=(str(root),)),
         )
         manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id="good-a"), timeout=TIMEOUT_S, metadata=admin)
@@ -130,7 +131,7 @@ class Generating(threading.Thread):
     """globex generating with its adapter, one request after another, until stopped; each must
     produce exactly the reference tokens."""
 
-    def __init__(self, replica: SecureReplica, metadata):
+    def __init__(self, replica: ReplicaHandle, metadata):
         super().__init__(daemon=True)
         self.replica, self.metadata = replica, metadata
         self.reference = self.tokens()
@@ -164,14 +165,14 @@ def slots(engine) -> list[torch.Tensor]:
     return [t.clone() for layer in (*engine.lora.a, *engine.lora.b) for t in layer.values()]
 
 
-def residency(replica: SecureReplica, metadata) -> list:
+def residency(replica: ReplicaHandle, metadata) -> list:
     listed = replica.stub.ListResidentAdapters(
         inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S, metadata=metadata
     )
     return sorted((a.adapter_id, a.tier, a.slot, a.pinned) for a in listed.adapters)
 
 
-def registry_and_store(manager: SecureManager, store: Path, metadata) -> tuple:
+def registry_and_store(manager: ManagerHandle, store: Path, metadata) -> tuple:
     listed = manager.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT_S, metadata=metadata)
     blobs = sorted(str(p.relative_to(store)) for p in (store / "blobs").glob("*/*"))
     return [(a.adapter_id, a.sha256, a.tenant) for a in listed.adapters], blobs, os.listdir(store / "staging")
@@ -190,11 +191,11 @@ def test_every_malformed_adapter_is_refused_while_another_tenant_generates(setup
     # 1. RegisterAdapter on the manager: the corpus, then the path escapes.
     for case in CORPUS:
         code, details = code_of(
-            register_as, manager.stub, admin, slug(case), root / slug(case), tenant="acme"
+            register, manager.stub, slug(case), root / slug(case), call_metadata=admin, tenant="acme"
         )
         refused.append(("manager", case, code, details, INVALID, FRAGMENTS[case]))
     for case, (path, fragment) in setup["escapes"].items():
-        code, details = code_of(register_as, manager.stub, admin, "escape", path, tenant="acme")
+        code, details = code_of(register, manager.stub, "escape", path, call_metadata=admin, tenant="acme")
         refused.append(("manager", case, code, details, INVALID, fragment))
 
     # 2. UploadAdapter: every corpus case that has both files, then size and checksum lies.

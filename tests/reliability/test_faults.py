@@ -5,6 +5,7 @@ not asserted beyond the generous bounds the issue sets."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -13,26 +14,31 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
-from manager_harness import (
-    TIMEOUT_S,
-    ManagerHandle,
-    ManagerProcess,
-    ReplicaHandle,
-    ReplicaProcess,
-    free_port,
-    manager_config,
-    mirror,
-    register,
-    truth,
-    wait_for,
-)
-from reliability_harness import code_of
 
 from adapter_svc.blobs import BlobStore
 from inference_svc.demo_model import write_demo_adapter
 from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
-from loraserve.v1 import adapter_pb2_grpc, inference_pb2
+from loraserve.v1 import adapter_pb2_grpc
+
+from harness import (
+    TIMEOUT_S,
+    ManagerHandle,
+    ManagerProcess,
+    ReplicaHandle,
+    ReplicaProcess,
+    code_of,
+    free_port,
+    in_sync,
+    long_request,
+    manager_config,
+    mirror,
+    register,
+    replica_state,
+    request,
+    truth,
+    wait_for,
+)
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -53,30 +59,6 @@ def registry(stub) -> list[tuple]:
     ]
 
 
-def in_sync(redis_proc, replica_id: str, replica_stub) -> dict:
-    """Wait until Redis mirrors exactly what the replica says it holds; -> that."""
-    client = redis_proc.client()
-
-    def same():
-        held = truth(replica_stub)
-        return (held,) if held == mirror(client, replica_id) else None
-
-    return wait_for(same, f"Redis to mirror {replica_id}")[0]
-
-
-def replica_status(stub, replica_id: str) -> int:
-    cluster = stub.GetClusterState(pb.GetClusterStateRequest(), timeout=TIMEOUT_S)
-    return next(r.status for r in cluster.replicas if r.replica_id == replica_id)
-
-
-def long_request(adapter_id: str) -> inference_pb2.GenerateRequest:
-    return inference_pb2.GenerateRequest(
-        adapter_id=adapter_id,
-        token_ids=inference_pb2.TokenIds(ids=[5, 6, 7, 8]),
-        params=inference_pb2.SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True),
-    )
-
-
 def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, adapters, model_dir):
     interval = 0.5
     config = manager_config(redis_proc.url, tmp_path, adapter_root, model_dir, heartbeat_interval_s=interval)
@@ -91,7 +73,7 @@ def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, 
             pb.ClusterLoadAdapterRequest(adapter_id="ad-1", to_slot=True), timeout=TIMEOUT_S
         )
         before = registry(manager.stub)
-        in_sync(redis_proc, "rk", replica.stub)
+        in_sync(manager.stub, "rk", replica.stub)
 
         stream = replica.stub.Generate(long_request("ad-1"), timeout=TIMEOUT_S)
         next(stream)  # tokens are flowing
@@ -105,11 +87,12 @@ def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, 
         new_call = time.monotonic() - started
 
         wait_for(
-            lambda: replica_status(manager.stub, "rk") == pb.REPLICA_STATUS_DOWN, "the replica marked down"
+            lambda: replica_state(manager.stub, "rk").status == pb.REPLICA_STATUS_DOWN,
+            "the replica marked down",
         )
         marked_down = time.monotonic() - killed
         assert marked_down < 4 * interval + 2  # a few heartbeat periods
-        assert mirror(redis_proc.client(), "rk") == {}
+        assert mirror(manager.stub, "rk") == {}
         assert registry(manager.stub) == before
 
         replica.kill()
@@ -117,9 +100,9 @@ def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, 
         back = time.monotonic() - killed
         # It purged, joined with an empty snapshot, and the manager put the pinned adapter back.
         wait_for(lambda: truth(replica.stub).get("ad-0") == (-1, True), "the pinned adapter to be reloaded")
-        assert in_sync(redis_proc, "rk", replica.stub) == {"ad-0": (-1, True)}
+        assert in_sync(manager.stub, "rk", replica.stub) == {"ad-0": (-1, True)}
         assert _generate(replica.stub, "ad-1")[-1].adapter_id == "ad-1"
-        in_sync(redis_proc, "rk", replica.stub)
+        in_sync(manager.stub, "rk", replica.stub)
         assert registry(manager.stub) == before
         report(
             "replica SIGKILL mid-stream",
@@ -137,12 +120,8 @@ def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, 
 
 
 def _generate(stub, adapter_id: str) -> list:
-    request = inference_pb2.GenerateRequest(
-        adapter_id=adapter_id,
-        token_ids=inference_pb2.TokenIds(ids=[5, 6, 7, 8]),
-        params=inference_pb2.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
-    )
-    return list(stub.Generate(request, timeout=TIMEOUT_S))
+    req = request([5, 6, 7, 8], adapter_id, max_tokens=2, temperature=0, ignore_eos=True)
+    return list(stub.Generate(req, timeout=TIMEOUT_S))
 
 
 def test_redis_killed_and_restarted(loop, redis_proc, tmp_path, adapter_root, adapters, model_dir):
@@ -156,7 +135,7 @@ def test_redis_killed_and_restarted(loop, redis_proc, tmp_path, adapter_root, ad
         manager.stub.PinAdapter(pb.PinAdapterRequest(adapter_id="ad-0"), timeout=TIMEOUT_S)
         replica.generate("ad-1")
         before = registry(manager.stub)
-        held = in_sync(redis_proc, "r1", replica.stub)
+        held = in_sync(manager.stub, "r1", replica.stub)
 
         redis_proc.kill()
         killed = time.monotonic()
@@ -186,11 +165,13 @@ def test_redis_killed_and_restarted(loop, redis_proc, tmp_path, adapter_root, ad
         recovered = time.monotonic() - restarted
         wait_for(lambda: manager.health_status() == health_pb2.HealthCheckResponse.SERVING, "SERVING")
         assert registry(manager.stub) == before
-        assert in_sync(redis_proc, "r1", replica.stub) == held
-        wait_for(lambda: replica_status(manager.stub, "r1") == pb.REPLICA_STATUS_UP, "the replica up again")
+        assert in_sync(manager.stub, "r1", replica.stub) == held
+        wait_for(
+            lambda: replica_state(manager.stub, "r1").status == pb.REPLICA_STATUS_UP, "the replica up again"
+        )
         register(manager.stub, "ad-3", adapters["ad-3"], tenant="acme")  # and it takes new work
         assert replica.generate("ad-3")[-1].adapter_id == "ad-3"
-        in_sync(redis_proc, "r1", replica.stub)
+        in_sync(manager.stub, "r1", replica.stub)
         report(
             "redis SIGKILL + restart",
             manager_answered=code.name,
@@ -229,7 +210,7 @@ def test_manager_sigkilled_mid_upload(loop, redis_proc, tmp_path, adapter_root, 
         register(stub, "ad-0", adapters["ad-0"], tenant="acme")
         replica.generate("ad-0")
         before = registry(stub)
-        held = in_sync(redis_proc, "r1", replica.stub)
+        held = in_sync(stub, "r1", replica.stub)
 
         gate, outcome = threading.Event(), {}
         chunk = 16 * 1024  # above the writer's buffer: each chunk reaches the staging file at once
@@ -279,11 +260,11 @@ def test_manager_sigkilled_mid_upload(loop, redis_proc, tmp_path, adapter_root, 
             for path in (leftovers[0], *leftovers[0].iterdir()):  # as if it had lain there for 2 h
                 os.utime(path, (time.time() - 7200, time.time() - 7200))
             assert BlobStore(config.store_dir).sweep_staging() == 0 and not any(staging.iterdir())
-            wait_for(lambda: in_sync(redis_proc, "r1", replica.stub) == held, "the mirror as before")
+            wait_for(lambda: in_sync(stub, "r1", replica.stub) == held, "the mirror as before")
             # The same upload, sent again whole, is registered as if nothing had happened.
             stub.UploadAdapter(_upload("half", adapter_config, weights), timeout=TIMEOUT_S)
             assert replica.generate("half")[-1].adapter_id == "half"
-            in_sync(redis_proc, "r1", replica.stub)
+            in_sync(stub, "r1", replica.stub)
             assert [a[0] for a in registry(stub)] == ["ad-0", "half"]
             report(
                 "manager SIGKILL mid-upload",
@@ -320,7 +301,8 @@ def test_corrupt_file_in_the_store_is_detected_reported_and_not_served(
         replica = ReplicaHandle(loop, model_dir, manager.address, "r1")
         replica.generate("ad-0")
         before = registry(manager.stub)
-        stored = manager.manager.blobs.path_for(records[1].sha256, _config_sha(manager, "ad-1"))
+        config_sha256 = hashlib.sha256((adapters["ad-1"] / "adapter_config.json").read_bytes()).hexdigest()
+        stored = BlobStore(config.store_dir).path_for(records[1].sha256, config_sha256)
         weights = stored / "adapter_model.safetensors"
         data = bytearray(weights.read_bytes())
         data[-3] ^= 0x01  # one bit of one weight: the file still parses, only its checksum tells
@@ -342,12 +324,12 @@ def test_corrupt_file_in_the_store_is_detected_reported_and_not_served(
         assert "ad-1" not in truth(replica.stub)  # not served, not held
         assert replica.generate("ad-0")[-1].adapter_id == "ad-0"  # everything else unaffected
         assert registry(manager.stub) == before
-        in_sync(redis_proc, "r1", replica.stub)
+        in_sync(manager.stub, "r1", replica.stub)
 
         # Registering the same files again repairs the store.
         register(manager.stub, "ad-1", adapters["ad-1"], tenant="acme")
         assert replica.generate("ad-1")[-1].adapter_id == "ad-1"
-        in_sync(redis_proc, "r1", replica.stub)
+        in_sync(manager.stub, "r1", replica.stub)
         assert registry(manager.stub) == before
         report(
             "corrupt file in the store",
@@ -360,8 +342,3 @@ def test_corrupt_file_in_the_store_is_detected_reported_and_not_served(
         if replica is not None:
             replica.close()
         manager.close()
-
-
-def _config_sha(manager: ManagerHandle, adapter_id: str) -> str:
-    record = manager.loop.run(manager.manager.registry.get(adapter_id))
-    return record.config_sha256

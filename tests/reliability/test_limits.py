@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from manager_harness import TIMEOUT_S, wait_for
-from reliability_harness import SecureReplica, code_of, write_tokens
 
 from loraserve.security import SecurityConfig
 from loraserve.v1 import inference_pb2
+
+from credentials import write_tokens
+from harness import TIMEOUT_S, ReplicaHandle, code_of, wait_for
 
 LONG = dict(max_tokens=2000, temperature=0, ignore_eos=True)
 
@@ -27,15 +28,15 @@ def tokens(tmp_path):
     return write_tokens(tmp_path / "tokens.json", adapters={"ad-0": "acme", "ad-1": "globex"})
 
 
-def standalone(loop, model_dir, adapters, security, limit: int = 0, **engine) -> SecureReplica:
+def standalone(loop, model_dir, adapters, security, limit: int = 0, **engine) -> ReplicaHandle:
     overrides = dict(
         lora_modules=(("ad-0", str(adapters["ad-0"])), ("ad-1", str(adapters["ad-1"]))),
         max_concurrent_per_tenant=limit,
     )
-    return SecureReplica(loop, model_dir, security, server_overrides=overrides, **engine)
+    return ReplicaHandle(loop, model_dir, security=security, server_overrides=overrides, **engine)
 
 
-def occupancy(server: SecureReplica, metadata=()):
+def occupancy(server: ReplicaHandle, metadata=()):
     info = server.stub.GetEngineInfo(
         inference_pb2.GetEngineInfoRequest(), timeout=TIMEOUT_S, metadata=metadata
     )

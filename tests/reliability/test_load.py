@@ -17,11 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from manager_harness import TIMEOUT_S, free_port
-from reliability_harness import ServeProcess, tenant_token, write_tokens
 
 from loraserve.auth import token_metadata
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
+
+from credentials import tenant_token, write_tokens
+from harness import TIMEOUT_S, ServeProcess, free_port
 
 DURATION_S = float(os.environ.get("LORASERVE_LOAD_TEST_S", "20"))
 STREAMS = 64

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from manager_harness import TIMEOUT_S, RedisProcess, manager_config
-from reliability_harness import (
-    SecureManager,
-    SecureReplica,
-    code_of,
-    make_pki,
-    register_as,
-    tls_channel,
-    write_tokens,
-)
 
 from inference_svc import errors
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
+
+from credentials import make_pki, tls_channel, write_tokens
+from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, code_of, manager_config, register
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def engine_info(channel: grpc.Channel, metadata=()):
 
 def test_tls_and_mutual_tls_refuse_what_they_must(loop, model_dir, pki):
     tls = SecurityConfig(tls_cert=str(pki.cert), tls_key=str(pki.key))
-    server = SecureReplica(loop, model_dir, tls, channel=lambda a: tls_channel(a, pki.ca))
+    server = ReplicaHandle(loop, model_dir, security=tls, channel=lambda a: tls_channel(a, pki.ca))
     try:
         assert engine_info(server.channel).config.max_loras == 2
         with grpc.insecure_channel(server.address) as plaintext:
@@ -46,7 +39,7 @@ def test_tls_and_mutual_tls_refuse_what_they_must(loop, model_dir, pki):
 
     mutual = SecurityConfig(tls_cert=str(pki.cert), tls_key=str(pki.key), tls_client_ca=str(pki.ca))
     good = lambda a: tls_channel(a, pki.ca, pki.cert, pki.key)  # noqa: E731
-    server = SecureReplica(loop, model_dir, mutual, channel=good)
+    server = ReplicaHandle(loop, model_dir, security=mutual, channel=good)
     try:
         assert engine_info(server.channel).config.max_loras == 2
         with tls_channel(server.address, pki.ca) as no_client_cert:
@@ -67,13 +60,13 @@ def test_a_cluster_on_mutual_tls_with_tokens(loop, tmp_path, model_dir, adapters
         auth_tokens=str(tokens.path), tls_ca=str(pki.ca), service_token=tokens.service, **node
     )
     client = lambda a: tls_channel(a, pki.ca, pki.cert, pki.key)  # noqa: E731
-    manager = SecureManager(
+    manager = ManagerHandle(
         loop, manager_config(redis_proc.url, tmp_path, adapter_root, model_dir), security, channel=client
     )
     replica = None
     try:
-        register_as(manager.stub, tokens.md("admin"), "ad-0", adapters["ad-0"], tenant="acme")
-        replica = SecureReplica(loop, model_dir, security, manager.address, "r-tls", channel=client)
+        register(manager.stub, "ad-0", adapters["ad-0"], call_metadata=tokens.md("admin"), tenant="acme")
+        replica = ReplicaHandle(loop, model_dir, manager.address, "r-tls", security=security, channel=client)
         loaded = manager.stub.LoadAdapter(
             pb.ClusterLoadAdapterRequest(adapter_id="ad-0", to_slot=True),
             timeout=TIMEOUT_S,
@@ -94,7 +87,7 @@ def test_a_cluster_on_mutual_tls_with_tokens(loop, tmp_path, model_dir, adapters
             SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service, **node),
         ):
             with pytest.raises(errors.Unavailable):
-                SecureReplica(loop, model_dir, bad, manager.address, "r-bad", join_timeout_s=0.5)
+                ReplicaHandle(loop, model_dir, manager.address, "r-bad", security=bad, join_timeout_s=0.5)
     finally:
         if replica is not None:
             replica.close()
