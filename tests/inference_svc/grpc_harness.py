@@ -40,6 +40,16 @@ def engine_config(**overrides) -> EngineConfig:
     return stack_helpers.engine_config(**{"max_cpu_loras": 4, "kv_cache_bytes": 2 << 20, **overrides})
 
 
+def offline_engine(model_dir: Path, adapters: dict[str, Path]):
+    """The offline engine on a served model, its adapters and the servers' engine configuration."""
+    from inference_svc.engine import LLMEngine
+
+    engine = LLMEngine(model_dir, engine_config())
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    return engine
+
+
 class ServerThread:
     """An `InferenceServer` on port 0, its event loop on a thread, and a client channel to it."""
 
