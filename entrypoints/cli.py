@@ -282,20 +282,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = inference_pb2.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
-        top_k=args.top_k,
-        min_p=args.min_p,
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
     )
-    if args.top_p is not None:
-        params.top_p = args.top_p
-    if args.repetition_penalty is not None:
-        params.repetition_penalty = args.repetition_penalty
-    if args.seed is not None:
-        params.seed = args.seed
-    request = inference_pb2.GenerateRequest(adapter_id=args.adapter, text=text, params=params)
+    for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed"):  # unset: the server's default
+        if getattr(args, name) is not None:
+            setattr(params, name, getattr(args, name))
+    request = inference_pb2.GenerateRequest(adapter_id=args.adapter, params=params)
+    if args.chat:
+        turns = [("system", args.system)] if args.system is not None else []
+        turns.append(("user", text))
+        request.messages.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in turns)
+    else:
+        request.text = text
     conn, stub = replica(args)
     start, first, tokens, served, reason, usage = time.perf_counter(), None, 0, "", 0, None
     for response in conn.stream(stub.Generate, request, timeout=args.timeout):
@@ -537,11 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common], help="generate text, streamed to the terminal")
     p.add_argument("text", help="the prompt ('-' reads stdin)")
     p.add_argument("--adapter", default="", help="adapter id or alias (default: the base model)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the text as a user message, through the model's chat template",
+    )
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
@@ -573,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = extra  # every flag of `python -m inference_svc plan`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "generate" and args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
     args.request_id = args.request_id or new_request_id()
     try:
         return args.func(args)

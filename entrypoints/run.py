@@ -363,6 +363,7 @@ def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving:
         f"  export LORASERVE_ADAPTER_MANAGER={ends.manager} LORASERVE_REPLICA={ends.replica}",
         f"  {cli} status",
         f"  {cli} generate --adapter {adapters[0] if adapters else ''} 'Hello there'",
+        f"  {cli} generate --chat --system 'Answer briefly.' 'Hello there'",
         f"  {cli} events --after 0",
         "",
         "Serving until Ctrl-C." if serving else "--no-serve: shutting down.",

@@ -1,7 +1,8 @@
 """Deterministic small models and PEFT adapters, for tests, benchmarks and the demo.
 
 Everything is generated from a seed, so two machines produce byte-identical files. The files are
-real Hugging Face / PEFT layouts: `config.json` + `model.safetensors` + `tokenizer.json`, and
+real Hugging Face / PEFT layouts: `config.json` + `model.safetensors` + `tokenizer.json` (with a
+`tokenizer_config.json` holding a chat template), and
 `adapter_config.json` + `adapter_model.safetensors`.
 """
 
@@ -34,6 +35,17 @@ TINY_SHAPE = dict(
     vocab_size=258,
 )
 BOS_ID, EOS_ID = 256, 257
+# A Zephyr-style chat template for the demo tokenizer (written into tokenizer_config.json).
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>\\n' ~ message['content'] ~ eos_token ~ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 def write_demo_model(out_dir: str | Path, seed: int = 0, **shape) -> Path:
@@ -76,6 +88,13 @@ def write_demo_model(out_dir: str | Path, seed: int = 0, **shape) -> Path:
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     if cfg.vocab_size >= 258:
         write_byte_tokenizer(out / "tokenizer.json")
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "chat_template": DEMO_CHAT_TEMPLATE,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
 
 

@@ -22,13 +22,14 @@ from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAd
 from inference_svc.config import EngineConfig
 from inference_svc.cuda_graphs import DecodeGraphs
 from inference_svc.forward_batch import SequenceChunk, StepInputs
+from inference_svc.generation_config import GenerationConfig
 from inference_svc.kv_cache import BlockTable, KVCache
 from inference_svc.lora_slots import LoraSlots
 from inference_svc.memory_plan import MemoryPlan, compute_plan, dtype_name
 from inference_svc.model import CausalLM
 from inference_svc.sampling import SampledToken, SamplingParams, sample
 from inference_svc.scheduler import Scheduler, Sequence, StepRecord
-from inference_svc.tokenizer import IncrementalDecoder, load_tokenizer
+from inference_svc.tokenizer import IncrementalDecoder, Prompt, encode_prompt, load_tokenizer
 from loraserve.model_summary import ModelConfig
 from loraserve.peft_format import AdapterFiles, AdapterManifest
 
@@ -95,6 +96,15 @@ class LLMEngine:
             config.attention_backend,
         )
         self.tokenizer = load_tokenizer(model_dir)
+        self.generation_config = GenerationConfig.from_dir(model_dir)
+        # end-of-sequence ids of config.json, generation_config.json and the tokenizer: all stop
+        self.eos_token_ids = frozenset(
+            (
+                *self.model_config.eos_token_ids,
+                *self.generation_config.eos_token_ids,
+                *self.tokenizer.eos_token_ids,
+            )
+        )
         self.kv = KVCache(
             self.model_config,
             self.plan.kv_cache_blocks,
@@ -173,7 +183,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: Prompt,
         params: SamplingParams,
         adapter_id: str | None = None,
     ) -> None:
@@ -187,7 +197,7 @@ class LLMEngine:
         if adapter_id is not None and not self.adapters.knows(adapter_id):
             raise errors.AdapterNotFound(adapter_id)
         params.validate(self.model_config.vocab_size)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = encode_prompt(self.tokenizer, prompt)
         self._check_prompt(ids, params)
         if adapter_id is not None:
             self.adapters.check_slot_reachable(adapter_id)
@@ -301,7 +311,7 @@ class LLMEngine:
             text, reason = text[:stop_at], "stop"
         elif tok.token_id in p.stop_token_ids:
             reason = "stop"
-        elif not p.ignore_eos and tok.token_id in self.model_config.eos_token_ids:
+        elif not p.ignore_eos and tok.token_id in self.eos_token_ids:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens:
             reason = "length"

@@ -6,6 +6,7 @@ the engine also raises live in `loraserve.errors`, shared with the adapter manag
 
 from __future__ import annotations
 
+from loraserve.errors import ChatTemplateError as ChatTemplateError  # chat prompts (loraserve.chat_template)
 from loraserve.errors import InvalidArgument, LoraServeError
 
 # --- INVALID_ARGUMENT --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
 from inference_svc.errors_grpc import status_for
+from inference_svc.generation_config import GenerationConfig
 from inference_svc.limits import TenantConcurrencyLimiter
 from inference_svc.metrics import EngineMetrics
 from inference_svc.ownership import ManagerOwnership, static_owners
@@ -142,8 +143,10 @@ class InferenceServer:
             interceptors=[*auth, *limits, ErrorInterceptor(status_for), TelemetryInterceptor(status_for)],
             options=SERVER_OPTIONS,
         )
+        # the checkpoint's sampling defaults, read now: requests are converted off the engine thread
+        defaults = GenerationConfig.from_dir(config.model).sampling_defaults
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.engine, config.adapter_roots, self.agent), self._server
+            InferenceServicer(self.engine, config.adapter_roots, self.agent, defaults), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

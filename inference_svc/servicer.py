@@ -7,7 +7,9 @@ turns them into status codes with `errors_grpc.status_for`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from inference_svc import errors
@@ -15,6 +17,7 @@ from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
 from inference_svc.replica_agent import ReplicaAgent, resident_to_proto
 from inference_svc.sampling import SamplingParams
+from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
 from loraserve.adapter_paths import resolve_adapter_dir
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
@@ -35,6 +38,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             disables loading by path.
         agent: the adapter manager's agent (managed mode): it resolves aliases and routing rules
             and fetches adapters the engine does not hold; None = standalone.
+        sampling_defaults: the checkpoint's defaults for unset sampling fields
+            (`GenerationConfig.sampling_defaults`, from generation_config.json).
     """
 
     def __init__(
@@ -42,16 +47,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine: AsyncEngine,
         adapter_roots: tuple[str | Path, ...] = (),
         agent: ReplicaAgent | None = None,
+        sampling_defaults: Mapping[str, float | int] | None = None,
     ):
         self.engine = engine
         self.adapter_roots = tuple(Path(r).resolve() for r in adapter_roots)
         self.agent = agent
+        self.sampling_defaults = dict(sampling_defaults or {})
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         prompt = prompt_from(request)
-        params = sampling_params_from(request.params)
+        params = sampling_params_from(request.params, self.sampling_defaults)
         adapter_id = request.adapter_id
         if self.agent is not None:
             adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context))
@@ -107,28 +114,58 @@ def _adapter_id(adapter_id: str) -> str:
 # --- proto -> domain ---------------------------------------------------------------------------
 
 
-def prompt_from(request: inference_pb2.GenerateRequest) -> str | list[int]:
-    """The prompt oneof: text or token ids (InvalidRequest "prompt" when neither is set)."""
+def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
+    """The prompt oneof: text, token ids or chat messages (InvalidRequest "prompt" when none is set)."""
     which = request.WhichOneof("prompt")
+    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
     if which == "text":
-        return request.text
+        return request.text if special is None else TextPrompt(request.text, special)
     if which == "token_ids":
         return list(request.token_ids.ids)
-    raise errors.InvalidRequest("prompt", "set `text` or `token_ids`")
+    if which == "messages":
+        chat = request.messages
+        prompt = ChatPrompt(
+            messages=tuple({"role": m.role, "content": m.content} for m in chat.messages),
+            add_generation_prompt=not chat.HasField("add_generation_prompt") or chat.add_generation_prompt,
+            template_kwargs=_template_kwargs(chat.chat_template_kwargs),
+        )
+        if not prompt.messages:
+            raise errors.InvalidRequest("messages", "must contain at least one message")
+        return prompt if special is None else dataclasses.replace(prompt, add_special_tokens=special)
+    raise errors.InvalidRequest("prompt", "set `text`, `token_ids` or `messages`")
 
 
-def sampling_params_from(p: inference_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults; validation happens in the engine."""
-    d = SamplingParams()
+def _template_kwargs(text: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise errors.InvalidRequest("messages.chat_template_kwargs", f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise errors.InvalidRequest("messages.chat_template_kwargs", "must be a JSON object")
+    return value
+
+
+# SamplingParams fields a request may leave unset (proto3 `optional`)
+DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_params_from(
+    p: inference_pb2.SamplingParams, checkpoint_defaults: Mapping[str, float | int] | None = None
+) -> SamplingParams:
+    """Proto -> SamplingParams; validation happens in the engine.
+
+    An unset optional field takes the checkpoint's default (generation_config.json) when it has
+    one, else SamplingParams' own; a set field always wins.
+    """
+    defaults = {
+        **{name: getattr(SamplingParams, name) for name in DEFAULTABLE},
+        **(checkpoint_defaults or {}),
+    }
+    resolved = {name: getattr(p, name) if p.HasField(name) else defaults[name] for name in DEFAULTABLE}
     return SamplingParams(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else d.max_tokens,
-        temperature=p.temperature if p.HasField("temperature") else d.temperature,
-        top_p=p.top_p if p.HasField("top_p") else d.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        repetition_penalty=(
-            p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty
-        ),
+        **resolved,
         frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty,
         seed=p.seed if p.HasField("seed") else None,

@@ -1,37 +1,117 @@
-"""Text <-> token ids: `tokenizer.json` through the `tokenizers` library, or raw UTF-8 bytes."""
+"""Text <-> token ids: `tokenizer.json` through the `tokenizers` library, or raw UTF-8 bytes.
+
+Special tokens follow the checkpoint, as transformers' fast tokenizers do: `encode` adds what the
+post-processor of `tokenizer.json` adds (a BOS, for Llama and Mistral), unless
+`tokenizer_config.json` sets `add_bos_token` / `add_eos_token`, which then decide (transformers'
+`update_post_processor`). A request may turn special tokens off. Chat prompts are rendered with
+the checkpoint's chat template (`loraserve.chat_template`) and then encoded without special tokens
+by default, as `apply_chat_template(tokenize=True)` does: the template writes them itself.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraserve.errors import InvalidModel
+from inference_svc.generation_config import read_json_object
+from loraserve.chat_template import pick_template, render_chat
+from loraserve.errors import ChatTemplateError, InvalidModel
+
+# The named special tokens a chat template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What `tokenizer_config.json` (with `special_tokens_map.json`, `chat_template.jinja`) says."""
+
+    # named special tokens as text, e.g. {"bos_token": "<s>", "eos_token": "</s>"}
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    # explicit add_bos_token / add_eos_token; None = the tokenizer.json post-processor decides
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+    # `chat_template`: Jinja source, or named templates; chat_template.jinja wins over the config
+    chat_template: str | list | dict | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> TokenizerConfig:
+        model_dir = Path(model_dir)
+        raw = read_json_object(model_dir / "tokenizer_config.json")
+        tokens = {**read_json_object(model_dir / "special_tokens_map.json"), **raw}
+        special = {name: _token_text(tokens[name]) for name in NAMED_SPECIAL_TOKENS if tokens.get(name)}
+        template_file = model_dir / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else raw.get("chat_template")
+        return cls(
+            special_tokens=special,
+            add_bos_token=_flag(raw, "add_bos_token"),
+            add_eos_token=_flag(raw, "add_eos_token"),
+            chat_template=template,
+        )
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer loaded from `tokenizer.json`."""
+    """A Hugging Face fast tokenizer loaded from `tokenizer.json`, with its checkpoint's settings."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, config: TokenizerConfig | None = None):
         from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import processors
 
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for a bad file
             raise InvalidModel(f"{path}: cannot load tokenizer ({e})") from e
+        self.config = config or TokenizerConfig()
         self.vocab_size = self._tok.get_vocab_size()
+        if self.config.add_bos_token is not None or self.config.add_eos_token is not None:
+            self._tok.post_processor = processors.TemplateProcessing(**self._template())
+        eos_id = self.token_id(self.config.special_tokens.get("eos_token"))
+        self.eos_token_ids: tuple[int, ...] = () if eos_id is None else (eos_id,)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def _template(self) -> dict:
+        """`bos $A eos` with the pieces the flags ask for (transformers' `update_post_processor`)."""
+        pieces = {}
+        for name, flag in (
+            ("bos_token", self.config.add_bos_token),
+            ("eos_token", self.config.add_eos_token),
+        ):
+            token = self.config.special_tokens.get(name)
+            token_id = self.token_id(token)
+            if flag and token_id is not None:
+                pieces[name] = (token, token_id)
+        bos, eos = pieces.get("bos_token"), pieces.get("eos_token")
+        single = f"{bos[0] + ':0 ' if bos else ''}$A:0{' ' + eos[0] + ':0' if eos else ''}"
+        pair = f"{single}{' ' + bos[0] + ':1' if bos else ''} $B:1{' ' + eos[0] + ':1' if eos else ''}"
+        return dict(single=single, pair=pair, special_tokens=list(pieces.values()))
 
 
 class ByteTokenizer:
     """Fallback when a model ships no tokenizer.json: token id = UTF-8 byte (ids >= 256 print nothing)."""
 
     vocab_size = 256
+    eos_token_ids: tuple[int, ...] = ()
 
-    def encode(self, text: str) -> list[int]:
+    def __init__(self, config: TokenizerConfig | None = None):
+        self.config = config or TokenizerConfig()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -40,7 +120,71 @@ class ByteTokenizer:
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | ByteTokenizer:
     path = Path(model_dir) / "tokenizer.json"
-    return Tokenizer(path) if path.is_file() else ByteTokenizer()
+    config = TokenizerConfig.from_dir(model_dir)
+    return Tokenizer(path, config) if path.is_file() else ByteTokenizer(config)
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """Text with a choice about special tokens (a plain `str` prompt uses the checkpoint's)."""
+
+    text: str
+    add_special_tokens: bool = True  # the BOS/EOS the checkpoint's post-processor adds
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation, rendered with the checkpoint's chat template and then encoded."""
+
+    messages: tuple[Mapping[str, str], ...]  # {"role": ..., "content": ...}, oldest first
+    add_generation_prompt: bool = True  # end with the header of the assistant's reply
+    template_kwargs: Mapping[str, object] = field(default_factory=dict)  # extra template variables
+    add_special_tokens: bool = False  # the template writes BOS itself (apply_chat_template does not add it)
+
+
+Prompt = str | list[int] | TextPrompt | ChatPrompt
+
+
+def chat_text(tokenizer: Tokenizer | ByteTokenizer, prompt: ChatPrompt) -> str:
+    """The prompt text a conversation renders to; ChatTemplateError if it cannot."""
+    template = pick_template(tokenizer.config.chat_template)
+    if template is None:
+        raise ChatTemplateError(
+            "the model has no chat template (tokenizer_config.json or chat_template.jinja)"
+        )
+    return render_chat(
+        template,
+        list(prompt.messages),
+        prompt.add_generation_prompt,
+        tokenizer.config.special_tokens,
+        prompt.template_kwargs,
+    )
+
+
+def encode_prompt(tokenizer: Tokenizer | ByteTokenizer, prompt: Prompt) -> list[int]:
+    """A request's prompt ids: token ids as given, text and chat encoded as the checkpoint says."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, TextPrompt):
+        return tokenizer.encode(prompt.text, prompt.add_special_tokens)
+    if isinstance(prompt, ChatPrompt):
+        return tokenizer.encode(chat_text(tokenizer, prompt), prompt.add_special_tokens)
+    return list(prompt)
+
+
+def _token_text(value) -> str:
+    """A special token entry: its text, or an AddedToken dict with the text in "content"."""
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _flag(raw: dict, name: str) -> bool | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidModel(f"tokenizer_config.json: {name} must be true or false, got {value!r}")
+    return value
 
 
 class IncrementalDecoder:

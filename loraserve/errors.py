@@ -1,7 +1,8 @@
 """Error types raised by the shared layer, and the base families both services build on.
 
 The PEFT format (`loraserve.peft_format`), the model summary (`loraserve.model_summary`), routing
-rules (`loraserve.routing`) and the adapter-root allow-list (`loraserve.adapter_paths`) raise these.
+rules (`loraserve.routing`), the adapter-root allow-list (`loraserve.adapter_paths`) and chat
+rendering (`loraserve.chat_template`) raise these.
 Each service maps them to gRPC status codes in its own one place (`inference_svc.errors_grpc`,
 `adapter_svc.errors`): every `InvalidArgument` is INVALID_ARGUMENT.
 """
@@ -19,6 +20,17 @@ class InvalidArgument(LoraServeError):
 
 class InvalidModel(InvalidArgument):
     """The model directory cannot be served (missing files, unsupported architecture)."""
+
+
+class ChatTemplateError(InvalidArgument):
+    """A chat prompt cannot be rendered: no template, a template error or `raise_exception`.
+
+    The message is the template's own, after "chat template: ".
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"chat template: {message}")
+        self.template_message = message
 
 
 class PathNotAllowed(InvalidArgument):

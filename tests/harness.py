@@ -174,6 +174,16 @@ def engine_config(**overrides) -> EngineConfig:
     return EngineConfig(**{**base, **overrides})
 
 
+def offline_engine(model_dir: Path, adapters: dict[str, Path]):
+    """The offline engine on a served model, its adapters and the standalone servers' configuration."""
+    from inference_svc.engine import LLMEngine
+
+    engine = LLMEngine(model_dir, engine_config(**STANDALONE_ENGINE))
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    return engine
+
+
 def manager_config(
     redis_url: str, root: Path, adapter_root: Path, model_dir: Path | None, **overrides
 ) -> ManagerConfig:

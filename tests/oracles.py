@@ -111,3 +111,34 @@ def peft_model_with(model_dir: Path, adapters: dict[str, Path]):
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     return model.eval()
+
+
+def byte_level_tokenizer(special_tokens: list[str], bos: str | None = None):
+    """A `tokenizers` byte-level BPE without merges (ids 0..255 are the bytes), then `special_tokens`
+    (ids 256, 257, ...); `bos`: a TemplateProcessing post-processor that puts it before every text,
+    as Llama 2/3, Mistral and Gemma checkpoints do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(dict.fromkeys(special_tokens)))
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return tok
+
+
+def write_tokenizer_files(
+    out: Path, special_tokens: list[str], tokenizer_config: dict, bos: str | None = None
+) -> Path:
+    """tokenizer.json (`byte_level_tokenizer`) and tokenizer_config.json, as a checkpoint ships them."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    byte_level_tokenizer(special_tokens, bos).save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -4,11 +4,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from inference_svc.engine import LLMEngine
 from inference_svc.sampling import SamplingParams
 from loraserve.v1 import inference_pb2
 
-from harness import NUM_ADAPTERS, STANDALONE_ENGINE, TIMEOUT_S, engine_config, request, resources
+from harness import NUM_ADAPTERS, TIMEOUT_S, offline_engine, request, resources
 
 NUM_STREAMS = 32
 MAX_TOKENS = 10
@@ -18,11 +17,7 @@ PROMPTS = ["Hello", [3, 17, 99, 5, 42], "Multi-LoRA serving", [7, 7, 8], "abc", 
 @pytest.fixture(scope="module")
 def offline(grpc_model):
     """The offline engine on the same model, adapters and configuration."""
-    model_dir, adapters = grpc_model
-    engine = LLMEngine(model_dir, engine_config(**STANDALONE_ENGINE))
-    for name, path in adapters.items():
-        engine.register_adapter(name, path)
-    return engine
+    return offline_engine(*grpc_model)
 
 
 def collect(stub, req) -> list[inference_pb2.GenerateResponse]:

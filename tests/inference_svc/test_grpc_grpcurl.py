@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from loraserve.v1 import inference_pb2
+
 from harness import request
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -90,13 +92,29 @@ def test_grpcurl_calls_get_engine_info(outputs):
 
 
 def test_grpcurl_streams_generate(outputs, served):
-    messages = json_objects(output_of(outputs, "/Generate"))
+    messages = json_objects(output_of(outputs, '"text": "Hello"'))
     assert {m["adapter_id"] for m in messages} == {"demo-0"}
     tokens = [t for m in messages for t in m.get("token_ids", [])]
     greedy = request("Hello", "demo-0", max_tokens=8, temperature=0)  # what the README line asks for
     assert tokens == [t for m in served.stub.Generate(greedy, timeout=60) for t in m.token_ids]
     assert messages[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
     assert messages[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_grpcurl_chats(outputs, served):
+    (line,) = [line for line in readme_grpcurl_lines() if '"messages"' in line]
+    messages = json_objects(outputs[line])
+    assert {m["adapter_id"] for m in messages} == {"demo-1"}
+    sent = json.loads(shlex.split(line)[3])  # what the README line sends, through the Python stub
+    req = inference_pb2.GenerateRequest(
+        adapter_id=sent["adapter_id"], params=inference_pb2.SamplingParams(**sent["params"])
+    )
+    req.messages.messages.extend(inference_pb2.ChatMessage(**m) for m in sent["messages"]["messages"])
+    want = list(served.stub.Generate(req, timeout=60))
+    assert [t for m in messages for t in m.get("token_ids", [])] == [t for m in want for t in m.token_ids]
+    assert (
+        int(messages[-1]["usage"]["prompt_tokens"]) == want[-1].usage.prompt_tokens > 20
+    )  # the template's text
 
 
 def test_grpcurl_residency_and_health(outputs):

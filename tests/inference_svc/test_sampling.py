@@ -1,6 +1,5 @@
 """Sampling: the batched sampler against float64 per-row references, and through the engine."""
 
-import dataclasses
 import math
 from collections import Counter
 
@@ -430,8 +429,8 @@ def test_max_tokens_and_stop_token_ids(engine):
 def test_eos_stops_unless_ignored(engine):
     tokens = tokens_of(generate(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
     eos = tokens[2]
-    original = engine.model_config
-    engine.model_config = dataclasses.replace(original, eos_token_ids=(eos,))  # as if config.json said so
+    original = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({eos})  # as if the checkpoint said so
     try:
         stopped = generate(engine, SamplingParams(max_tokens=6, temperature=0))
         assert tokens_of(stopped) == tokens[: tokens.index(eos) + 1] and stopped[-1].finish_reason == "stop"
@@ -440,7 +439,7 @@ def test_eos_stops_unless_ignored(engine):
             == tokens
         )
     finally:
-        engine.model_config = original
+        engine.eos_token_ids = original
 
 
 def test_stop_string_ends_text_before_it(engine):
