@@ -302,12 +302,18 @@ class AdapterManager:
                 await self.registry.release_placement(adapter_id)
 
     async def _load_on(self, replica: ReplicaRecord, record: AdapterRecord, to_slot: bool):
-        resident = await self.replicas.load(
-            replica.replica_id, replica.address, record.adapter_id, to_slot, record.pinned
+        """One LoadAdapter command carrying what the replica needs: the content hash, the victims
+        the host-cache policy chose, the pin. The replica fetches the bytes and reports once."""
+        acquired = await self.acquire(replica.replica_id, replica.epoch, record.adapter_id, [])
+        return await self.replicas.load(
+            replica.replica_id,
+            replica.address,
+            record.adapter_id,
+            to_slot,
+            record.pinned,
+            sha256=acquired.sha256,
+            evict=acquired.evict,
         )
-        if record.pinned:
-            await self.registry.set_replica_pin(replica.replica_id, replica.epoch, record.adapter_id, True)
-        return resident
 
     async def _live_record(self, adapter_id: str) -> AdapterRecord:
         record = await self.get(adapter_id)

@@ -296,7 +296,6 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             size_bytes=acquired.size_bytes,
             resident=acquired.resident,
             evict=acquired.evict,
-            pin=acquired.pin,
         )
 
     async def FetchAdapterWeights(self, request, context):
