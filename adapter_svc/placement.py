@@ -27,7 +27,6 @@ class Acquired:
     size_bytes: int
     resident: bool  # already in its host cache
     evict: list[str]  # least recently used first
-    pin: bool
 
 
 def can_hold(replica: ReplicaRecord, adapter: AdapterRecord) -> bool:
@@ -115,12 +114,18 @@ class Placement:
                 await self.registry.release_placement(adapter_id)
 
     async def _load_on(self, replica: ReplicaRecord, record: AdapterRecord, to_slot: bool):
-        resident = await self.replicas.load(
-            replica.replica_id, replica.address, record.adapter_id, to_slot, record.pinned
+        """One LoadAdapter command carrying what the replica needs: the content hash, the victims
+        the host-cache policy chose, the pin. The replica fetches the bytes and reports once."""
+        acquired = await self.acquire(replica.replica_id, replica.epoch, record.adapter_id, [])
+        return await self.replicas.load(
+            replica.replica_id,
+            replica.address,
+            record.adapter_id,
+            to_slot,
+            record.pinned,
+            sha256=acquired.sha256,
+            evict=acquired.evict,
         )
-        if record.pinned:
-            await self.registry.set_replica_pin(replica.replica_id, replica.epoch, record.adapter_id, True)
-        return resident
 
     async def evict(self, adapter_id: str, replica_id: str = "", force: bool = False) -> list[str]:
         """EvictAdapter from one replica or all holders; -> replicas it was evicted from."""
@@ -222,6 +227,4 @@ class Placement:
             if answer.reason == Refusal.STALE:
                 raise errors.StaleReplica(f"replica {replica_id!r} epoch {epoch} is not current: join again")
             raise answer.error(adapter_id)
-        return Acquired(
-            adapter_id, answer.sha256, answer.size_bytes, answer.resident, list(answer.evict), answer.pin
-        )
+        return Acquired(adapter_id, answer.sha256, answer.size_bytes, answer.resident, list(answer.evict))

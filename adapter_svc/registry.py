@@ -247,9 +247,6 @@ class Registry:
     async def mirror_evicted(self, replica_id: str, adapter_id: str) -> None:
         await self._call(self.scripts.mirror_evicted, replica_id, adapter_id)
 
-    async def set_replica_pin(self, replica_id: str, epoch: int, adapter_id: str, pinned: bool) -> None:
-        await self._call(self.scripts.set_replica_pin, replica_id, epoch, adapter_id, "1" if pinned else "0")
-
     async def lapsed_replicas(self, ttl_ms: int) -> list[str]:
         """Replicas still marked UP whose last heartbeat is older than the TTL."""
         cutoff = await self.now_ms() - ttl_ms

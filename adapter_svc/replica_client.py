@@ -31,10 +31,23 @@ class ReplicaClient:
         return inference_pb2_grpc.InferenceServiceStub(channel)
 
     async def load(
-        self, replica_id: str, address: str, adapter_id: str, to_slot: bool, pin: bool
+        self,
+        replica_id: str,
+        address: str,
+        adapter_id: str,
+        to_slot: bool,
+        pin: bool,
+        sha256: str = "",
+        evict: list[str] = (),
     ) -> common_pb2.ResidentAdapter:
-        """LoadAdapter on the replica; raises ReplicaCommandFailed with the replica's status."""
-        request = inference_pb2.LoadAdapterRequest(adapter_id=adapter_id, to_slot=to_slot, pin=pin)
+        """LoadAdapter on the replica; raises ReplicaCommandFailed with the replica's status.
+
+        `sha256` (the registered content hash) and `evict` (victims chosen by the host-cache
+        policy) make it the manager's command: the replica fetches and loads without asking back.
+        """
+        request = inference_pb2.LoadAdapterRequest(
+            adapter_id=adapter_id, to_slot=to_slot, pin=pin, sha256=sha256, evict=evict
+        )
         try:
             response = await self._stub(address).LoadAdapter(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:

@@ -506,22 +506,6 @@ return 1
 """
 )
 
-# ARGV[3] replica id, ARGV[4] epoch, ARGV[5] adapter id, ARGV[6] '1' = pinned there.
-# Records a pin the manager itself set or cleared on a replica. -> 1, or 0 if the replica is stale
-SET_REPLICA_PIN = (
-    PRELUDE
-    + """
-local r, id = ARGV[3], ARGV[5]
-if not replica_ok(r, ARGV[4]) then return 0 end
-if ARGV[6] == '1' then
-  if redis.call('ZSCORE', k_host(r), id) then redis.call('SADD', k_pins(r), id) end
-else
-  redis.call('SREM', k_pins(r), id)
-end
-return 1
-"""
-)
-
 # ARGV[3] adapter id, ARGV[4] '1' = pin, '0' = unpin.
 # -> {'ok', replica, state, ...} (its live holders) | {'not_found'} | {'deleting'}
 PIN = (
@@ -614,7 +598,6 @@ class Scripts:
         self.acquire = client.register_script(ACQUIRE)
         self.mark_down = client.register_script(MARK_DOWN)
         self.mirror_evicted = client.register_script(MIRROR_EVICTED)
-        self.set_replica_pin = client.register_script(SET_REPLICA_PIN)
         self.pin = client.register_script(PIN)
         self.set_alias = client.register_script(SET_ALIAS)
         self.delete_alias = client.register_script(DELETE_ALIAS)

@@ -300,7 +300,6 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             size_bytes=acquired.size_bytes,
             resident=acquired.resident,
             evict=acquired.evict,
-            pin=acquired.pin,
         )
 
     async def FetchAdapterWeights(self, request, context):

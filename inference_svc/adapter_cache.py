@@ -12,6 +12,17 @@ An adapter with running requests (refcount > 0) or a pin is never evicted from i
 candidate is pinned or busy the answer is `NoEvictableSlot` (host, when a finished read is
 installed) or "not now" (slots: the scheduler waits). Every residency change is reported to the
 `on_change` listener, on the engine thread.
+
+This cache is the replica's one owner of residency: the replica agent asks it (through the engine
+thread) or listens to its events; nobody else keeps a copy. Who chooses host-tier victims is fixed
+at construction (`host_eviction`):
+  - `HOST_LRU` (standalone): installing into a full host tier evicts its least recently used idle,
+    unpinned entry;
+  - `HOST_BY_MANAGER` (a replica of an adapter manager): the manager's answer names the victims and
+    the agent evicts them before the load. A finished read that still finds the tier full (the
+    manager's mirror lagged) is never given room by this cache: it stays pending, a `needs_room`
+    event asks the agent to get victims from the manager, and `room_done` answers (a failure
+    fails the requests waiting for it). A direct `load` raises `HostCacheFull` instead.
 """
 
 from __future__ import annotations
@@ -35,10 +46,14 @@ from inference_svc.lora_slots import LoraSlots
 from loraserve.model_summary import ModelConfig
 from loraserve.peft_format import AdapterFiles, AdapterManifest
 
+HOST_LRU, HOST_BY_MANAGER = "lru", "manager"  # who chooses host-tier victims (module docstring)
+
 
 @dataclass(frozen=True)
 class ResidencyEvent:
-    kind: str  # "loaded" (host) | "activated" (slot) | "deactivated" | "evicted" (host)
+    # "loaded" (host) | "activated" (slot) | "deactivated" | "evicted" (host); and "needs_room", not
+    # a change: a finished read waits for the manager to name victims (HOST_BY_MANAGER only)
+    kind: str
     adapter_id: str
     slot: int | None
     at: float  # wall-clock seconds
@@ -70,7 +85,11 @@ class AdapterCache:
         slots: LoraSlots,
         dtype: torch.dtype,
         on_change: Callable[[ResidencyEvent], None] | None = None,
+        host_eviction: str = HOST_LRU,
     ):
+        if host_eviction not in (HOST_LRU, HOST_BY_MANAGER):
+            raise ValueError(f"host_eviction ({host_eviction!r}) must be {HOST_LRU!r} or {HOST_BY_MANAGER!r}")
+        self.host_eviction = host_eviction
         self.model = model
         self.config = config
         self.slots = slots
@@ -82,6 +101,7 @@ class AdapterCache:
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU first
         self.loading: dict[str, concurrent.futures.Future[LoadedAdapter]] = {}  # reads not installed yet
         self.failed_loads: dict[str, Exception] = {}  # failed installs not yet taken by install_loaded
+        self.room_wanted: set[str] = set()  # finished reads waiting for the manager's victims
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, LRU first
         self.activation: dict[str, int] = {}  # adapter -> when it took its slot (lower: held longer)
         self._activations = itertools.count()
@@ -167,7 +187,7 @@ class AdapterCache:
         """
         for adapter_id in [a for a, future in self.loading.items() if future.done()]:
             with contextlib.suppress(Exception):  # recorded in failed_loads, returned below
-                self._install(adapter_id)
+                self._install(adapter_id)  # False: it waits for room (HOST_BY_MANAGER)
         failed, self.failed_loads = self.failed_loads, {}
         return failed
 
@@ -192,25 +212,61 @@ class AdapterCache:
         future = self.prefetch(adapter_id)
         if not wait and not future.done():
             return False
-        self._install(adapter_id)  # waits for the read if it is still running
+        if not self._install(adapter_id):  # waits for the read if it is still running
+            raise errors.HostCacheFull(
+                f"all {self.config.max_cpu_loras} host-cache entries (max_cpu_loras) are taken and "
+                f"the adapter manager has not named one to evict for {adapter_id!r}"
+            )
         return True
 
-    def _install(self, adapter_id: str) -> None:
+    def _install(self, adapter_id: str) -> bool:
         """Move a finished read into the host tier; a failure is raised and kept in failed_loads.
 
-        The read happens before any eviction, so a rejected adapter evicts nothing.
+        The read happens before any eviction, so a rejected adapter evicts nothing. False: the tier
+        is full and only the manager chooses victims; the read stays pending (see the docstring).
         """
-        future = self.loading.pop(adapter_id)
+        future = self.loading[adapter_id]
         try:
             loaded = future.result()
-            if len(self.host) >= self.config.max_cpu_loras:
-                self._evict_host_lru()
+            if len(self.host) >= self.config.max_cpu_loras and not self._room_for(adapter_id):
+                return False
         except Exception as e:
+            del self.loading[adapter_id]
             self.failed_loads[adapter_id] = e
             raise
+        del self.loading[adapter_id]
+        self.room_wanted.discard(adapter_id)
         self.host[adapter_id] = loaded.adapter
         self.last_used[adapter_id] = time.time()
         self.on_change(ResidencyEvent("loaded", adapter_id, None, time.time(), loaded.seconds))
+        return True
+
+    def _room_for(self, adapter_id: str) -> bool:
+        """Make room in the full host tier by this cache's policy; False: wait for the manager."""
+        if self.host_eviction == HOST_LRU:
+            self._evict_host_lru()
+            return True
+        if adapter_id not in self.room_wanted:
+            self.room_wanted.add(adapter_id)
+            self.on_change(ResidencyEvent("needs_room", adapter_id, None, time.time()))
+        return False
+
+    def room_done(self, adapter_id: str, error: Exception | None = None) -> None:
+        """The agent's answer to `needs_room`: victims were evicted (the next install tries again
+        and asks again if still full), or `error` fails the read and the requests waiting for it."""
+        self.room_wanted.discard(adapter_id)
+        if error is not None and adapter_id in self.loading:
+            del self.loading[adapter_id]
+            self.failed_loads[adapter_id] = error
+
+    def holds(self, adapter_id: str) -> bool:
+        """Is `adapter_id` in the host tier?"""
+        return adapter_id in self.host
+
+    def source_path(self, adapter_id: str) -> Path | None:
+        """The directory `adapter_id` is registered from (None: not registered)."""
+        source = self.sources.get(adapter_id)
+        return None if source is None else source[0]
 
     def _evict_host_lru(self) -> None:
         for candidate in self.host:
@@ -340,6 +396,7 @@ class AdapterCache:
         it was not resident."""
         self._source(adapter_id)
         self.loading.pop(adapter_id, None)
+        self.room_wanted.discard(adapter_id)
         if adapter_id not in self.host:
             return False
         if self.refcount.get(adapter_id):
@@ -362,6 +419,7 @@ class AdapterCache:
         """Drop every unpinned, idle adapter from both tiers and discard reads in flight (a
         restart's clean slate)."""
         self.loading.clear()
+        self.room_wanted.clear()
         for adapter_id in list(self.host):
             if not self.refcount.get(adapter_id):
                 self.pinned.discard(adapter_id)

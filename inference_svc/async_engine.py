@@ -4,7 +4,9 @@ One engine thread owns the engine: it builds it, then loops - run every queued c
 request, abort one, a residency command), then one `step()` if there is work, else sleep until a
 command arrives. Commands come from any thread through one FIFO inbox, so they run between steps
 in the order they were sent. Each step's outputs cross back to the event loop in a single callback
-that routes them to per-request asyncio queues, which the Generate streams read.
+that routes them to per-request asyncio queues, which the Generate streams read. The engine owns
+each request's lifecycle; `_streams` here is only where a request's outputs go, and whether a step
+ran comes from the step's record (`LLMEngine.run_step`).
 
 Adapter files are never read on the engine thread: the engine's loader thread reads them, and its
 completion posts a no-op command so a waiting engine thread wakes and installs the result.
@@ -27,7 +29,7 @@ from typing import Protocol, TypeVar
 
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidentAdapter
-from inference_svc.engine import LLMEngine, RequestOutput
+from inference_svc.engine import EngineStep, LLMEngine, RequestEvent, RequestOutput
 from inference_svc.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,12 @@ _STOP = object()
 class EngineObserver(Protocol):
     """Watches the engine from its thread (metrics); must be cheap and must not raise."""
 
-    def after_commands(self, engine: LLMEngine) -> None:
-        """A batch of commands (adds, aborts, residency commands) has run."""
+    def after_commands(self, engine: LLMEngine, events: list[RequestEvent]) -> None:
+        """A batch of commands (adds, aborts, residency commands) has run; `events`: what
+        happened to requests meanwhile (queued, aborted)."""
 
-    def after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        """One `engine.step()` has run and returned `outputs`."""
+    def after_step(self, engine: LLMEngine, step: EngineStep) -> None:
+        """One `engine.run_step()` has run and returned `step`."""
 
 
 class AsyncEngine:
@@ -244,7 +247,8 @@ class AsyncEngine:
             for fn, future in commands:
                 self._execute(engine, fn, future)
             if commands:
-                self._observe(lambda observer: observer.after_commands(engine))
+                events = engine.take_events()
+                self._observe(lambda observer, events=events: observer.after_commands(engine, events))
             if stop:
                 return
             blocked = engine.has_unfinished_requests() and not self._step(engine)
@@ -276,18 +280,15 @@ class AsyncEngine:
     def _step(self, engine: LLMEngine) -> bool:
         """One engine step; False when it scheduled nothing (requests are blocked)."""
         try:
-            outputs = engine.step()
+            step = engine.run_step()
         except Exception as e:  # a bug: fail every request rather than hang their streams
             log.exception("engine step failed; aborting all in-flight requests")
-            failed = list(engine.sequences)
-            for request_id in failed:
-                engine.abort_request(request_id)
-            self._loop.call_soon_threadsafe(self._fail_streams, failed, e)
+            self._loop.call_soon_threadsafe(self._fail_streams, engine.abort_all(), e)
             return True
-        self._observe(lambda observer: observer.after_step(engine, outputs))
-        if outputs:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
-        return bool(engine.scheduler.history) and engine.scheduler.history[-1].num_seqs > 0
+        self._observe(lambda observer: observer.after_step(engine, step))
+        if step.outputs:
+            self._loop.call_soon_threadsafe(self._deliver, step.outputs)
+        return step.ran
 
     def _observe(self, notify: Callable[[EngineObserver], None]) -> None:
         if self._observer is None:
@@ -311,9 +312,7 @@ class AsyncEngine:
 
     def _shut_down(self, engine: LLMEngine) -> None:
         engine.adapters.close()
-        aborted = list(engine.sequences)
-        for request_id in aborted:
-            engine.abort_request(request_id)
+        aborted = engine.abort_all()
         if aborted:
             error = errors.Draining("the engine stopped; request aborted")
             self._loop.call_soon_threadsafe(self._fail_streams, aborted, error)

@@ -3,6 +3,12 @@
 `LLMEngine.step()` asks the scheduler for a batch, runs one forward pass where every row uses its
 own adapter slot (or none), samples, and returns a `RequestOutput` per sequence that produced a
 token, finished, or failed. The gRPC service drives the same object from one thread.
+
+The engine is the one owner of a request's lifecycle (`sequences`, the request table; the
+scheduler holds the same sequences in its queues). Observers (metrics, the async bridge) learn
+what happened from `run_step()`'s `EngineStep` - the scheduler's record, the outputs, and the
+`RequestEvent`s (queued, started, first token, finished with its reason: stop, length, abort,
+error) since the last record - or from `take_events()` between steps; they never diff its dicts.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 import kernels
 from inference_svc import errors
-from inference_svc.adapter_cache import AdapterCache, ResidencyEvent, ResidentAdapter
+from inference_svc.adapter_cache import HOST_LRU, AdapterCache, ResidencyEvent, ResidentAdapter
 from inference_svc.config import EngineConfig
 from inference_svc.cuda_graphs import DecodeGraphs
 from inference_svc.forward_batch import SequenceChunk, StepInputs
@@ -58,6 +64,35 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class RequestEvent:
+    """One change in a request's life, as the engine saw it."""
+
+    kind: str  # "queued" | "started" (first scheduled) | "first_token" | "finished"
+    request_id: str
+    adapter_id: str | None
+    at: float  # time.monotonic()
+    arrival: float  # time.monotonic() when the request was queued
+    prompt_tokens: int
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    reason: str | None = None  # "finished": "stop" | "length" | "abort" | "error"
+
+
+@dataclass(frozen=True)
+class EngineStep:
+    """What one `run_step()` did: the scheduler's record (None: nothing was scheduled, or only
+    failures), the outputs, and every request event since the previous record."""
+
+    record: StepRecord | None
+    outputs: list[RequestOutput]
+    events: list[RequestEvent]
+
+    @property
+    def ran(self) -> bool:
+        return self.record is not None and self.record.num_seqs > 0
+
+
+@dataclass(frozen=True)
 class Completion:
     """A whole finished request, as returned by `LLMEngine.generate`."""
 
@@ -76,7 +111,10 @@ class LLMEngine:
         model_dir: str | Path,
         config: EngineConfig,
         on_residency_change: Callable[[ResidencyEvent], None] | None = None,
+        host_eviction: str = HOST_LRU,
     ):
+        """`host_eviction`: who chooses host-cache victims (`adapter_cache.HOST_LRU` standalone,
+        `HOST_BY_MANAGER` for a replica of an adapter manager)."""
         self.config = config
         self.model_dir = Path(model_dir)
         self.model_config = ModelConfig.from_dir(model_dir)
@@ -135,9 +173,12 @@ class LLMEngine:
             if self._uses_cuda_graphs()
             else None
         )
-        self.adapters = AdapterCache(self.model_config, config, self.lora, lora_dtype, on_residency_change)
+        self.adapters = AdapterCache(
+            self.model_config, config, self.lora, lora_dtype, on_residency_change, host_eviction
+        )
         self.scheduler = Scheduler(config, self.kv, self.adapters)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # request id -> its sequence, until it finishes
+        self._events: list[RequestEvent] = []  # since the last run_step() / take_events()
         self.record_logits = False  # attach each sampled row's logits to its RequestOutput
         self._arrivals = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(0)  # unseeded requests
@@ -220,6 +261,7 @@ class LLMEngine:
             self.adapters.prefetch(adapter_id)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
+        self._event("queued", seq)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -246,23 +288,68 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now, freeing its KV blocks and slot reference. False if unknown."""
-        seq = self.sequences.pop(request_id, None)
+        seq = self.sequences.get(request_id)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        self._retire(seq, "abort")
         return True
+
+    def abort_all(self) -> list[str]:
+        """Abort every request in flight; -> their ids."""
+        aborted = list(self.sequences)
+        for request_id in aborted:
+            self.abort_request(request_id)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def take_events(self) -> list[RequestEvent]:
+        """The request events since the last call (or the last `run_step()`)."""
+        events, self._events = self._events, []
+        return events
+
+    def _event(self, kind: str, seq: Sequence, reason: str | None = None) -> None:
+        self._events.append(
+            RequestEvent(
+                kind,
+                seq.request_id,
+                seq.adapter_id,
+                time.monotonic(),
+                seq.arrival_time,
+                len(seq.prompt_ids),
+                len(seq.output_ids),
+                seq.first_token_time,
+                reason,
+            )
+        )
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """The one exit of a request: out of the scheduler and the request table, with an event."""
+        self.scheduler.finish(seq, reason)
+        del self.sequences[seq.request_id]
+        self._event("finished", seq, reason)
+
     # --- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        chunks = self.scheduler.schedule()
-        outputs = [self._fail(seq, err) for seq, err in self.scheduler.failed]
-        self.scheduler.failed.clear()
+        """One scheduling step; -> an output per request that produced a token, finished or failed."""
+        return self.run_step().outputs
+
+    def run_step(self) -> EngineStep:
+        """One scheduling step and its record (see the module docstring)."""
+        schedule = self.scheduler.schedule()
+        outputs = [self._fail(seq, err) for seq, err in schedule.failed]
+        outputs += self._run(schedule.chunks)
+        return EngineStep(schedule.record, outputs, self.take_events())
+
+    def _run(self, chunks) -> list[RequestOutput]:
         if not chunks:
-            return outputs
+            return []
+        for c in chunks:
+            if not c.seq.started:
+                c.seq.started = True
+                self._event("started", c.seq)
         seq_chunks = [
             SequenceChunk(
                 token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
@@ -283,7 +370,7 @@ class LLMEngine:
             if sc.want_logits:
                 sampling.append(c.seq)
         if not sampling:
-            return outputs
+            return []
         tokens = sample(
             logits,
             [s.params for s in sampling],
@@ -292,14 +379,16 @@ class LLMEngine:
             [s.prompt_ids for s in sampling],
             [s.output_ids for s in sampling],
         )
-        for i, (seq, tok) in enumerate(zip(sampling, tokens)):
-            outputs.append(self._append(seq, tok, logits[i].clone() if self.record_logits else None))
-        return outputs
+        return [
+            self._append(seq, tok, logits[i].clone() if self.record_logits else None)
+            for i, (seq, tok) in enumerate(zip(sampling, tokens))
+        ]
 
     def _append(self, seq: Sequence, tok: SampledToken, logits: torch.Tensor | None) -> RequestOutput:
         seq.output_ids.append(tok.token_id)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
+            self._event("first_token", seq)
         seq.decoder.push(tok.token_id)
         p = seq.params
         reason = None
@@ -323,8 +412,7 @@ class LLMEngine:
         delta = text[seq.emitted_chars : end]
         seq.emitted_chars = max(seq.emitted_chars, end)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self.sequences[seq.request_id]
+            self._retire(seq, reason)
         return RequestOutput(
             request_id=seq.request_id,
             token=tok,
@@ -337,8 +425,7 @@ class LLMEngine:
         )
 
     def _fail(self, seq: Sequence, err: Exception) -> RequestOutput:
-        self.scheduler.finish(seq, "error")
-        self.sequences.pop(seq.request_id, None)
+        self._retire(seq, "error")
         return RequestOutput(
             request_id=seq.request_id,
             token=None,

@@ -50,6 +50,10 @@ class NoEvictableSlot(ResourceExhausted):
     """Every candidate slot or cache entry is pinned or in use."""
 
 
+class HostCacheFull(NoEvictableSlot):
+    """A managed replica's host cache is full and the adapter manager has not named what to evict."""
+
+
 class QueueFull(ResourceExhausted):
     """The waiting queue is at its limit."""
 

@@ -2,7 +2,8 @@
 
 Everything is collected on the engine thread, between steps: `after_commands` (requests added or
 aborted, residency commands) and `after_step` (one call per scheduling step, with that step's
-outputs), plus `on_residency_change` for loads and evictions. No metric is touched per token
+record), plus `on_residency_change` for loads and evictions. Requests are counted from the
+engine's `RequestEvent`s (first token, finished with its reason), never by diffing its tables. No metric is touched per token
 outside that loop and nothing here does I/O; the HTTP endpoint only reads the registry.
 
 Adapter labels: each adapter id is its own label value until `MAX_ADAPTER_LABELS` distinct ids
@@ -149,53 +150,46 @@ class EngineMetrics:
             self.m[P + "adapter_load_seconds"].labels(tier)
         self.max_adapter_labels = max_adapter_labels
         self._labels: set[str] = set()
-        self._live: dict = {}  # request id -> its Sequence, for arrival and first-token times
         self._stats: dict[str, int] = {}
         self._info: tuple | None = None
 
     # --- engine-thread hooks (AsyncEngine observer) ---------------------------------------
 
-    def after_commands(self, engine) -> None:
-        """Requests may have been added or aborted, adapters loaded or evicted."""
-        live = engine.sequences
-        for request_id in live.keys() - self._live.keys():
-            self._live[request_id] = live[request_id]
-        for request_id in self._live.keys() - live.keys():  # gone without a final output
-            seq = self._live.pop(request_id)
-            self.m[P + "requests_total"].labels(self.adapter_label(seq.adapter_id), "abort").inc()
+    def after_commands(self, engine, events: list) -> None:
+        """Requests may have been added or aborted (`events`), adapters loaded or evicted."""
+        self._observe_events(events)
         self._update_state(engine)
 
-    def after_step(self, engine, outputs: list) -> None:
-        """One scheduling step ran and produced `outputs` (RequestOutput)."""
-        history = engine.scheduler.history
-        if history and history[-1].num_seqs:
-            self.m[P + "batch_size"].observe(history[-1].num_seqs)
-            self.m[P + "adapters_per_step"].observe(len(history[-1].slots))
-        now = time.monotonic()
-        generated: Counter[str] = Counter()
-        for out in outputs:
-            label = self.adapter_label(out.adapter_id)
-            seq = self._live.get(out.request_id)
-            if out.token is not None:
-                generated[label] += 1
-                if out.usage.completion_tokens == 1:
-                    self.m[P + "prompt_tokens_total"].labels(label).inc(out.usage.prompt_tokens)
-                    if seq is not None and seq.first_token_time is not None:
-                        self.m[P + "time_to_first_token_seconds"].observe(
-                            seq.first_token_time - seq.arrival_time
-                        )
-            if out.finished:
-                self._live.pop(out.request_id, None)
-                self.m[P + "requests_total"].labels(label, out.finish_reason).inc()
-                if seq is not None:
-                    self._observe_latency(seq, out.usage.completion_tokens, now)
+    def after_step(self, engine, step) -> None:
+        """One scheduling step ran (`EngineStep`: its record, outputs and request events)."""
+        if step.ran:
+            self.m[P + "batch_size"].observe(step.record.num_seqs)
+            self.m[P + "adapters_per_step"].observe(len(step.record.slots))
+        generated = Counter(
+            self.adapter_label(out.adapter_id) for out in step.outputs if out.token is not None
+        )
         for label, n in generated.items():
             self.m[P + "generation_tokens_total"].labels(label).inc(n)
+        self._observe_events(step.events)
         self._update_state(engine)
         self._update_info(engine)
 
+    def _observe_events(self, events: list) -> None:
+        """First tokens (prompt tokens, TTFT) and finished requests (count, latencies)."""
+        for event in events:
+            label = self.adapter_label(event.adapter_id)
+            if event.kind == "first_token":
+                self.m[P + "prompt_tokens_total"].labels(label).inc(event.prompt_tokens)
+                self.m[P + "time_to_first_token_seconds"].observe(event.first_token_at - event.arrival)
+            elif event.kind == "finished":
+                self.m[P + "requests_total"].labels(label, event.reason).inc()
+                if event.reason != "abort":
+                    self._observe_latency(event)
+
     def on_residency_change(self, event) -> None:
         """AdapterCache's listener: a load, slot activation or eviction (engine thread)."""
+        if event.kind not in _EVENT_COUNTERS:  # "needs_room": not a change
+            return
         metric, tier = _EVENT_COUNTERS[event.kind]
         self.m[metric].labels(tier).inc()
         if event.kind in ("loaded", "activated"):
@@ -214,11 +208,11 @@ class EngineMetrics:
             return adapter_id
         return OTHER_LABEL
 
-    def _observe_latency(self, seq, completion_tokens: int, now: float) -> None:
-        self.m[P + "e2e_request_latency_seconds"].observe(now - seq.arrival_time)
-        if completion_tokens > 1 and seq.first_token_time is not None:
+    def _observe_latency(self, finished) -> None:
+        self.m[P + "e2e_request_latency_seconds"].observe(finished.at - finished.arrival)
+        if finished.completion_tokens > 1 and finished.first_token_at is not None:
             self.m[P + "time_per_output_token_seconds"].observe(
-                (now - seq.first_token_time) / (completion_tokens - 1)
+                (finished.at - finished.first_token_at) / (finished.completion_tokens - 1)
             )
 
     def _update_state(self, engine) -> None:

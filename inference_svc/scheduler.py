@@ -63,6 +63,7 @@ class Sequence:
     finish_reason: str | None = None
     emitted_chars: int = 0  # text returned so far (stop strings hold some back)
     first_token_time: float | None = None
+    started: bool = False  # scheduled at least once
 
     def token_slice(self, begin: int, end: int) -> list[int]:
         """Tokens [begin, end) of prompt + output, without concatenating the two."""
@@ -82,6 +83,15 @@ class Sequence:
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # new tokens this step: num_computed .. num_computed + num_tokens
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What `Scheduler.schedule` decided for one step."""
+
+    chunks: list[ScheduledChunk]
+    failed: list[tuple[Sequence, Exception]]  # taken out of the queue: their adapter failed to load
+    record: StepRecord
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.history: deque[StepRecord] = deque(maxlen=4096)
-        self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine each step
+        self._failed: list[tuple[Sequence, Exception]] = []  # this schedule() call's failures
         self.steps = 0  # schedule() calls so far
         self.preemptions = 0  # sequences preempted so far
         self.slot_wait_since: dict[str, int] = {}  # adapter without a slot -> step it was first passed over
@@ -119,9 +129,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[ScheduledChunk]:
-        """Pick this step's chunks. Sequences whose adapter failed to load land in `failed`."""
+    def schedule(self) -> Schedule:
+        """Pick this step's chunks; sequences whose adapter failed to load come back as `failed`
+        (out of every queue; the caller retires them)."""
         self.steps += 1
+        self._failed = []
         for adapter_id, error in self.adapters.install_loaded().items():
             self._fail_waiting(adapter_id, error)
         budget = self.config.max_num_batched_tokens
@@ -146,16 +158,15 @@ class Scheduler:
         self._rotate_slots()
         slots = frozenset(c.seq.slot for c in chunks if c.seq.slot >= 0)
         assert len(slots) <= self.config.max_loras, "more distinct adapters than slots in a step"
-        self.history.append(
-            StepRecord(
-                len(chunks),
-                sum(c.num_tokens for c in chunks),
-                frozenset(c.seq.adapter_id for c in chunks),
-                slots,
-                self.preemptions,
-            )
+        record = StepRecord(
+            len(chunks),
+            sum(c.num_tokens for c in chunks),
+            frozenset(c.seq.adapter_id for c in chunks),
+            slots,
+            self.preemptions,
         )
-        return chunks
+        self.history.append(record)
+        return Schedule(chunks, self._failed, record)
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
         admissible, keep = self._slot_plan()
@@ -236,7 +247,7 @@ class Scheduler:
         failing = [seq for seq in self.waiting if seq.adapter_id == adapter_id]
         for seq in failing:
             self.waiting.remove(seq)
-            self.failed.append((seq, error))
+            self._failed.append((seq, error))
 
     def _preempt_newest(self, keep: set) -> bool:
         for seq in reversed(self.running):

@@ -20,11 +20,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from inference_svc import errors
+from inference_svc.adapter_cache import HOST_BY_MANAGER, HOST_LRU
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
 from inference_svc.errors_grpc import status_for
 from inference_svc.generation_config import GenerationConfig
 from inference_svc.limits import TenantConcurrencyLimiter
+from inference_svc.manager_client import ManagerClient
 from inference_svc.metrics import EngineMetrics
 from inference_svc.ownership import ManagerOwnership, static_owners
 from inference_svc.replica_agent import ReplicaAgent
@@ -121,14 +123,15 @@ class InferenceServer:
         self.metrics_server: MetricsServer | None = None
         self.engine = AsyncEngine(self._build_engine, on_crash=self._engine_crashed, observer=self.metrics)
         self.agent: ReplicaAgent | None = None
+        self.manager: ManagerClient | None = None  # one client of the manager: agent and ownership
         if config.adapter_manager:
+            self.manager = ManagerClient(config.adapter_manager, self.security)
             self.agent = ReplicaAgent(
                 self.engine,
-                config.adapter_manager,
+                self.manager,
                 config.replica_id,
                 config.advertise_address,
                 config.adapter_cache_dir,
-                security=self.security,
             )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
@@ -160,8 +163,8 @@ class InferenceServer:
 
     def _ownership(self):
         """Who owns each adapter: the manager's registry, or the token file's `adapters` map."""
-        if self.config.adapter_manager and self.security.auth_enabled:
-            return ManagerOwnership(self.config.adapter_manager, self.security)
+        if self.manager is not None and self.security.auth_enabled:
+            return ManagerOwnership(self.manager)
         tokens = self.security.tokens
         return static_owners(tokens.adapter_tenants if tokens is not None else {})
 
@@ -175,7 +178,9 @@ class InferenceServer:
             if agent is not None:
                 agent.on_residency_change(event)
 
-        engine = LLMEngine(self.config.model, self.config.engine, on_residency_change=on_change)
+        # The manager chooses host-cache victims for its replicas; a standalone engine chooses its own.
+        eviction = HOST_BY_MANAGER if agent is not None else HOST_LRU
+        engine = LLMEngine(self.config.model, self.config.engine, on_change, eviction)
         shapes = engine.warm_up()  # Triton compiles now, not inside the first requests' steps
         if shapes:
             log.info("warmed up %d step shapes (Triton kernels compiled)", len(shapes))
@@ -206,17 +211,18 @@ class InferenceServer:
                 )
                 log.info("metrics on %s", self.metrics_server.url)
             await self.engine.start()
-            await self.engine.call(self.metrics.after_commands)  # occupancy gauges from the start
+            # occupancy gauges from the start
+            await self.engine.call(lambda engine: self.metrics.after_commands(engine, []))
             if self.agent is not None:  # purge, then join with the snapshot, before SERVING
-                self.agent.advertise_address = (
-                    self.agent.advertise_address or f"{self.config.host}:{self.port}"
-                )
-                self.agent.replica_id = self.agent.replica_id or self.agent.advertise_address
+                member = self.agent.membership
+                member.advertise_address = member.advertise_address or f"{self.config.host}:{self.port}"
+                member.replica_id = member.replica_id or member.advertise_address
                 await self.agent.start()
         except BaseException:
             await self._server.stop(0)
             await self.engine.stop()
             self._close_metrics()
+            await self._close_manager()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", SERVICE_NAME, self.config.host, self.port)
@@ -234,9 +240,12 @@ class InferenceServer:
         await self._server.stop(margin)
         await self.engine.stop()
         self._close_metrics()
-        if isinstance(self.ownership, ManagerOwnership):
-            await self.ownership.close()
+        await self._close_manager()
         log.info("stopped")
+
+    async def _close_manager(self) -> None:
+        if self.manager is not None:
+            await self.manager.close()
 
     def _close_metrics(self) -> None:
         if self.metrics_server is not None:

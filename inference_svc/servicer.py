@@ -15,7 +15,8 @@ from pathlib import Path
 from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
-from inference_svc.replica_agent import ReplicaAgent, resident_to_proto
+from inference_svc.membership import resident_to_proto
+from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.sampling import SamplingParams
 from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
@@ -74,12 +75,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest, context):
         adapter_id = _adapter_id(request.adapter_id)
         path = self._allowed_path(request.path) if request.HasField("path") else None
+        pin = request.pin if request.HasField("pin") else None
         if path is None and self.agent is not None:
+            if request.sha256:  # the manager's command: hash, victims and pin come with it
+                resident = await self.agent.load_commanded(
+                    adapter_id, request.sha256, list(request.evict), request.to_slot, pin
+                )
+                return inference_pb2.LoadAdapterResponse(adapter=resident_to_proto(resident))
             await self.agent.ensure_local(adapter_id)  # fetched from the manager if not held
-
         if path is not None:
             await self.engine.call(lambda engine: engine.register_adapter(adapter_id, path))
-        pin = request.pin if request.HasField("pin") else None
         resident = await self.engine.load_adapter(adapter_id, to_slot=request.to_slot, pin=pin)
         return inference_pb2.LoadAdapterResponse(adapter=resident_to_proto(resident))
 

@@ -534,20 +534,18 @@ class AcquireAdapterRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., adapter_id: _Optional[str] = ..., snapshot: _Optional[_Iterable[_Union[_common_pb2.ResidentAdapter, _Mapping]]] = ...) -> None: ...
 
 class AcquireAdapterResponse(_message.Message):
-    __slots__ = ("adapter_id", "sha256", "size_bytes", "resident", "evict", "pin")
+    __slots__ = ("adapter_id", "sha256", "size_bytes", "resident", "evict")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     EVICT_FIELD_NUMBER: _ClassVar[int]
-    PIN_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     sha256: str
     size_bytes: int
     resident: bool
     evict: _containers.RepeatedScalarFieldContainer[str]
-    pin: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., evict: _Optional[_Iterable[str]] = ..., pin: _Optional[bool] = ...) -> None: ...
+    def __init__(self, adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., evict: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchAdapterWeightsRequest(_message.Message):
     __slots__ = ("adapter_id",)

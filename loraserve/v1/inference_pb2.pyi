@@ -284,16 +284,20 @@ class CacheStats(_message.Message):
     def __init__(self, host_hits: _Optional[int] = ..., host_misses: _Optional[int] = ..., slot_hits: _Optional[int] = ..., slot_misses: _Optional[int] = ..., host_evictions: _Optional[int] = ..., slot_evictions: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "to_slot", "pin")
+    __slots__ = ("adapter_id", "path", "to_slot", "pin", "sha256", "evict")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     TO_SLOT_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     to_slot: bool
     pin: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., to_slot: _Optional[bool] = ..., pin: _Optional[bool] = ...) -> None: ...
+    sha256: str
+    evict: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., to_slot: _Optional[bool] = ..., pin: _Optional[bool] = ..., sha256: _Optional[str] = ..., evict: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter",)

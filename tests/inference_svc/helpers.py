@@ -1,5 +1,6 @@
 """Small builders shared by the inference_svc tests."""
 
+from inference_svc.adapter_cache import HOST_LRU
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
@@ -22,12 +23,14 @@ def tiny_model(root):
     return write_demo_model(root / "model", **TINY_SHAPE)
 
 
-def tiny_engine(model_dir, adapter_root, n_adapters=0, **config):
+def tiny_engine(
+    model_dir, adapter_root, n_adapters=0, on_residency_change=None, host_eviction=HOST_LRU, **config
+):
     """An engine on the tiny model with adapters a0..a{n-1} registered (rank 4 and 8 alternating)."""
     defaults = dict(
         max_loras=2, max_cpu_loras=4, max_lora_rank=8, device="cpu", kv_cache_bytes=1 << 20, kv_block_size=4
     )
-    engine = LLMEngine(model_dir, EngineConfig(**{**defaults, **config}))
+    engine = LLMEngine(model_dir, EngineConfig(**{**defaults, **config}), on_residency_change, host_eviction)
     for i in range(n_adapters):
         path = adapter_root / f"a{i}"
         if not path.exists():

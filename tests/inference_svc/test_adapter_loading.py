@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference_svc import errors
+from inference_svc.adapter_cache import HOST_BY_MANAGER
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.demo_model import write_demo_adapter
 from inference_svc.sampling import SamplingParams
@@ -163,3 +164,41 @@ def test_async_engine_reads_off_its_thread_and_sleeps_until_a_read_is_done(model
         await served.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_managed_cache_never_chooses_host_victims_itself(model_dir, adapter_root):
+    """HOST_BY_MANAGER: a finished read that finds the host cache full waits (one needs_room
+    event) until the agent evicts the manager's victims; a refusal fails its requests."""
+    events = []
+    engine = tiny_engine(
+        model_dir, adapter_root, 3, events.append, HOST_BY_MANAGER, max_loras=1, max_cpu_loras=2
+    )
+    engine.load_adapter("a0")
+    engine.load_adapter("a1")
+    engine.add_request("r", [1, 2, 3], GREEDY, "a2")
+    for _ in range(3):
+        engine.adapters.wait_for_load(TIMEOUT_S)
+        assert engine.step() == []
+    held = {r.adapter_id for r in engine.list_resident_adapters()}
+    assert held == {"a0", "a1"} and engine.info()["occupancy"]["waiting"] == 1
+    assert [(e.kind, e.adapter_id) for e in events if e.kind in ("needs_room", "evicted")] == [
+        ("needs_room", "a2")
+    ]
+    try:
+        engine.load_adapter("a2")
+        raise AssertionError("a direct load into a full managed cache must not evict")
+    except errors.HostCacheFull:
+        pass
+
+    engine.evict_adapter("a0")  # the victim the manager named
+    engine.adapters.room_done("a2")
+    assert tokens_of(run_to_completion(engine)["r"]) == solo_tokens(model_dir, adapter_root, "a2", [1, 2, 3])
+    assert {r.adapter_id for r in engine.list_resident_adapters()} == {"a1", "a2"}
+
+    engine.add_request("refused", [4, 5], GREEDY, "a0")
+    engine.adapters.wait_for_load(TIMEOUT_S)
+    assert engine.step() == []
+    engine.adapters.room_done("a0", errors.NoEvictableSlot("every entry is pinned"))
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason == "error" and isinstance(out.error, errors.NoEvictableSlot)
+    assert {r.adapter_id for r in engine.list_resident_adapters()} == {"a1", "a2"}

@@ -179,11 +179,11 @@ def test_a_failing_step_is_internal_and_frees_the_request(grpc_model, caplog):
         def broken_step():
             raise RuntimeError("injected failure")
 
-        server.on_engine(lambda engine: setattr(engine, "step", broken_step))
+        server.on_engine(lambda engine: setattr(engine, "run_step", broken_step))
         e = generate_error(server, request("Hello", "demo-0"))
         assert e.code() == grpc.StatusCode.INTERNAL and "injected failure" in e.details()
         assert "injected failure" in caplog.text  # the traceback is logged
-        server.on_engine(lambda engine: delattr(engine, "step"))
+        server.on_engine(lambda engine: delattr(engine, "run_step"))
         assert server.on_engine(resources) == start
         ok = list(server.stub.Generate(request("Hello", "demo-0", max_tokens=2), timeout=TIMEOUT_S))
         assert ok[-1].usage.completion_tokens == 2

@@ -242,3 +242,30 @@ def test_hot_adapters_rotate_through_few_slots_within_a_bound(model_dir, adapter
     served = [r.adapters - {None} for r in engine.step_history]
     assert all(len(adapters) <= max_loras for adapters in served)
     assert all(any(f"a{i}" in adapters for adapters in served[40:arrival_steps]) for i in range(n_adapters))
+
+
+def test_run_step_records_what_happened_to_each_request(model_dir, adapter_root):
+    """Observers learn a request's life from the step record and events, not the engine's dicts."""
+    engine = tiny_engine(model_dir, adapter_root, 1)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    engine.add_request("done", [1, 2, 3], params)
+    engine.add_request("gone", [4, 5], params, "a0")
+    assert [(e.kind, e.request_id) for e in engine.take_events()] == [("queued", "done"), ("queued", "gone")]
+    engine.adapters.wait_for_load(30)
+    step = engine.run_step()
+    assert step.ran and step.record.num_seqs == 2 and {o.request_id for o in step.outputs} == {"done", "gone"}
+    kinds = [(e.kind, e.request_id) for e in step.events]
+    assert kinds == [
+        ("started", "done"),
+        ("started", "gone"),
+        ("first_token", "done"),
+        ("first_token", "gone"),
+    ]
+    assert engine.abort_request("gone")
+    (aborted,) = engine.take_events()
+    assert (aborted.kind, aborted.reason, aborted.adapter_id) == ("finished", "abort", "a0")
+    step = engine.run_step()
+    (finished,) = [e for e in step.events if e.kind == "finished"]
+    assert (finished.request_id, finished.reason, finished.completion_tokens) == ("done", "length", 2)
+    assert finished.at >= finished.first_token_at >= finished.arrival
+    assert not engine.has_unfinished_requests() and not engine.run_step().ran

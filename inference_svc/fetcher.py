@@ -1,0 +1,278 @@
+"""Adapters a managed replica gets from its manager: acquire, download, verify, load, keep a copy.
+
+Two ways in, one way to load:
+  - a request for an adapter the engine does not hold (`ensure_local`): AcquireAdapter asks the
+    manager's host-cache policy for room (it names the victims) and the content hash; concurrent
+    requests for one adapter share one acquire and one fetch;
+  - the manager's LoadAdapter command (`load_commanded`) already carries the hash, the victims and
+    the pin, so nothing is asked back.
+Either way the replica evicts the victims, fetches the bytes with FetchAdapterWeights unless its
+engine already has a copy with that sha256, checks the sha256, registers them with the engine and
+loads once; the engine's residency events make the one report. The engine loads from the fetched
+bytes at once while a background task writes the local copy under `cache_dir` that later loads
+read (also while the manager is unreachable).
+
+The manager chooses host-cache victims (`adapter_cache.HOST_BY_MANAGER`): when a finished read
+still finds the host cache full, the cache's `needs_room` event makes `room_for` ask the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import grpc
+
+from inference_svc import errors
+from inference_svc.adapter_cache import ResidentAdapter
+from inference_svc.manager_client import MANAGER_AWAY, ManagerClient, engine_error
+from inference_svc.membership import Membership, resident_to_proto
+from loraserve import errors as format_errors
+from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles
+from loraserve.v1 import adapter_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Attempts to get room from the manager for one read before its requests fail.
+ROOM_ATTEMPTS = 20
+# Wait between attempts (the manager's mirror catching up with this replica's reports).
+ROOM_RETRY_S = 0.05
+
+
+class Fetcher:
+    """Gets adapters from the manager into the engine.
+
+    Args:
+        engine: `AsyncEngine` (runs functions on the engine's thread, loads off it).
+        client: the replica's client of the manager.
+        membership: this replica's membership (epoch, rejoin, failed-load reports).
+        cache_dir: where fetched adapters are written.
+    """
+
+    def __init__(self, engine, client: ManagerClient, membership: Membership, cache_dir: Path):
+        self.engine = engine
+        self.client = client
+        self.membership = membership
+        self.cache_dir = cache_dir
+        self._inflight: dict[str, asyncio.Future] = {}  # the load fetching an adapter, one per adapter
+        self._room: dict[str, asyncio.Task] = {}  # needs_room answers in progress
+        self._writes: set[asyncio.Future] = set()  # local copies of fetched adapters being written
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self._writes)  # never leave a half-written local copy behind
+
+    # --- request-triggered loads --------------------------------------------------------------
+
+    async def ensure_local(self, adapter_id: str) -> None:
+        """Make `adapter_id` resident in the engine's host cache, fetching it if needed.
+
+        While the manager is unreachable, an adapter fetched before is loaded from the local copy;
+        one never fetched fails with Unavailable.
+        """
+        if await self.engine.call(lambda e: e.adapters.holds(adapter_id)):
+            return
+        if not self.membership.joined:
+            raise errors.Unavailable("this replica has not joined its adapter manager yet")
+        running = self._inflight.get(adapter_id) or self._start(
+            adapter_id, self._acquire_and_load(adapter_id)
+        )
+        await asyncio.shield(running)
+
+    def _start(self, adapter_id: str, load) -> asyncio.Future:
+        """Run `load`, the one load of `adapter_id` in flight that later callers wait for."""
+        running = asyncio.ensure_future(load)
+        self._inflight[adapter_id] = running
+        running.add_done_callback(lambda _: self._inflight.pop(adapter_id, None))
+        return running
+
+    async def _acquire_and_load(self, adapter_id: str) -> None:
+        residents = await self.engine.call(lambda e: e.list_resident_adapters())
+        if any(r.adapter_id == adapter_id for r in residents):
+            return
+        try:
+            acquired = await self._acquire(adapter_id, residents)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in MANAGER_AWAY and await self._has_copy(adapter_id):
+                log.warning("adapter manager unreachable; loading %s from its local copy", adapter_id)
+                await self._load(adapter_id)
+                return
+            raise engine_error(adapter_id, e) from e
+        await self._fetch_and_load(adapter_id, acquired.sha256, acquired.evict)
+
+    async def _acquire(self, adapter_id: str, residents: list[ResidentAdapter]) -> pb.AcquireAdapterResponse:
+        """AcquireAdapter; a stale epoch makes the replica join again and ask once more."""
+        request = pb.AcquireAdapterRequest(
+            replica_id=self.membership.replica_id,
+            epoch=self.membership.epoch,
+            adapter_id=adapter_id,
+            snapshot=[resident_to_proto(r) for r in residents],
+        )
+        try:
+            return await self.client.call("AcquireAdapter", request)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.ABORTED:
+                raise
+        await self.membership.rejoin()
+        request.epoch = self.membership.epoch
+        return await self.client.call("AcquireAdapter", request)
+
+    # --- the manager's command ----------------------------------------------------------------
+
+    async def load_commanded(
+        self, adapter_id: str, sha256: str, evict: list[str], to_slot: bool, pin: bool | None
+    ) -> ResidentAdapter:
+        """The manager's LoadAdapter: evict its victims, fetch unless a copy with `sha256` is
+        registered, load once (into a slot with `to_slot`, pinned or unpinned per `pin`)."""
+        running = self._inflight.get(adapter_id)
+        if running is None:
+            return await asyncio.shield(
+                self._start(adapter_id, self._fetch_and_load(adapter_id, sha256, evict, to_slot, pin))
+            )
+        await asyncio.wait([running])  # another load is fetching it: share that fetch, then load
+        return await self._fetch_and_load(adapter_id, sha256, evict, to_slot, pin)
+
+    # --- both ---------------------------------------------------------------------------------
+
+    async def _fetch_and_load(
+        self, adapter_id: str, sha256: str, evict, to_slot: bool = False, pin: bool | None = None
+    ) -> ResidentAdapter:
+        try:
+            for victim in evict:
+                await self.engine.call(lambda e, v=victim: _evict_quietly(e, v))
+            if not await self._has_copy(adapter_id, sha256):
+                files = await self._download(adapter_id, sha256)
+                path = self.cache_dir / f"{sha256}-{hashlib.sha256(files.config_json).hexdigest()[:16]}"
+                await self.engine.call(lambda e: _register(e, adapter_id, path, files))
+                # The engine loads from memory now; the local copy is written meanwhile.
+                write = asyncio.ensure_future(self._write_local_copy(adapter_id, path, files))
+                self._writes.add(write)
+                write.add_done_callback(self._writes.discard)
+            return await self._load(adapter_id, to_slot, pin)
+        except Exception as e:
+            self.membership.load_failed(adapter_id, str(e))
+            raise
+
+    async def _has_copy(self, adapter_id: str, sha256: str | None = None) -> bool:
+        """Is `adapter_id` registered with the engine from a copy this fetcher made (of `sha256`)?"""
+        path = await self.engine.call(lambda e: e.adapters.source_path(adapter_id))
+        if path is None or path.parent != self.cache_dir.resolve():
+            return False
+        return sha256 is None or path.name.startswith(f"{sha256}-")
+
+    async def _load(self, adapter_id: str, to_slot: bool = False, pin: bool | None = None) -> ResidentAdapter:
+        """Load into the engine; a full host cache waits for the room the manager names."""
+        for _ in range(ROOM_ATTEMPTS):
+            try:
+                return await self.engine.load_adapter(adapter_id, to_slot=to_slot, pin=pin)
+            except errors.HostCacheFull:
+                room = self._room.get(adapter_id)
+                if room is None:
+                    raise
+                error = await asyncio.shield(room)
+                if error is not None:
+                    raise error from None
+        return await self.engine.load_adapter(adapter_id, to_slot=to_slot, pin=pin)
+
+    async def _download(self, adapter_id: str, sha256: str) -> AdapterFiles:
+        """Fetch an adapter's files into memory, verifying their sha256."""
+        digest, data, header = hashlib.sha256(), bytearray(), None
+        stream = self.client.fetch(adapter_id)
+        try:
+            async for part in stream:
+                if part.WhichOneof("part") == "header":
+                    header = part.header
+                elif header is None or len(data) + len(part.data) > header.size_bytes:
+                    stream.cancel()  # no header, or more bytes than announced: fails the check below
+                    break
+                else:
+                    digest.update(part.data)
+                    data += part.data
+        except grpc.aio.AioRpcError as e:
+            raise engine_error(adapter_id, e) from e
+        got = digest.hexdigest()
+        if header is None or got != header.sha256 or got != sha256 or len(data) != header.size_bytes:
+            raise format_errors.CorruptSafetensors(
+                f"adapter {adapter_id!r}: fetched {len(data)} bytes hashing to {got}; the manager "
+                f"registered {sha256}"
+            )
+        return AdapterFiles(header.adapter_config_json, data)
+
+    async def _write_local_copy(self, adapter_id: str, path: Path, files: AdapterFiles) -> None:
+        """Write fetched files to `path` in cache_dir; then the engine reads them from there."""
+        try:
+            if not path.is_dir():
+                await asyncio.to_thread(_write_directory, self.cache_dir, path, files)
+            await self.engine.call(lambda e: e.adapters.files_written(adapter_id, files))
+        except Exception as e:  # the engine keeps the bytes in memory instead
+            log.warning("could not write adapter %s to %s (%s); keeping it in memory", adapter_id, path, e)
+
+    # --- room in the host cache ---------------------------------------------------------------
+
+    def room_for(self, adapter_id: str) -> None:
+        """The cache's `needs_room` event (on the event loop): ask the manager for victims."""
+        if adapter_id not in self._room:
+            task = asyncio.ensure_future(self._make_room(adapter_id))
+            self._room[adapter_id] = task
+            task.add_done_callback(lambda _: self._room.pop(adapter_id, None))
+
+    async def _make_room(self, adapter_id: str) -> Exception | None:
+        """AcquireAdapter names victims; evict them. The manager's mirror may still count what
+        this replica evicted or not count what it loaded: then wait for the reports and ask again.
+        -> the error that failed the read, or None."""
+        error: Exception | None = None
+        try:
+            for _ in range(ROOM_ATTEMPTS):
+                residents = await self.engine.call(lambda e: e.list_resident_adapters())
+                acquired = await self._acquire(adapter_id, residents)
+                evicted = [
+                    v for v in acquired.evict if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))
+                ]
+                if evicted:
+                    break
+                await asyncio.sleep(ROOM_RETRY_S)
+            else:
+                error = errors.HostCacheFull(
+                    f"the adapter manager named nothing evictable to make room for {adapter_id!r}"
+                )
+        except grpc.aio.AioRpcError as e:
+            error = engine_error(adapter_id, e)
+        except errors.LoraServeError as e:
+            error = e
+        if error is not None:
+            self.membership.load_failed(adapter_id, str(error))
+        await self.engine.call(lambda e: e.adapters.room_done(adapter_id, error))
+        return error
+
+
+# --- engine-thread helpers ----------------------------------------------------------------------
+
+
+def _register(engine, adapter_id: str, path: Path, files: AdapterFiles) -> None:
+    if engine.adapters.knows(adapter_id):
+        engine.unregister_adapter(adapter_id)  # other bytes under the same id
+    engine.register_adapter(adapter_id, path, files)
+
+
+def _evict_quietly(engine, adapter_id: str) -> bool:
+    """Evict a victim the manager chose; one that became busy or unknown meanwhile is kept."""
+    try:
+        return engine.evict_adapter(adapter_id)
+    except (errors.AdapterNotFound, errors.AdapterInUse):
+        return False
+
+
+def _write_directory(cache_dir: Path, final: Path, files: AdapterFiles) -> None:
+    """Write `files` into a staging directory of `cache_dir`, then rename it to `final`."""
+    staging = cache_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        (staging / CONFIG_FILE).write_bytes(files.config_json)
+        (staging / WEIGHTS_FILE).write_bytes(files.weights)
+        if not final.is_dir():
+            staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
