@@ -357,6 +357,7 @@ class LLMEngine:
                 block_table=c.seq.block_table,
                 slot=c.seq.slot,
                 want_logits=c.seq.num_computed + c.num_tokens == c.seq.total_len,
+                prompt_len=len(c.seq.prompt_ids),
             )
             for c in chunks
         ]

@@ -29,12 +29,14 @@ class SequenceChunk:
     block_table: BlockTable  # KV blocks of the sequence, covering start_pos + len(token_ids)
     slot: int  # LoRA slot, -1 = base model
     want_logits: bool  # whether the last token's logits are needed (to sample)
+    prompt_len: int = 0  # the sequence's prompt length (rope lengths); 0 = this chunk ends the prompt
 
 
 @dataclass(frozen=True)
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64, every chunk's tokens concatenated
     positions: torch.Tensor  # [T] int64
+    rope_lens: torch.Tensor  # [T] int64, max(prompt length, position + 1): length-dependent rope
     slot_ids: torch.Tensor  # [T] int32, LoRA slot per token (-1 = none)
     lora_meta: kernels.LoraBatchMeta  # tokens grouped by slot
     kv_write: torch.Tensor  # [T] int64, flat KV-pool position each token's K/V goes to
@@ -60,6 +62,7 @@ class StepInputs:
 
         self.token_ids = buffer(max_tokens, torch.int64)  # [max_tokens]
         self.positions = buffer(max_tokens, torch.int64)
+        self.rope_lens = buffer(max_tokens, torch.int64)
         self.slot_ids = buffer(max_tokens, torch.int32)
         self.kv_write = buffer(max_tokens, torch.int64)
         self.logits_index = buffer(max_tokens, torch.int64)
@@ -87,6 +90,7 @@ class StepInputs:
         rows = np.fromiter((c.block_table.row for c in chunks), np.int64, num_seqs)
         seq_slots = np.fromiter((c.slot for c in chunks), np.int32, num_seqs)
         want = np.fromiter((c.want_logits for c in chunks), bool, num_seqs)
+        prompts = np.fromiter((c.prompt_len for c in chunks), np.int64, num_seqs)
         tokens = np.fromiter(
             itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, int(lens.sum())
         )
@@ -97,6 +101,7 @@ class StepInputs:
                     f"only decode steps of <= {pad_to} sequences pad, on an engine built for graphs"
                 )
             lens, starts = np.append(lens, np.ones(pad, np.int64)), np.append(starts, np.zeros(pad, np.int64))
+            prompts = np.append(prompts, np.zeros(pad, np.int64))
             rows = np.append(rows, np.full(pad, self.kv.padding_row))
             seq_slots, want = (
                 np.append(seq_slots, np.full(pad, -1, np.int32)),
@@ -114,6 +119,8 @@ class StepInputs:
         firsts = ends - lens
         seq_of = np.repeat(np.arange(num_seqs), lens)  # [T] sequence of each token
         positions = np.arange(num_tokens) - firsts[seq_of] + starts[seq_of]  # [T]
+        prompts = np.where(prompts > 0, prompts, starts + lens)  # [B]
+        rope_lens = np.maximum(prompts[seq_of], positions + 1)  # [T]
         bs = self.kv.block_size
         kv_write = self.kv_tables[rows[seq_of], positions // bs].astype(np.int64) * bs + positions % bs
         slots = seq_slots[seq_of]  # [T]
@@ -129,6 +136,7 @@ class StepInputs:
         return ForwardBatch(
             token_ids=self._fill(self.token_ids, tokens),
             positions=self._fill(self.positions, positions),
+            rope_lens=self._fill(self.rope_lens, rope_lens),
             slot_ids=slot_ids,
             lora_meta=lora_meta,
             kv_write=self._fill(self.kv_write, kv_write),

@@ -95,7 +95,7 @@ def compute_plan(
     kv_per_token = model.kv_bytes_per_token(model_dtype.itemsize)
     block_bytes = kv_per_token * config.kv_block_size
     blocks = config.kv_cache_bytes // block_bytes
-    max_len = config.max_model_len or model.max_position_embeddings
+    max_len = config.max_model_len or model.max_context_len
     warnings = []
     if config.max_cpu_loras <= config.max_loras:
         warnings.append(

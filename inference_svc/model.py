@@ -1,7 +1,9 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2) with batched multi-LoRA on its projections.
+"""A Llama-family decoder (Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3) with batched multi-LoRA.
 
-Reads top to bottom: rotary embedding -> decoder layer -> causal LM. Projections are fused
-(q/k/v into one matmul, gate/up into one); each adds its rows' LoRA deltas through `LoraSlots`.
+Reads top to bottom: norm -> decoder layer -> causal LM (rotary embeddings: `rope.py`). Projections
+are fused (q/k/v into one matmul, gate/up into one); each adds its rows' LoRA deltas through
+`LoraSlots`. Family differences come from `ModelConfig`: biases, Qwen3's per-head q/k norms, an
+explicit head_dim, and each layer's sliding attention window.
 """
 
 from __future__ import annotations
@@ -14,29 +16,11 @@ import torch.nn.functional as F
 from inference_svc.forward_batch import ForwardBatch
 from inference_svc.kv_cache import KVCache
 from inference_svc.lora_slots import LoraSlots
+from inference_svc.rope import RotaryEmbedding, apply_rotary
 from inference_svc.weights import load_state_dict
 from kernels.attention import paged_attention
 from loraserve.errors import InvalidModel
 from loraserve.model_summary import ModelConfig
-
-
-class RotaryEmbedding:
-    """cos/sin tables for every position up to `max_len`, in the HF Llama convention."""
-
-    def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
-
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] rotated by each token's position."""
-        cos = self.cos[positions][:, None, :].to(x.dtype)  # [T, 1, D]
-        sin = self.sin[positions][:, None, :].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,7 +43,10 @@ class DecoderLayer:
             else None
         )
         self.o_w = w.pop(f"{attn}.o_proj.weight")
-        self.o_b = w.pop(f"{attn}.o_proj.bias", None)
+        self.o_b = w.pop(f"{attn}.o_proj.bias") if cfg.o_proj_bias else None
+        # Qwen3: RMSNorm weights [D] of every q and k head, applied before rope
+        self.q_norm = w.pop(f"{attn}.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = w.pop(f"{attn}.k_norm.weight") if cfg.qk_norm else None
         self.gate_up_w = torch.cat([w.pop(f"{mlp}.gate_proj.weight"), w.pop(f"{mlp}.up_proj.weight")])
         self.gate_up_b = (
             torch.cat([w.pop(f"{mlp}.gate_proj.bias"), w.pop(f"{mlp}.up_proj.bias")])
@@ -67,17 +54,18 @@ class DecoderLayer:
             else None
         )
         self.down_w = w.pop(f"{mlp}.down_proj.weight")
-        self.down_b = w.pop(f"{mlp}.down_proj.bias", None)
+        self.down_b = w.pop(f"{mlp}.down_proj.bias") if cfg.mlp_bias else None
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0  # 0 = full attention
 
     def forward(
         self,
         h: torch.Tensor,
         batch: ForwardBatch,
         kv: KVCache,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, D] of the step's tokens
         lora: LoraSlots,
         attn_out: torch.Tensor,  # [T, q_size], scratch the attention writes
         attention_backend: str,
@@ -87,8 +75,12 @@ class DecoderLayer:
         qkv = F.linear(x, self.qkv_w, self.qkv_b)  # [T, q + 2 kv]
         lora.apply(i, "qkv_proj", qkv, x, batch.slot_ids, batch.lora_meta)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = rope.apply(q.view(-1, cfg.num_heads, cfg.head_dim), batch.positions)
-        k = rope.apply(k.view(-1, cfg.num_kv_heads, cfg.head_dim), batch.positions)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, KVH, D]
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_cache, v_cache = kv.layer(i)  # [blocks, block_size, KVH, D]
         k_cache.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(0, batch.kv_write, k)
         v_cache.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(
@@ -102,6 +94,7 @@ class DecoderLayer:
             self.scale,
             attn_out.view(-1, cfg.num_heads, cfg.head_dim),
             attention_backend,
+            window=self.window,
         )
         o = F.linear(attn_out, self.o_w, self.o_b)  # [T, hidden]
         lora.apply(i, "o_proj", o, attn_out, batch.slot_ids, batch.lora_meta)
@@ -140,7 +133,7 @@ class CausalLM:
         leftover = [k for k in weights if not k.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise InvalidModel(f"checkpoint holds tensors this model does not use: {leftover[:5]}")
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_len, device)
+        self.rope = RotaryEmbedding(cfg, max_len, device)
         self.dtype = self.embed.dtype
         # the attention output of the largest step, reused by every layer
         self.attn_out = torch.empty(max_tokens, cfg.num_heads * cfg.head_dim, dtype=self.dtype, device=device)
@@ -167,7 +160,8 @@ class CausalLM:
         """Logits [len(batch.logits_index), vocab] in float32."""
         h = F.embedding(batch.token_ids, self.embed)  # [T, hidden]
         attn_out = self.attn_out[: batch.num_tokens]
+        rope = self.rope.cos_sin(batch.positions, batch.rope_lens)  # [T, D] each
         for layer in self.layers:
-            h = layer.forward(h, batch, kv, self.rope, lora, attn_out, self.attention_backend)
+            h = layer.forward(h, batch, kv, rope, lora, attn_out, self.attention_backend)
         h = rms_norm(h[batch.logits_index], self.norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -2,7 +2,8 @@
 
 Every sequence of a step contributes `n_b >= 1` new query tokens whose K/V are already written to
 the pool; it attends causally to its whole context (the cached prefix and its own new tokens),
-read through its block table. No context is copied into padded batch tensors and no mask is built
+read through its block table, or with a sliding `window` w > 0 to the keys in (p - w, p] of a
+query at position p (transformers' `sliding_window`; the layer's choice, one per call). No context is copied into padded batch tensors and no mask is built
 on the host; grouped-query attention reads each K/V head once for all of its query heads.
 
   - "triton": `kernels.triton_attention`, one kernel for the whole step (CUDA, or CPU tensors under
@@ -51,14 +52,18 @@ def paged_attention(
     scale: float,
     out: torch.Tensor,  # [T, H, D], written
     backend: str = "auto",
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of every sequence's new queries over its cached context; returns `out`."""
+    """Causal attention of every sequence's new queries over its cached context (the last `window`
+    positions of it when `window` > 0); returns `out`."""
     _check(q, k_cache, v_cache, out)
+    if window < 0:
+        raise ValueError(f"window ({window}) must be >= 0 (0 = full attention)")
     if select_backend(backend, q) == "triton":
         from kernels import triton_attention  # imported lazily: triton is optional on CPU hosts
 
-        return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale, out)
-    return paged_attention_torch(q, k_cache, v_cache, meta, scale, out)
+        return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale, out, window)
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, window)
 
 
 def paged_attention_torch(
@@ -68,31 +73,41 @@ def paged_attention_torch(
     meta: AttentionMeta,
     scale: float,
     out: torch.Tensor,  # [T, H, D]
+    window: int = 0,
 ) -> torch.Tensor:
     """The CPU path: per sequence, its blocks (a copy of its real context only) and fused calls.
 
     A chunk after a cached prefix needs a causal mask aligned bottom-right; it is built for at
-    most MASK_ROWS queries at a time, so its memory is bounded by MASK_ROWS x context.
+    most MASK_ROWS queries at a time, so its memory is bounded by MASK_ROWS x context. With a
+    window, only the blocks the sequence's first query can still see are read, each piece's keys
+    start at its first query's window, and the mask also hides keys below each query's window.
     """
     block_size = k_cache.shape[1]
     for begin, end, seq_len, row in meta.host_seqs:
-        blocks = meta.block_tables[row, : -(-seq_len // block_size)]  # [nb]
+        first = seq_len - (end - begin)  # position of the sequence's first new token
+        lowest = max(0, first - window + 1) if window else 0  # first key any of its queries sees
+        skip = lowest // block_size  # blocks wholly below every query's window
+        blocks = meta.block_tables[row, skip : -(-seq_len // block_size)]  # [nb]
         keys = k_cache.index_select(0, blocks).flatten(0, 1)  # [nb * block_size, KVH, D]
         values = v_cache.index_select(0, blocks).flatten(0, 1)
-        first = seq_len - (end - begin)  # position of the sequence's first new token
+        base = skip * block_size  # position of keys[0]
         for q0 in range(begin, end, MASK_ROWS):
             q1 = min(end, q0 + MASK_ROWS)
             pos0, visible = first + q0 - begin, first + q1 - begin  # first query's position, keys seen
+            lo = max(0, pos0 - window + 1) if window else 0  # first key of the piece's first query
             mask = None
-            if q1 - q0 > 1 and pos0 > 0:
-                key_pos = torch.arange(visible, device=q.device)
-                mask = key_pos <= torch.arange(pos0, visible, device=q.device)[:, None]  # [n, L]
+            if q1 - q0 > 1 and (pos0 > 0 or (window and visible > window)):
+                key_pos = torch.arange(lo, visible, device=q.device)
+                q_pos = torch.arange(pos0, visible, device=q.device)[:, None]
+                mask = key_pos <= q_pos  # [n, L]
+                if window:
+                    mask &= key_pos > q_pos - window
             o = F.scaled_dot_product_attention(
                 q[q0:q1].transpose(0, 1)[None],  # [1, H, n, D]
-                keys[:visible].transpose(0, 1)[None],  # [1, KVH, L, D]
-                values[:visible].transpose(0, 1)[None],
+                keys[lo - base : visible - base].transpose(0, 1)[None],  # [1, KVH, L, D]
+                values[lo - base : visible - base].transpose(0, 1)[None],
                 attn_mask=mask,  # True = attend
-                is_causal=q1 - q0 > 1 and pos0 == 0,  # a prompt's start: aligned top-left
+                is_causal=q1 - q0 > 1 and mask is None,  # a prompt's start: aligned top-left
                 scale=scale,
                 enable_gqa=True,
             )  # [1, H, n, D]

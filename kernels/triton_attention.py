@@ -5,7 +5,8 @@ all GROUP query heads that share one KV head (grouped-query attention: K/V are r
 whole group, never repeated), flattened into BLOCK_M * BLOCK_G rows. It walks the sequence's
 context BLOCK_N keys at a time, looking each key's block up in the block table (so any
 `block_size` works), with an online softmax in fp32 and a causal bound: the tile stops at the last
-key its last query may see. Tiles past a sequence's query count exit at once, so one launch serves
+key its last query may see. With a sliding window the walk starts at the key tile holding the first
+key its first query may see, and keys below each query's window are masked. Tiles past a sequence's query count exit at once, so one launch serves
 a 512-token chunk beside 63 decodes. fp32 dots use IEEE precision (no TF32).
 """
 
@@ -22,6 +23,7 @@ from kernels.triton_ops import INTERPRETED, _on_device
 BLOCK_N = 32
 PREFILL_ROWS = 64
 MIN_ROWS = 16  # tl.dot's smallest tile on the GPU
+FULL_WINDOW = 1 << 30  # the window argument of full attention: longer than any sequence
 
 
 @triton.jit
@@ -39,6 +41,7 @@ def _paged_attention_kernel(
     scale,
     block_size,
     head_dim,
+    window,  # a query at p sees keys in (p - window, p]; a huge value = full attention
     # strides
     stride_qt,
     stride_qh,
@@ -90,7 +93,8 @@ def _paged_attention_kernel(
     l_i = tl.zeros((BLOCK_M * BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M * BLOCK_G, BLOCK_D), dtype=tl.float32)
     kv_end = tl.minimum(seq_len, first_pos + (tile + 1) * BLOCK_M)  # causal: the tile's last key
-    for start in range(0, kv_end, BLOCK_N):
+    lowest = tl.maximum(first_pos + tile * BLOCK_M - window + 1, 0)  # window: the tile's first key
+    for start in range(lowest // BLOCK_N * BLOCK_N, kv_end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)  # [N]
         k_ok = k_pos < kv_end
         block = tl.load(table + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
@@ -118,7 +122,8 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [M, N]
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen & k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp(s - m_safe[:, None])
@@ -141,6 +146,7 @@ def paged_attention(
     meta: AttentionMeta,
     scale: float,
     out: torch.Tensor,  # [T, H, D]
+    window: int = 0,  # sliding window, 0 = full attention
 ) -> torch.Tensor:
     """One launch for the whole step; see the module docstring. Returns `out`."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
@@ -174,6 +180,7 @@ def paged_attention(
             float(scale),
             k_cache.shape[1],
             head_dim,
+            window or FULL_WINDOW,
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),

@@ -1,4 +1,9 @@
-"""The base model's shape, read from a Hugging Face `config.json` (and nothing else); torch-free."""
+"""The base model's shape, read from a Hugging Face `config.json` (and nothing else); torch-free.
+
+Each supported family reads its own fields the way its transformers config class does (defaults
+included); rope parameters are normalised from transformers-4 (`rope_theta` + `rope_scaling`) or
+transformers-5 (`rope_parameters`) fields. Anything else is refused with `InvalidModel` naming it.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,74 @@ from pathlib import Path
 
 from loraserve.errors import InvalidModel
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported decoder families (their transformers config classes)."""
+
+    architecture: str
+    max_position_embeddings: int  # the config class's default
+    qkv_bias: str  # "always" | "never" | "attention_bias" (q/k/v biases)
+    o_bias: bool  # o_proj carries a bias when attention_bias is set
+    mlp_bias: bool  # reads mlp_bias
+    qk_norm: bool  # per-head RMSNorm of q and k before rope (Qwen3)
+    windows: str  # "none" | "all" (Mistral: sliding_window) | "layer_types" (Qwen2/3)
+    default_head_dim: int | None  # None = hidden_size // num_attention_heads
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", 2048, "attention_bias", True, True, False, "none", None),
+    "mistral": Family("MistralForCausalLM", 4096 * 32, "never", False, False, False, "all", None),
+    "qwen2": Family("Qwen2ForCausalLM", 32768, "always", False, False, False, "layer_types", None),
+    "qwen3": Family("Qwen3ForCausalLM", 32768, "attention_bias", True, False, True, "layer_types", 128),
+}
+SUPPORTED_ARCHITECTURES = {f.architecture: name for name, f in FAMILIES.items()}
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# rope types that read original_max_position_embeddings (transformers' standardize_rope_params)
+_ORIGINAL_MAX = ("llama3", "yarn", "longrope")
+_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor"),
 }
 
 
 @dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, as transformers' `rope_parameters` holds them after
+    `standardize_rope_params`; `inference_svc/rope.py` turns them into frequencies."""
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    theta: float = 10000.0
+    factor: float | None = None  # linear, dynamic, yarn, llama3; longrope (None = derived)
+    original_max_position_embeddings: int | None = None  # llama3, yarn, longrope
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    attention_factor: float | None = None  # yarn, longrope (None = derived from factor)
+    beta_fast: float | None = None  # yarn (None = 32)
+    beta_slow: float | None = None  # yarn (None = 1)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope, head_dim / 2 values
+    long_factor: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The fields of a Llama-family decoder that the engine needs."""
+    """The fields of a supported decoder that the engine needs."""
 
     architecture: str  # e.g. "LlamaForCausalLM"
-    model_type: str  # "llama" | "mistral" | "qwen2"
+    model_type: str  # a key of FAMILIES
     hidden_size: int
     intermediate_size: int
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # may differ from hidden_size / num_heads
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
@@ -37,6 +91,11 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    o_proj_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of each q and k head, before rope
+    rope: RopeConfig = RopeConfig()
+    # per layer: the sliding attention window (a query at p sees keys in (p - w, p]), 0 = full
+    layer_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -51,47 +110,60 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
-        archs = raw.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise InvalidModel(
-                f"architectures {archs} not supported; expected one of {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        rope_theta, rope_type = _rope(raw)
-        if rope_type not in ("default", None):
-            raise InvalidModel(f"rope scaling type {rope_type!r} is not supported")
-        if raw.get("sliding_window") and raw.get("use_sliding_window", arch != "Qwen2ForCausalLM"):
-            if raw["sliding_window"] < raw.get("max_position_embeddings", 0):
-                raise InvalidModel("sliding-window attention is not supported")
+        model_type, family = _family(raw)
         if raw.get("hidden_act", "silu") != "silu":
-            raise InvalidModel(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
+            raise InvalidModel(f"{model_type}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        if raw.get("quantization_config"):
+            method = raw["quantization_config"].get("quant_method", "?")
+            raise InvalidModel(f"{model_type}: quantized checkpoints ({method}) are not supported")
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         try:
+            heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            layers = int(raw["num_hidden_layers"])
+            head_dim = int(raw.get("head_dim") or family.default_head_dim or hidden // heads)
+            max_pos = int(raw.get("max_position_embeddings", family.max_position_embeddings))
+            attention_bias = bool(raw.get("attention_bias", False))
+            rope = _rope(raw, model_type, head_dim, max_pos)
             return cls(
-                architecture=arch,
-                model_type=SUPPORTED_ARCHITECTURES[arch],
+                architecture=family.architecture,
+                model_type=model_type,
                 hidden_size=hidden,
                 intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
+                head_dim=head_dim,
                 vocab_size=int(raw["vocab_size"]),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rope_theta=rope.theta,
+                max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-                mlp_bias=bool(raw.get("mlp_bias", False)),
+                attention_bias={"always": True, "never": False}.get(family.qkv_bias, attention_bias),
+                mlp_bias=family.mlp_bias and bool(raw.get("mlp_bias", False)),
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                o_proj_bias=family.o_bias and attention_bias,
+                qk_norm=family.qk_norm,
+                rope=rope,
+                layer_windows=_windows(raw, model_type, family, layers),
             )
         except KeyError as e:
             raise InvalidModel(f"config.json lacks required field {e.args[0]!r}") from e
+
+    @property
+    def max_context_len(self) -> int:
+        """The default max_model_len: max_position_embeddings, stretched by linear and dynamic
+        scaling's factor and to YaRN's original_max_position_embeddings x factor (as vLLM does);
+        llama3 and LongRoPE configs already state the extended length."""
+        rope = self.rope
+        if rope.rope_type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * rope.factor)
+        if rope.rope_type == "yarn" and rope.factor:
+            return max(self.max_position_embeddings, int(rope.original_max_position_embeddings * rope.factor))
+        return self.max_position_embeddings
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-capable linear layer of one decoder layer."""
@@ -111,6 +183,12 @@ class ModelConfig:
         per_layer = sum(i * o for i, o in self.module_shapes().values()) + 2 * self.hidden_size
         if self.attention_bias:
             per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if self.o_proj_bias:
+            per_layer += self.hidden_size
+        if self.mlp_bias:
+            per_layer += 2 * self.intermediate_size + self.hidden_size
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         embed = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
         return self.num_layers * per_layer + embed + head + self.hidden_size
@@ -120,10 +198,111 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
 
 
-def _rope(raw: dict) -> tuple[float, str | None]:
-    """rope_theta and scaling type, from either transformers-4 or transformers-5 style fields."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    theta = raw.get("rope_theta", params.get("rope_theta", 10000.0))
-    types = {params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")} - {None, "default"}
-    return float(theta), (types.pop() if types else None)
+def _family(raw: dict) -> tuple[str, Family]:
+    """The family named by `model_type` (or, without one, by `architectures`), consistent with both."""
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type is None:
+        model_type = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if model_type is None:
+            raise InvalidModel(
+                f"architectures {archs} not supported; expected one of {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+    if model_type not in FAMILIES:
+        raise InvalidModel(
+            f"model_type {model_type!r} (architectures {archs}) is not supported; "
+            f"supported model types: {', '.join(FAMILIES)}"
+        )
+    family = FAMILIES[model_type]
+    if archs and family.architecture not in archs:
+        raise InvalidModel(
+            f"architectures {archs} not supported for model_type {model_type!r}; "
+            f"expected {family.architecture}"
+        )
+    return model_type, family
+
+
+def _rope(raw: dict, model_type: str, head_dim: int, max_pos: int) -> RopeConfig:
+    """Rope parameters from transformers-4 or -5 fields, the way `standardize_rope_params` reads them:
+    `rope_scaling` wins over `rope_parameters`; rope_theta from the dict, else the top level; a
+    top-level original_max_position_embeddings wins over the dict's, which defaults to
+    max_position_embeddings."""
+    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise InvalidModel(f"{model_type}: per-layer-type rope parameters {sorted(params)} are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise InvalidModel(
+            f"{model_type}: rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise InvalidModel(f"{model_type}: partial_rotary_factor {partial} is not supported (only 1.0)")
+    missing = [k for k in _REQUIRED.get(rope_type, ()) if k not in params]
+    if missing:
+        raise InvalidModel(
+            f"{model_type}: rope type {rope_type!r} needs {', '.join(missing)} in rope_scaling"
+        )
+    original = None
+    if rope_type in _ORIGINAL_MAX:
+        original = int(
+            raw.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or max_pos
+        )
+
+    def opt(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    def factors(key: str) -> tuple[float, ...] | None:
+        if params.get(key) is None:
+            return None
+        values = tuple(float(v) for v in params[key])
+        if len(values) != head_dim // 2:
+            raise InvalidModel(
+                f"{model_type}: longrope {key} has {len(values)} values, expected {head_dim // 2}"
+            )
+        return values
+
+    if rope_type in ("linear", "dynamic", "llama3") and params["factor"] is None:
+        raise InvalidModel(f"{model_type}: rope type {rope_type!r} needs a factor")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(params.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        factor=opt("factor"),
+        original_max_position_embeddings=original,
+        low_freq_factor=opt("low_freq_factor"),
+        high_freq_factor=opt("high_freq_factor"),
+        attention_factor=opt("attention_factor"),
+        beta_fast=opt("beta_fast"),
+        beta_slow=opt("beta_slow"),
+        mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+        short_factor=factors("short_factor"),
+        long_factor=factors("long_factor"),
+    )
+
+
+def _windows(raw: dict, model_type: str, family: Family, layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0 = full attention), as the family's transformers model reads it:
+    Mistral every layer from `sliding_window`; Qwen2/3 only with `use_sliding_window`, on the layers
+    `layer_types` names "sliding_attention" (by default those at index >= `max_window_layers`)."""
+    if family.windows == "none":
+        return (0,) * layers
+    if family.windows == "all":
+        window = raw.get("sliding_window", 4096)
+        return (int(window or 0),) * layers
+    window = raw.get("sliding_window", 4096) if raw.get("use_sliding_window", False) else None
+    types = raw.get("layer_types") or [
+        "sliding_attention"
+        if window is not None and i >= raw.get("max_window_layers", 28)
+        else "full_attention"
+        for i in range(layers)
+    ]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != layers:
+        raise InvalidModel(
+            f"{model_type}: layer_types {types} not supported (full/sliding_attention per layer)"
+        )
+    return tuple(int(window or 0) if t == "sliding_attention" else 0 for t in types)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from inference_svc.demo_model import TINY_SHAPE
+
 ADAPTER_SPECS = {
     # name: (LoraConfig kwargs)
     "r1_qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
@@ -30,38 +32,55 @@ ADAPTER_SPECS = {
     ),
 }
 
+# the demo's tiny shape (hidden 64, 2 layers, GQA 4:2) with a 128-token vocabulary
+_SMALL = dict(TINY_SHAPE, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=128)
+
+
+def _kind(family: str, **kwargs) -> dict:
+    """A transformers `{family}ForCausalLM` of the small shape, `kwargs` over its config."""
+    return dict(cls=f"{family}ForCausalLM", cfg=f"{family}Config", kwargs={**_SMALL, **kwargs})
+
+
+def _rope(rope_type: str, max_position_embeddings: int = 128, **fields) -> dict:
+    """A Llama whose rope is `rope_type`, with max_position_embeddings and the original length small
+    enough that the test prompts (up to ~100 tokens) run past them."""
+    scaling = dict(rope_type=rope_type, **fields)
+    return _kind("Llama", max_position_embeddings=max_position_embeddings, rope_scaling=scaling)
+
+
 MODEL_KINDS = {
-    "llama": dict(
-        cls="LlamaForCausalLM",
-        cfg="LlamaConfig",
-        kwargs=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-5,
-            rope_theta=500000.0,
-            tie_word_embeddings=False,
-        ),
+    "llama": _kind("Llama", max_position_embeddings=256, rope_theta=500000.0),
+    "qwen2": _kind(
+        "Qwen2",
+        intermediate_size=96,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     ),
-    "qwen2": dict(
-        cls="Qwen2ForCausalLM",
-        cfg="Qwen2Config",
-        kwargs=dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            vocab_size=128,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            tie_word_embeddings=True,
-        ),
+    # Qwen2 with a sliding window on layer 1 only (max_window_layers=1): per-layer windows
+    "qwen2_sliding": _kind("Qwen2", use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    # Mistral: a 16-token window on every layer, and a head_dim that is not hidden / heads
+    "mistral": _kind("Mistral", head_dim=24, sliding_window=16),
+    # Qwen3: per-head q/k RMSNorm, explicit head_dim, a sliding window on layer 1
+    "qwen3": _kind(
+        "Qwen3",
+        head_dim=24,
+        use_sliding_window=True,
+        sliding_window=20,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    ),
+    "rope_linear": _rope("linear", factor=2.0, max_position_embeddings=64),
+    "rope_dynamic": _rope("dynamic", factor=2.0, max_position_embeddings=64),
+    "rope_yarn": _rope("yarn", factor=4.0, original_max_position_embeddings=32),
+    "rope_llama3": _rope(
+        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+    ),
+    "rope_longrope": _rope(
+        "longrope",
+        original_max_position_embeddings=32,
+        short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+        long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
     ),
 }
 
@@ -77,6 +96,8 @@ def write_hf_model(kind: str, out: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif name.endswith("norm.weight"):  # RMSNorm weights (Qwen3's q/k norms included)
+                p.normal_(1, 0.2)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -100,6 +121,16 @@ def write_peft_adapter(model_dir: Path, out: Path, seed: int, **lora_kwargs) -> 
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     model.save_pretrained(out)
     return out
+
+
+def reset_rope_state(model) -> None:
+    """Undo transformers' dynamic-NTK state: its rotary module keeps the frequencies of the longest
+    sequence it has seen (until one shorter than max_position_embeddings), so each reference call
+    must start fresh to be the same function of its input."""
+    for module in model.modules():
+        if hasattr(module, "original_inv_freq") and hasattr(module, "original_max_seq_len"):
+            module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
 
 
 def peft_model_with(model_dir: Path, adapters: dict[str, Path]):

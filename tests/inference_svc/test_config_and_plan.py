@@ -78,6 +78,28 @@ def test_memory_plan_matches_hand_computed_figures():
     assert only_qv.bytes_per_slot == 2 * 8 * (128 + 96) * 4
 
 
+def test_memory_plan_uses_the_family_shapes():
+    """Qwen3 with head_dim 24 (not 64 / 4): projections, KV and weights follow head_dim; dynamic
+    rope stretches the default max_model_len by its factor."""
+    raw = {
+        **TINY_CONFIG_JSON,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "head_dim": 24,
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+    }
+    model = ModelConfig.from_dict(raw)
+    config = EngineConfig(max_loras=1, max_lora_rank=8, device="cpu", kv_block_size=4, kv_cache_bytes=10_000)
+    plan = compute_plan(model, config)
+    # per layer sum(in + out): q 64+96, k 64+48, v 64+48, o 96+64, gate 64+128, up 64+128, down 128+64
+    assert plan.bytes_per_slot == 2 * 8 * 1120 * 4
+    # KV: 2 (k, v) * 2 layers * 2 kv heads * 24 head_dim * 4 bytes = 768 B/token; block of 4 = 3072 B
+    assert plan.kv_cache_blocks == 10_000 // 3072
+    per_layer = (64 * 96 + 2 * 64 * 48 + 96 * 64 + 3 * 64 * 128) + 2 * 64 + 2 * 24  # + q/k norms
+    assert plan.weights_bytes == (2 * per_layer + 2 * 100 * 64 + 64) * 4
+    assert plan.max_model_len == 2 * 128
+
+
 def test_plan_warnings():
     model = ModelConfig.from_dict(TINY_CONFIG_JSON)
     plan = compute_plan(

@@ -66,8 +66,27 @@ def test_mistral_is_served_like_llama(llama_dir, tmp_path):
     "change, message",
     [
         (dict(architectures=["GPT2LMHeadModel"]), "not supported"),
+        (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), "model_type 'gemma2'"),
+        (dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"]), "model_type 'gemma3_text'"),
+        (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), "model_type 'phi3'"),
+        (
+            dict(model_type="mistral"),
+            r"architectures \['LlamaForCausalLM'\] not supported for model_type 'mistral'",
+        ),
         (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn'"),
+        (dict(rope_scaling={"rope_type": "proportional", "factor": 4.0}), "rope scaling type 'proportional'"),
+        (dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}), "rope scaling type 'mrope'"),
+        (
+            dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            "needs low_freq_factor, high_freq_factor",
+        ),
+        (dict(rope_scaling={"type": "linear"}), "'linear' needs factor"),
+        (
+            dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+            "short_factor has 1 values, expected 8",
+        ),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
+        (dict(quantization_config={"quant_method": "awq"}), r"quantized checkpoints \(awq\)"),
     ],
 )
 def test_unsupported_models_are_rejected_clearly(llama_dir, tmp_path, change, message):
@@ -76,6 +95,15 @@ def test_unsupported_models_are_rejected_clearly(llama_dir, tmp_path, change, me
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InvalidModel, match=message):
         ModelConfig.from_dir(tmp_path)
+
+
+def test_refusal_happens_at_engine_start_up(llama_dir, tmp_path):
+    shutil.copytree(llama_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(rope_scaling={"rope_type": "proportional", "factor": 2.0})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidModel, match="'proportional'"):
+        logits_of(tmp_path / "m")
 
 
 def test_missing_config_and_weights(tmp_path, llama_dir):

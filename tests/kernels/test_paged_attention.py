@@ -2,7 +2,8 @@
 
 Batches are ragged mixes of prefill chunks (with and without a cached prefix) and decodes, over
 block tables whose blocks are shuffled through the pool, with block sizes that do and do not
-divide the kernel's key tile, GQA ratios 1, 4 and 8, and a head dim that is not a power of two.
+divide the kernel's key tile, GQA ratios 1, 4 and 8, and a head dim that is not a power of two;
+and with sliding windows shorter and longer than blocks, key tiles and mask pieces.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def build_case(steps, block_size, kv_heads, group, head_dim, dtype, seed=0):
     return q.to(**on), k_cache.to(**on), v_cache.to(**on), meta
 
 
-def reference(q, k_cache, v_cache, meta, scale):
-    """float64, one sequence at a time, K/V repeated per query head, an explicit causal mask."""
+def reference(q, k_cache, v_cache, meta, scale, window=0):
+    """float64, one sequence at a time, K/V repeated per query head, an explicit causal mask
+    (keys in (p - window, p] of a query at p when window > 0)."""
     q, k_cache, v_cache = (t.cpu().double() for t in (q, k_cache, v_cache))
     block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -72,7 +74,9 @@ def reference(q, k_cache, v_cache, meta, scale):
         n = end - begin
         q_pos = torch.arange(seq_len - n, seq_len)[:, None]
         scores = torch.einsum("nhd,lhd->hnl", q[begin:end], keys) * scale
-        scores = scores.masked_fill(torch.arange(seq_len)[None, :] > q_pos, float("-inf"))
+        key_pos = torch.arange(seq_len)[None, :]
+        hidden = (key_pos > q_pos) | ((key_pos <= q_pos - window) if window else False)
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[begin:end] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values)
     return out
 
@@ -130,3 +134,33 @@ def test_torch_path_splits_long_chunks_into_bounded_mask_pieces(monkeypatch):
     q, k_cache, v_cache, meta = build_case(MIXED, 4, kv_heads=2, group=2, head_dim=16, dtype=torch.float32)
     out = paged_attention(q, k_cache, v_cache, meta, 0.25, torch.empty_like(q), backend="torch")
     assert_close(out, reference(q, k_cache, v_cache, meta, 0.25), torch.float32)
+
+
+# long prompts, chunks after long prefixes and decodes far from the start, so windows cut in
+WINDOWED = [(0, 70), (45, 1), (90, 1), (33, 40), (0, 3), (64, 1), (7, 30)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [1, 5, 16, 37, 200])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_sliding_window_matches_reference(backend, window, block_size):
+    q, k_cache, v_cache, meta = build_case(
+        WINDOWED, block_size, kv_heads=2, group=2, head_dim=24, dtype=torch.float32, seed=7
+    )
+    out = paged_attention(
+        q, k_cache, v_cache, meta, 24**-0.5, torch.empty_like(q), backend=backend, window=window
+    )
+    assert_close(out, reference(q, k_cache, v_cache, meta, 24**-0.5, window), torch.float32)
+
+
+def test_sliding_window_across_torch_mask_pieces(monkeypatch):
+    monkeypatch.setattr(attention, "MASK_ROWS", 8)
+    q, k_cache, v_cache, meta = build_case(WINDOWED, 4, kv_heads=1, group=2, head_dim=16, dtype=torch.float32)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.25, torch.empty_like(q), backend="torch", window=11)
+    assert_close(out, reference(q, k_cache, v_cache, meta, 0.25, 11), torch.float32)
+
+
+def test_negative_window_is_refused():
+    q, k_cache, v_cache, meta = build_case([(0, 2)], 4, kv_heads=1, group=1, head_dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="window"):
+        paged_attention(q, k_cache, v_cache, meta, 1.0, torch.empty_like(q), window=-1)
