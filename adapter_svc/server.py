@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from adapter_svc import errors
 from adapter_svc.blobs import BlobStore
@@ -28,6 +26,7 @@ from adapter_svc.servicer import AdapterServicer
 from loraserve.auth import MANAGER_POLICY
 from loraserve.grpc_errors import ErrorInterceptor
 from loraserve.security import SecurityConfig
+from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
 
@@ -78,15 +77,7 @@ class ManagerServer:
             interceptors=[*auth, ErrorInterceptor(status_for, message_for), telemetry], options=SERVER_OPTIONS
         )
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.manager), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
-        )
+        add_health_and_reflection(self._server, self.health, SERVICE_NAME)
 
     async def start(self) -> None:
         """Listen, then start the sweeper and the health probe (the first probe runs now)."""
@@ -167,12 +158,6 @@ async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
 
 async def serve(config: ManagerConfig, security: SecurityConfig | None = None) -> None:
     """Run the manager until SIGTERM or SIGINT, then shut down within `config.shutdown_grace_s`."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    server = ManagerServer(config, security)
-    await server.start()
-    await stopping.wait()
-    log.info("shutting down: in-flight calls get %.1f s", config.shutdown_grace_s)
-    await server.stop()
+    await run_until_signalled(
+        ManagerServer(config, security), "shutting down: in-flight calls get %.1f s", config.shutdown_grace_s
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.workload import WorkloadSpec
 from inference_svc.demo_model import DEMO_SHAPE, TINY_SHAPE, write_demo_adapter, write_demo_model
 from loraserve.model_summary import ModelConfig
 
@@ -64,3 +65,19 @@ def adapters(
             write_demo_adapter(path, cfg, rank=rank, alpha=2 * rank, seed=i, **kwargs)
         out[f"{prefix}{i}"] = path
     return out
+
+
+def workload(p, num_adapters: int, alpha: float) -> WorkloadSpec:
+    """The trace spec of a scenario's Params `p` (its rate, cv, num_requests, input_len, output_len
+    and seed, prompts over the vocabulary of `p.shape`) over `num_adapters` with popularity `alpha`."""
+    return WorkloadSpec(
+        num_adapters=num_adapters,
+        alpha=alpha,
+        rate=p.rate,
+        cv=p.cv,
+        num_requests=p.num_requests,
+        input_len=p.input_len,
+        output_len=p.output_len,
+        vocab_size=SHAPES[p.shape]["vocab_size"],
+        seed=p.seed,
+    )

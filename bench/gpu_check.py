@@ -46,10 +46,7 @@ except ModuleNotFoundError:
 
 from bench import assets
 from bench.engine_timing import decode_len, engine_decode_tps
-from bench.gpu_parity import Check, graphs_checks, parity_checks
-from inference_svc.config import EngineConfig
-from inference_svc.engine import LLMEngine
-from loraserve.model_summary import ModelConfig
+from bench.gpu_parity import Check, bfloat16_engine, graphs_checks, parity_checks
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = (
@@ -160,20 +157,17 @@ def longest_sequence(plan: Plan) -> int:
 def table_engine(model_dir: Path, adapters: dict[str, Path], plan: Plan, device: str, enforce_eager: bool):
     """The bfloat16 engine of the table, warmed up (and graphs captured) for every batch it runs."""
     seqs = max(plan.batches)
-    tokens = max(seqs * (longest_sequence(plan) + 16), TABLE_BATCHED_TOKENS)  # + a partial block each
-    config = EngineConfig(
+    engine = bfloat16_engine(
+        model_dir,
+        adapters,
+        device,
+        enforce_eager,
         max_loras=max(plan.adapters),
         max_lora_rank=TABLE_RANK,
         max_num_seqs=seqs,
         max_num_batched_tokens=TABLE_BATCHED_TOKENS,
-        device=device,
-        dtype="bfloat16",
-        kv_cache_bytes=tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(2),
-        enforce_eager=enforce_eager,
+        kv_tokens=max(seqs * (longest_sequence(plan) + 16), TABLE_BATCHED_TOKENS),  # + a partial block each
     )
-    engine = LLMEngine(model_dir, config)
-    for name, path in adapters.items():
-        engine.register_adapter(name, path)
     engine.warm_up()
     for batch in plan.batches:  # also puts every adapter in its slot
         for n in distinct_adapters(batch, plan.adapters):

@@ -78,23 +78,48 @@ def parity_assets(work: Path, shape: str) -> tuple[Path, dict[str, Path]]:
     return model_dir, paths
 
 
-def parity_engine(model_dir: Path, adapters: dict[str, Path], device: str, enforce_eager: bool) -> LLMEngine:
-    """A bfloat16 engine (default backends: Triton on CUDA) with every adapter registered."""
-    tokens = GRAPH_ROWS * (max(LENGTHS) + DECODE_STEPS + 16)  # + a partial KV block each
+def bfloat16_engine(
+    model_dir: Path,
+    adapters: dict[str, Path],
+    device: str,
+    enforce_eager: bool,
+    *,
+    max_lora_rank: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    kv_tokens: int,
+    max_loras: int | None = None,
+) -> LLMEngine:
+    """A bfloat16 engine (default backends: Triton on CUDA) with every adapter registered, a KV
+    cache of `kv_tokens` tokens and `max_loras` slots (default: one per adapter)."""
     config = EngineConfig(
-        max_loras=len(adapters),
-        max_lora_rank=max(spec["rank"] for spec in ADAPTERS.values()),
-        max_num_seqs=GRAPH_ROWS,
-        max_num_batched_tokens=1024,
+        max_loras=max_loras if max_loras is not None else len(adapters),
+        max_lora_rank=max_lora_rank,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         device=device,
         dtype="bfloat16",
-        kv_cache_bytes=tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(2),
+        kv_cache_bytes=kv_tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(2),
         enforce_eager=enforce_eager,
     )
     engine = LLMEngine(model_dir, config)
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     return engine
+
+
+def parity_engine(model_dir: Path, adapters: dict[str, Path], device: str, enforce_eager: bool) -> LLMEngine:
+    """A bfloat16 engine with every adapter of ADAPTERS registered, sized for the parity rows."""
+    return bfloat16_engine(
+        model_dir,
+        adapters,
+        device,
+        enforce_eager,
+        max_lora_rank=max(spec["rank"] for spec in ADAPTERS.values()),
+        max_num_seqs=GRAPH_ROWS,
+        max_num_batched_tokens=1024,
+        kv_tokens=GRAPH_ROWS * (max(LENGTHS) + DECODE_STEPS + 16),  # + a partial KV block each
+    )
 
 
 def greedy_decode(engine: LLMEngine, rows: list[Row]) -> Decoded:

@@ -14,6 +14,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path) -> str:
+    """Add the legend, write `fig` to `path` and close it; returns the file name."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path).name
+
+
 def lines(
     path: Path,
     x: list,
@@ -33,11 +42,7 @@ def lines(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path).name
+    return _save(plt, fig, ax, path)
 
 
 def cdfs(path: Path, series: dict[str, list[float]], xlabel: str, title: str, logx: bool = False) -> str:
@@ -54,11 +59,7 @@ def cdfs(path: Path, series: dict[str, list[float]], xlabel: str, title: str, lo
     ax.set(xlabel=xlabel, ylabel="fraction of requests", title=title)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path).name
+    return _save(plt, fig, ax, path)
 
 
 def bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> str:
@@ -71,8 +72,4 @@ def bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: 
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path).name
+    return _save(plt, fig, ax, path)

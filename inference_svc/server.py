@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from inference_svc import errors
 from inference_svc.adapter_cache import HOST_BY_MANAGER, HOST_LRU
@@ -34,6 +32,7 @@ from inference_svc.servicer import SERVICE_NAME, InferenceServicer
 from loraserve.auth import INFERENCE_POLICY
 from loraserve.grpc_errors import ErrorInterceptor
 from loraserve.security import SecurityConfig
+from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import inference_pb2_grpc
 
@@ -151,15 +150,7 @@ class InferenceServer:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.engine, config.adapter_roots, self.agent, defaults), self._server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
-        )
+        add_health_and_reflection(self._server, self.health, SERVICE_NAME)
 
     def _ownership(self):
         """Who owns each adapter: the manager's registry, or the token file's `adapters` map."""
@@ -262,12 +253,6 @@ class InferenceServer:
 
 async def serve(config: ServerConfig, security: SecurityConfig | None = None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down within `config.grace_s` seconds."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    server = InferenceServer(config, security)
-    await server.start()
-    await stopping.wait()
-    log.info("shutting down: draining for up to %.1f s", config.grace_s)
-    await server.stop()
+    await run_until_signalled(
+        InferenceServer(config, security), "shutting down: draining for up to %.1f s", config.grace_s
+    )

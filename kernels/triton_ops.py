@@ -39,6 +39,46 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _slot_tile(
+    pid_mn,
+    pid_a,
+    active_slots_ptr,
+    tokens_per_slot_ptr,
+    segment_starts_ptr,
+    sorted_token_ids_ptr,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The tile of the program at grid (pid_mn = token block x output block over N, active slot
+    pid_a): (slot, rows, tokens [BLOCK_M], mask_m, offs_n [BLOCK_N], mask_n). `rows` <= 0 means
+    the program has nothing to do (slot -1, or a token block past the end of the slot's segment)."""
+    slot = tl.load(active_slots_ptr + pid_a)
+    num_tokens = tl.load(tokens_per_slot_ptr + pid_a)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_n_blocks
+    pid_n = pid_mn % num_n_blocks
+    rows = tl.where(slot < 0, 0, num_tokens - pid_m * BLOCK_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_tokens
+    segment = tl.load(segment_starts_ptr + pid_a)
+    tokens = tl.load(sorted_token_ids_ptr + segment + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    return slot, rows, tokens, mask_m, offs_n, mask_n
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b with IEEE fp32 precision, both operands upcast to fp32 first when DOT_FP32."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _lora_shrink_kernel(
     # pointers
     x_ptr,  # [T, K]
@@ -68,25 +108,20 @@ def _lora_shrink_kernel(
     DOT_FP32: tl.constexpr,
 ):
     """out[tok, r] (+)= scale * sum_k x[tok, k] * lora_a[slot, r, k] for one tile of one slot."""
-    pid_mr = tl.program_id(0)  # token block x rank block
     pid_k = tl.program_id(1)  # K split
-    pid_a = tl.program_id(2)  # active slot
-    slot = tl.load(active_slots_ptr + pid_a)
-    if slot < 0:
+    slot, rows, tokens, mask_m, offs_r, mask_r = _slot_tile(
+        tl.program_id(0),  # token block x rank block
+        tl.program_id(2),  # active slot
+        active_slots_ptr,
+        tokens_per_slot_ptr,
+        segment_starts_ptr,
+        sorted_token_ids_ptr,
+        R,
+        BLOCK_M,
+        BLOCK_R,
+    )
+    if rows <= 0:
         return
-    num_tokens = tl.load(tokens_per_slot_ptr + pid_a)
-    num_r_blocks = tl.cdiv(R, BLOCK_R)
-    pid_m = pid_mr // num_r_blocks
-    pid_r = pid_mr % num_r_blocks
-    if pid_m * BLOCK_M >= num_tokens:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < num_tokens
-    segment = tl.load(segment_starts_ptr + pid_a)
-    tokens = tl.load(sorted_token_ids_ptr + segment + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
@@ -97,10 +132,7 @@ def _lora_shrink_kernel(
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_cols + ks[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(x, a, acc, input_precision="ieee")  # [BLOCK_M, BLOCK_R]
+        acc = _dot(x, a, acc, DOT_FP32)  # [BLOCK_M, BLOCK_R]
     acc = acc * scale
 
     out_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_r[None, :] * stride_or
@@ -140,24 +172,19 @@ def _lora_expand_kernel(
     DOT_FP32: tl.constexpr,
 ):
     """out[tok, out_offset + n] += sum_r t[tok, r] * lora_b[slot, n, r] for one tile of one slot."""
-    pid_mn = tl.program_id(0)  # token block x output block
-    pid_a = tl.program_id(1)  # active slot
-    slot = tl.load(active_slots_ptr + pid_a)
-    if slot < 0:
+    slot, rows, tokens, mask_m, offs_n, mask_n = _slot_tile(
+        tl.program_id(0),  # token block x output block
+        tl.program_id(1),  # active slot
+        active_slots_ptr,
+        tokens_per_slot_ptr,
+        segment_starts_ptr,
+        sorted_token_ids_ptr,
+        N,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    if rows <= 0:
         return
-    num_tokens = tl.load(tokens_per_slot_ptr + pid_a)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_n_blocks
-    pid_n = pid_mn % num_n_blocks
-    if pid_m * BLOCK_M >= num_tokens:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < num_tokens
-    segment = tl.load(segment_starts_ptr + pid_a)
-    tokens = tl.load(sorted_token_ids_ptr + segment + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
 
     t_rows = t_ptr + tokens[:, None] * stride_tt  # [BLOCK_M, 1]
@@ -169,10 +196,7 @@ def _lora_expand_kernel(
         t = tl.load(t_rows + rs[None, :] * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_cols + rs[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         t = t.to(lora_b_ptr.dtype.element_ty)  # tensor-core dot for fp16/bf16 adapters
-        if DOT_FP32:
-            t = t.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(t, b, acc, input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+        acc = _dot(t, b, acc, DOT_FP32)  # [BLOCK_M, BLOCK_N]
 
     out_ptrs = out_ptr + tokens[:, None] * stride_ot + (out_offset + offs_n)[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]

@@ -15,7 +15,7 @@ from bench import assets, plots
 from bench.metrics import summarize
 from bench.offline import replay_offline
 from bench.report import ScenarioResult, Table
-from bench.workload import WorkloadSpec, generate, write_trace
+from bench.workload import generate, write_trace
 from inference_svc.config import EngineConfig
 from inference_svc.engine import LLMEngine
 
@@ -92,17 +92,7 @@ def run(ctx, p: Params) -> ScenarioResult:
     traces = {}
     for n in p.registered:
         for alpha in p.alphas:
-            spec = WorkloadSpec(
-                num_adapters=n,
-                alpha=alpha,
-                rate=p.rate,
-                cv=p.cv,
-                num_requests=p.num_requests,
-                input_len=p.input_len,
-                output_len=p.output_len,
-                vocab_size=assets.SHAPES[p.shape]["vocab_size"],
-                seed=p.seed,
-            )
+            spec = assets.workload(p, n, alpha)
             traces[n, alpha] = generate(spec)
             write_trace(ctx.out / "traces" / f"scale-n{n}-alpha{alpha}.jsonl", spec, traces[n, alpha])
     cases = [(n, alpha, ml, mc) for (n, alpha) in traces for ml, mc in configs]

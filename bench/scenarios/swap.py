@@ -67,13 +67,9 @@ def raw_copy_s(state: dict[str, torch.Tensor]) -> float:
     return timed(copy)
 
 
-def run(ctx, p: Params) -> ScenarioResult:
-    result = ScenarioResult(NAME, TITLE)
-    model_dir = assets.model(ctx.work, p.shape, vocab_size=p.vocab_size)
-    paths = assets.adapters(ctx.work, model_dir, p.adapters + 1, p.rank, prefix="swap-")
-    names = list(paths)  # swap-0 is loaded up front, as the first warm load's partner
-    size = (paths[names[0]] / WEIGHTS_FILE).stat().st_size
-    config = EngineConfig(
+def engine_settings(p: Params) -> dict:
+    """The engine of both paths: one slot, a host cache large enough for every adapter."""
+    return dict(
         max_loras=1,
         max_cpu_loras=p.adapters + 1,
         max_lora_rank=p.rank,
@@ -81,6 +77,15 @@ def run(ctx, p: Params) -> ScenarioResult:
         dtype="float32",
         kv_cache_bytes=16 << 20,
     )
+
+
+def run(ctx, p: Params) -> ScenarioResult:
+    result = ScenarioResult(NAME, TITLE)
+    model_dir = assets.model(ctx.work, p.shape, vocab_size=p.vocab_size)
+    paths = assets.adapters(ctx.work, model_dir, p.adapters + 1, p.rank, prefix="swap-")
+    names = list(paths)  # swap-0 is loaded up front, as the first warm load's partner
+    size = (paths[names[0]] / WEIGHTS_FILE).stat().st_size
+    config = EngineConfig(**engine_settings(p))
     samples: dict[str, list[float]] = {
         k: [] for k in ("raw read", "raw copy", "engine cold", "engine warm", "service cold", "service warm")
     }
@@ -172,14 +177,6 @@ def service_samples(ctx, p: Params, model_dir, paths, samples, bar) -> None:
     """The cold and warm service paths, through a real manager, Redis and replica."""
     names = list(paths)
     root = paths[names[0]].parent
-    engine_flags = dict(
-        max_loras=1,
-        max_cpu_loras=p.adapters + 1,
-        max_lora_rank=p.rank,
-        device="cpu",
-        dtype="float32",
-        kv_cache_bytes=16 << 20,
-    )
     manager_flags = ["--model-config", str(model_dir), "--max-lora-rank", str(p.rank)]
     with (
         RedisServer(ctx.work / "swap-redis", ctx.log("swap-redis.log")) as redis_srv,
@@ -187,7 +184,7 @@ def service_samples(ctx, p: Params, model_dir, paths, samples, bar) -> None:
             redis_srv.url, root, ctx.work / "swap-store", ctx.log("swap-manager.log"), manager_flags
         ) as manager,
         Service.inference(
-            model_dir, engine_flags, ctx.log("swap-inference.log"), adapter_manager=manager.address
+            model_dir, engine_settings(p), ctx.log("swap-inference.log"), adapter_manager=manager.address
         ) as replica,
         grpc.insecure_channel(manager.address) as manager_channel,
         grpc.insecure_channel(replica.address) as replica_channel,

@@ -21,7 +21,7 @@ from bench.metrics import Slo, summarize
 from bench.peft_baseline import PeftServer
 from bench.procs import Service
 from bench.report import Goal, ScenarioResult, Table
-from bench.workload import WorkloadSpec, generate, write_trace
+from bench.workload import generate, write_trace
 
 NAME = "vs-peft"
 TITLE = "2. Versus transformers + PEFT on the same trace"
@@ -64,17 +64,7 @@ def run(ctx, p: Params) -> ScenarioResult:
     result = ScenarioResult(NAME, TITLE)
     model_dir = assets.model(ctx.work, p.shape)
     paths = assets.adapters(ctx.work, model_dir, p.num_adapters, p.rank)
-    spec = WorkloadSpec(
-        num_adapters=p.num_adapters,
-        alpha=p.alpha,
-        rate=p.rate,
-        cv=p.cv,
-        num_requests=p.num_requests,
-        input_len=p.input_len,
-        output_len=p.output_len,
-        vocab_size=assets.SHAPES[p.shape]["vocab_size"],
-        seed=p.seed,
-    )
+    spec = assets.workload(p, p.num_adapters, p.alpha)
     trace = generate(spec)
     write_trace(ctx.out / "traces" / "vs-peft.jsonl", spec, trace)
     warmup = [
