@@ -9,7 +9,8 @@ Imports inside functions count too. Each failure names the file and line of the 
 
 from __future__ import annotations
 
-import ast
+import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,21 +22,40 @@ LAYER = {"loraserve": 0, "kernels": 0, "inference_svc": 1, "adapter_svc": 1, "en
 PEERS = {"inference_svc": "adapter_svc", "adapter_svc": "inference_svc"}
 
 
+# Run in a child process: CPython 3.11's ast module keeps one recursion counter per interpreter,
+# and a parse racing another thread's (Triton parses kernels on engine threads left by earlier
+# tests) fails with "AST constructor recursion depth mismatch" (python/cpython#106905).
+SCAN = """
+import ast, json, sys
+from pathlib import Path
+root, package = Path(sys.argv[1]), sys.argv[2]
+found = []
+for path in sorted((root / package).rglob("*.py")):
+    if "v1" in path.relative_to(root / package).parts[:1]:  # generated stubs import only protobuf
+        continue
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(str(path.relative_to(root)), node.lineno, n.split(".")[0]) for n in names]
+print(json.dumps(found))
+"""
+
+
+@functools.cache
 def imports(package: str) -> list[tuple[str, int, str]]:
     """(file relative to the repo, line, imported top-level name) of every import in a package."""
-    found = []
-    for path in sorted((ROOT / package).rglob("*.py")):
-        if "v1" in path.relative_to(ROOT / package).parts[:1]:  # generated stubs import only protobuf
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            found += [(str(path.relative_to(ROOT)), node.lineno, n.split(".")[0]) for n in names]
-    return found
+    done = subprocess.run(
+        [sys.executable, "-c", SCAN, str(ROOT), package],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return [tuple(entry) for entry in json.loads(done.stdout)]
 
 
 def assert_none(package: str, forbidden, rule: str) -> None:
