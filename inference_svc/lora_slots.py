@@ -20,22 +20,27 @@ from inference_svc.adapters import LoraAdapter
 from loraserve.engine_limits import serves
 from loraserve.model_summary import ModelConfig
 
-# Fused projections of one decoder layer and the modules stacked in each, in output order; a
-# model has either the parts (q/k/v, gate/up) or, Phi-3, the fused module itself (one A, one B).
+# Fused projections of one decoder layer and the modules stacked in each, in output order.
 PROJECTION_GROUPS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj", "qkv_proj"),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj", "gate_up_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
+
+
+def group_modules(group: str, shapes: dict) -> tuple[str, ...]:
+    """The model's LoRA modules of a fused projection: its parts, or (Phi-3, whose checkpoints and
+    adapters hold the fused module) the group's own name, one A and one B."""
+    return tuple(m for m in PROJECTION_GROUPS[group] if m in shapes) or ((group,) if group in shapes else ())
 
 
 def carried_groups(model: ModelConfig, target_modules: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Per fused projection, the model's modules that the engine serves LoRA on."""
     shapes = model.module_shapes()
     groups = {
-        group: tuple(m for m in modules if m in shapes and serves(target_modules, m))
-        for group, modules in PROJECTION_GROUPS.items()
+        group: tuple(m for m in group_modules(group, shapes) if serves(target_modules, m))
+        for group in PROJECTION_GROUPS
     }
     return {group: modules for group, modules in groups.items() if modules}
 
@@ -80,9 +85,9 @@ class LoraSlots:
         # offsets of each module inside its group's fused output and stacked rank dimension
         self.out_offset: dict[str, int] = {}
         self.rank_offset: dict[str, int] = {}
-        for modules in PROJECTION_GROUPS.values():
+        for group in PROJECTION_GROUPS:
             out = 0
-            for m in (m for m in modules if m in shapes):
+            for m in group_modules(group, shapes):
                 self.out_offset[m] = out
                 out += shapes[m][1]
         for modules in self.groups.values():

@@ -369,8 +369,10 @@ def _rope(raw: dict, model_type: str, head_dim: int, max_pos: int) -> RopeConfig
 
 def _windows(raw: dict, model_type: str, family: Family, layers: int) -> tuple[int, ...]:
     """Each layer's sliding window (0 = full attention), as the family's transformers model reads it:
-    Mistral every layer from `sliding_window`; Qwen2/3 only with `use_sliding_window`, on the layers
-    `layer_types` names "sliding_attention" (by default those at index >= `max_window_layers`)."""
+    Mistral and Phi-3 every layer from `sliding_window`; Qwen2/3 only with `use_sliding_window`, on
+    the layers `layer_types` names "sliding_attention" (by default those at index >=
+    `max_window_layers`); Gemma 2/3 always, on the `layer_types` sliding layers (by default all but
+    every `sliding_window_pattern`-th)."""
     if family.windows == "none":
         return (0,) * layers
     if family.windows == "all":
