@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraserve.engine_limits import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT
+from loraserve.engine_limits import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT, TARGET_MODULE_NAMES
 from loraserve.env_config import require
 
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -95,10 +95,10 @@ class ManagerConfig:
         targets = tuple(self.lora_target_modules)
         object.__setattr__(self, "lora_target_modules", targets)
         require(
-            bool(targets) and set(targets) <= set(ALL_TARGET_MODULES),
+            bool(targets) and set(targets) <= set(TARGET_MODULE_NAMES),
             "lora_target_modules",
             list(targets),
-            f"must be a non-empty subset of {list(ALL_TARGET_MODULES)}",
+            f"must be a non-empty subset of {list(TARGET_MODULE_NAMES)}",
         )
         require(
             self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "must be > 0"

@@ -14,6 +14,7 @@ from adapter_svc.config import ManagerConfig
 from adapter_svc.records import AdapterRecord, Exhausted, Refusal, Refused, ReplicaRecord, Resident
 from adapter_svc.registry import Registry
 from adapter_svc.replica_client import ReplicaClient
+from loraserve.engine_limits import serves
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def can_hold(replica: ReplicaRecord, adapter: AdapterRecord) -> bool:
     return (
         replica.up
         and adapter.rank <= int(engine.get("max_lora_rank", 0))
-        and set(adapter.target_modules) <= set(engine.get("lora_target_modules", ()))
+        and all(serves(tuple(engine.get("lora_target_modules", ())), m) for m in adapter.target_modules)
     )
 
 

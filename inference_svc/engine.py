@@ -176,7 +176,9 @@ class LLMEngine:
         self.adapters = AdapterCache(
             self.model_config, config, self.lora, lora_dtype, on_residency_change, host_eviction
         )
-        self.scheduler = Scheduler(config, self.kv, self.adapters)
+        self.scheduler = Scheduler(
+            config, self.kv, self.adapters, rope_recompute_len=self.model_config.rope_recompute_len
+        )
         self.sequences: dict[str, Sequence] = {}  # request id -> its sequence, until it finishes
         self._events: list[RequestEvent] = []  # since the last run_step() / take_events()
         self.record_logits = False  # attach each sampled row's logits to its RequestOutput
@@ -357,7 +359,7 @@ class LLMEngine:
                 block_table=c.seq.block_table,
                 slot=c.seq.slot,
                 want_logits=c.seq.num_computed + c.num_tokens == c.seq.total_len,
-                prompt_len=len(c.seq.prompt_ids),
+                prompt_len=max(len(c.seq.prompt_ids), c.seq.rope_len),
             )
             for c in chunks
         ]

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from inference_svc.adapters import LoraAdapter
+from loraserve.engine_limits import serves
 from loraserve.model_summary import ModelConfig
 
 # Fused projections of one decoder layer and the modules stacked in each, in output order.
@@ -28,13 +29,28 @@ PROJECTION_GROUPS = {
 }
 
 
+def group_modules(group: str, shapes: dict) -> tuple[str, ...]:
+    """The model's LoRA modules of a fused projection: its parts, or (Phi-3, whose checkpoints and
+    adapters hold the fused module) the group's own name, one A and one B."""
+    return tuple(m for m in PROJECTION_GROUPS[group] if m in shapes) or ((group,) if group in shapes else ())
+
+
+def carried_groups(model: ModelConfig, target_modules: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Per fused projection, the model's modules that the engine serves LoRA on."""
+    shapes = model.module_shapes()
+    groups = {
+        group: tuple(m for m in group_modules(group, shapes) if serves(target_modules, m))
+        for group in PROJECTION_GROUPS
+    }
+    return {group: modules for group, modules in groups.items() if modules}
+
+
 def workspace_shape(
     model: ModelConfig, max_rank: int, target_modules: tuple[str, ...], max_tokens: int
 ) -> kernels.WorkspaceShape:
     """The largest LoRA op of a step with `max_tokens` tokens, over the fused projections."""
     shapes = model.module_shapes()
-    carried = [[m for m in modules if m in target_modules] for modules in PROJECTION_GROUPS.values()]
-    carried = [modules for modules in carried if modules]
+    carried = list(carried_groups(model, target_modules).values())
     return kernels.WorkspaceShape(
         max_tokens=max_tokens,
         max_in=max((shapes[modules[0]][0] for modules in carried), default=0),
@@ -63,22 +79,20 @@ class LoraSlots:
         self.max_rank = max_rank
         self.backend = backend
         shapes = model.module_shapes()
-        self.groups: dict[str, tuple[str, ...]] = {}
+        self.groups = carried_groups(model, target_modules)
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
         # offsets of each module inside its group's fused output and stacked rank dimension
         self.out_offset: dict[str, int] = {}
         self.rank_offset: dict[str, int] = {}
-        for group, modules in PROJECTION_GROUPS.items():
+        for group in PROJECTION_GROUPS:
             out = 0
-            for m in modules:
+            for m in group_modules(group, shapes):
                 self.out_offset[m] = out
                 out += shapes[m][1]
-            carried = tuple(m for m in modules if m in target_modules)
-            if carried:
-                self.groups[group] = carried
-                for i, m in enumerate(carried):
-                    self.rank_offset[m] = i * max_rank
+        for modules in self.groups.values():
+            for i, m in enumerate(modules):
+                self.rank_offset[m] = i * max_rank
         for _ in range(model.num_layers):
             a, b = {}, {}
             for group, modules in self.groups.items():

@@ -14,6 +14,7 @@ import kernels
 from inference_svc.config import EngineConfig
 from inference_svc.lora_slots import workspace_shape
 from kernels import attention
+from loraserve.engine_limits import serves
 from loraserve.model_summary import ModelConfig
 
 # A rank this many times the largest adapter rank wastes most of every slot.
@@ -79,9 +80,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def bytes_per_slot(model: ModelConfig, config: EngineConfig, lora_dtype: torch.dtype) -> int:
-    """sum over layers and target modules of max_lora_rank * (in + out) * dtype_size."""
+    """sum over layers and the model's served modules (fused ones as one) of
+    max_lora_rank * (in + out) * dtype_size."""
     shapes = model.module_shapes()
-    per_layer = sum(sum(shapes[m]) for m in config.lora_target_modules)
+    per_layer = sum(sum(shapes[m]) for m in shapes if serves(config.lora_target_modules, m))
     return model.num_layers * config.max_lora_rank * per_layer * lora_dtype.itemsize
 
 
@@ -153,7 +155,13 @@ def attention_workspace_bytes(
         return (
             output
             + tables
-            + attention.torch_scratch_bytes(max_len, model.num_kv_heads, model.head_dim, dtype)
+            + attention.torch_scratch_bytes(
+                max_len,
+                model.num_kv_heads,
+                model.head_dim,
+                dtype,
+                model.num_heads if model.attn_softcap else 0,
+            )
         )
     return output + 2 * tables
 

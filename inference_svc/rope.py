@@ -115,8 +115,9 @@ def _table(inv_freq: torch.Tensor, scaling: float, max_len: int) -> tuple[torch.
 class RotaryEmbedding:
     """Each token's cos/sin for its position (and, for dynamic NTK and LongRoPE, its rope length)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device):
-        rope, dim, max_pos = cfg.rope, cfg.head_dim, cfg.max_position_embeddings
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device, rope: RopeConfig | None = None):
+        """`rope`: another of the model's ropes (Gemma 3's local layers); default `cfg.rope`."""
+        rope, dim, max_pos = rope or cfg.rope, cfg.head_dim, cfg.max_position_embeddings
         self.kind = rope.rope_type
         inv_freq, scaling = inverse_frequencies(rope, dim, max_pos)
         self.cos, self.sin = (t.to(device) for t in _table(inv_freq, scaling, max_len))  # [max_len, D]

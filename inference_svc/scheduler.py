@@ -64,6 +64,7 @@ class Sequence:
     emitted_chars: int = 0  # text returned so far (stop strings hold some back)
     first_token_time: float | None = None
     started: bool = False  # scheduled at least once
+    rope_len: int = 0  # the rope length of a recompute past the prompt (Phi-3 LongRoPE); 0 = none
 
     def token_slice(self, begin: int, end: int) -> list[int]:
         """Tokens [begin, end) of prompt + output, without concatenating the two."""
@@ -112,8 +113,19 @@ class Scheduler:
         aging_limit: steps an adapter may wait for a slot before a slot holder yields to it.
     """
 
-    def __init__(self, config: EngineConfig, kv: KVCache, adapters: AdapterCache, aging_limit: int = 8):
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCache,
+        adapters: AdapterCache,
+        aging_limit: int = 8,
+        rope_recompute_len: int = 0,
+    ):
+        """`rope_recompute_len` L > 0: a sequence whose cache holds <= L positions (with short
+        rope) and that grows past L is recomputed whole with the long rope, as transformers' Phi-3
+        `prepare_inputs_for_generation` does."""
         self.config = config
+        self.rope_recompute_len = rope_recompute_len
         self.kv = kv
         self.adapters = adapters
         self.aging_limit = aging_limit
@@ -142,6 +154,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != RUNNING:
                 continue
+            limit = self.rope_recompute_len
+            if limit and 0 < seq.num_computed <= limit < seq.total_len:
+                if max(len(seq.prompt_ids), seq.rope_len) <= limit:  # its keys have the short rope
+                    seq.num_computed, seq.rope_len = 0, seq.total_len
             n = min(seq.total_len - seq.num_computed, budget)
             if n <= 0:
                 continue

@@ -3,8 +3,10 @@
 Every sequence of a step contributes `n_b >= 1` new query tokens whose K/V are already written to
 the pool; it attends causally to its whole context (the cached prefix and its own new tokens),
 read through its block table, or with a sliding `window` w > 0 to the keys in (p - w, p] of a
-query at position p (transformers' `sliding_window`; the layer's choice, one per call). No context is copied into padded batch tensors and no mask is built
-on the host; grouped-query attention reads each K/V head once for all of its query heads.
+query at position p (transformers' `sliding_window`; the layer's choice, one per call). With
+`softcap` c > 0 the scores become tanh(s / c) * c before the softmax (Gemma 2's logit soft-capping).
+No context is copied into padded batch tensors and no mask is built on the host; grouped-query
+attention reads each K/V head once for all of its query heads.
 
   - "triton": `kernels.triton_attention`, one kernel for the whole step (CUDA, or CPU tensors under
     TRITON_INTERPRET=1);
@@ -53,17 +55,20 @@ def paged_attention(
     out: torch.Tensor,  # [T, H, D], written
     backend: str = "auto",
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of every sequence's new queries over its cached context (the last `window`
-    positions of it when `window` > 0); returns `out`."""
+    positions of it when `window` > 0), scores soft-capped at `softcap` when > 0; returns `out`."""
     _check(q, k_cache, v_cache, out)
     if window < 0:
         raise ValueError(f"window ({window}) must be >= 0 (0 = full attention)")
+    if softcap < 0:
+        raise ValueError(f"softcap ({softcap}) must be >= 0 (0 = no soft-capping)")
     if select_backend(backend, q) == "triton":
         from kernels import triton_attention  # imported lazily: triton is optional on CPU hosts
 
-        return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale, out, window)
-    return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, window)
+        return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale, out, window, softcap)
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, window, softcap)
 
 
 def paged_attention_torch(
@@ -74,6 +79,7 @@ def paged_attention_torch(
     scale: float,
     out: torch.Tensor,  # [T, H, D]
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The CPU path: per sequence, its blocks (a copy of its real context only) and fused calls.
 
@@ -81,6 +87,7 @@ def paged_attention_torch(
     most MASK_ROWS queries at a time, so its memory is bounded by MASK_ROWS x context. With a
     window, only the blocks the sequence's first query can still see are read, each piece's keys
     start at its first query's window, and the mask also hides keys below each query's window.
+    With `softcap`, every piece (of at most MASK_ROWS queries) is explicit matmul / softmax calls.
     """
     block_size = k_cache.shape[1]
     for begin, end, seq_len, row in meta.host_seqs:
@@ -95,6 +102,18 @@ def paged_attention_torch(
             q1 = min(end, q0 + MASK_ROWS)
             pos0, visible = first + q0 - begin, first + q1 - begin  # first query's position, keys seen
             lo = max(0, pos0 - window + 1) if window else 0  # first key of the piece's first query
+            if softcap:
+                out[q0:q1] = _softcapped(
+                    q[q0:q1],
+                    keys[lo - base : visible - base],
+                    values[lo - base : visible - base],
+                    pos0,
+                    lo,
+                    scale,
+                    window,
+                    softcap,
+                )
+                continue
             mask = None
             if q1 - q0 > 1 and (pos0 > 0 or (window and visible > window)):
                 key_pos = torch.arange(lo, visible, device=q.device)
@@ -115,10 +134,42 @@ def paged_attention_torch(
     return out
 
 
-def torch_scratch_bytes(max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+def _softcapped(
+    q: torch.Tensor,  # [n, H, D], queries at positions pos0 .. pos0 + n - 1
+    k: torch.Tensor,  # [L, KVH, D], keys at positions lo .. lo + L - 1
+    v: torch.Tensor,  # [L, KVH, D]
+    pos0: int,
+    lo: int,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:  # [n, H, D]
+    """One piece of soft-capped attention: scores in float32, capped, masked, softmaxed."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3).float()  # [KVH, G, n, D]
+    s = qg @ k.permute(1, 2, 0).float()[:, None] * scale  # [KVH, G, n, L]
+    s = torch.tanh(s / softcap) * softcap
+    key_pos = torch.arange(lo, lo + k.shape[0], device=q.device)
+    q_pos = torch.arange(pos0, pos0 + n, device=q.device)[:, None]
+    hidden = key_pos > q_pos  # [n, L]
+    if window:
+        hidden |= key_pos <= q_pos - window
+    p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
+    o = p @ v.permute(1, 0, 2).float()[:, None]  # [KVH, G, n, D]
+    return o.permute(2, 0, 1, 3).reshape(n, heads, dim).to(q.dtype)
+
+
+def torch_scratch_bytes(
+    max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype, heads: int = 0
+) -> int:
     """Largest scratch of `paged_attention_torch`: one sequence's K and V, and one mask piece
-    (boolean, and the float copy the fused call makes of it)."""
-    return 2 * max_seq_len * kv_heads * head_dim * dtype.itemsize + MASK_ROWS * max_seq_len * (1 + 4)
+    (boolean, and the float copy the fused call makes of it); with `heads` (soft-capped layers),
+    also a piece's float32 scores and probabilities [heads, MASK_ROWS, max_seq_len] and float32
+    copies of K and V."""
+    kv = 2 * max_seq_len * kv_heads * head_dim
+    capped = heads * MASK_ROWS * max_seq_len * 4 * 2 + kv * 4 if heads else 0
+    return kv * dtype.itemsize + MASK_ROWS * max_seq_len * (1 + 4) + capped
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ whole group, never repeated), flattened into BLOCK_M * BLOCK_G rows. It walks th
 context BLOCK_N keys at a time, looking each key's block up in the block table (so any
 `block_size` works), with an online softmax in fp32 and a causal bound: the tile stops at the last
 key its last query may see. With a sliding window the walk starts at the key tile holding the first
-key its first query may see, and keys below each query's window are masked. Tiles past a sequence's query count exit at once, so one launch serves
+key its first query may see, and keys below each query's window are masked. With SOFTCAP the scores
+become tanh(s / softcap) * softcap before the softmax (Gemma 2). Tiles past a sequence's query count exit at once, so one launch serves
 a 512-token chunk beside 63 decodes. fp32 dots use IEEE precision (no TF32).
 """
 
@@ -42,6 +43,7 @@ def _paged_attention_kernel(
     block_size,
     head_dim,
     window,  # a query at p sees keys in (p - window, p]; a huge value = full attention
+    softcap,  # read only with SOFTCAP
     # strides
     stride_qt,
     stride_qh,
@@ -61,6 +63,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # soft-cap the scores at `softcap`
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -122,6 +125,8 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [M, N]
+        if SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1
+            s = (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0) * softcap
         seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(seen & k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -147,6 +152,7 @@ def paged_attention(
     scale: float,
     out: torch.Tensor,  # [T, H, D]
     window: int = 0,  # sliding window, 0 = full attention
+    softcap: float = 0.0,  # score soft-capping, 0 = none
 ) -> torch.Tensor:
     """One launch for the whole step; see the module docstring. Returns `out`."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
@@ -181,6 +187,7 @@ def paged_attention(
             k_cache.shape[1],
             head_dim,
             window or FULL_WINDOW,
+            float(softcap or 1.0),
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),
@@ -198,6 +205,7 @@ def paged_attention(
             BLOCK_N=BLOCK_N,
             BLOCK_D=triton.next_power_of_2(head_dim),
             DOT_FP32=dot_fp32,
+            SOFTCAP=bool(softcap),
             num_warps=4,
         )
     return out

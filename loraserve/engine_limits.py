@@ -13,6 +13,18 @@ from dataclasses import dataclass
 from loraserve.env_config import require
 
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3's fused projections, which its checkpoints and PEFT adapters name as one module each: an
+# engine serving LoRA on all of a fused module's parts serves it (or list it by name).
+FUSED_TARGET_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TARGET_MODULE_NAMES = (*ALL_TARGET_MODULES, *FUSED_TARGET_MODULES)
+
+
+def serves(targets: tuple[str, ...], module: str) -> bool:
+    """Whether an engine serving LoRA on `targets` serves an adapter module named `module`."""
+    parts = FUSED_TARGET_MODULES.get(module)
+    return module in targets or (parts is not None and all(p in targets for p in parts))
+
+
 MAX_LORA_RANK_LIMIT = 512
 # Names of the floating-point dtypes slot tensors and model weights may use.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -49,12 +61,12 @@ class AdapterLimits:
         )
         targets = tuple(self.lora_target_modules)
         object.__setattr__(self, "lora_target_modules", targets)
-        unknown = sorted(set(targets) - set(ALL_TARGET_MODULES))
+        unknown = sorted(set(targets) - set(TARGET_MODULE_NAMES))
         require(
             not unknown and len(targets) > 0,
             "lora_target_modules",
             list(targets),
-            f"must be a non-empty subset of {list(ALL_TARGET_MODULES)}",
+            f"must be a non-empty subset of {list(TARGET_MODULE_NAMES)}",
         )
 
     @classmethod

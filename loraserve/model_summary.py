@@ -24,8 +24,14 @@ class Family:
     o_bias: bool  # o_proj carries a bias when attention_bias is set
     mlp_bias: bool  # reads mlp_bias
     qk_norm: bool  # per-head RMSNorm of q and k before rope (Qwen3)
-    windows: str  # "none" | "all" (Mistral: sliding_window) | "layer_types" (Qwen2/3)
+    windows: str  # "none" | "all" (sliding_window) | "layer_types" (Qwen2/3) | "pattern" (Gemma)
     default_head_dim: int | None  # None = hidden_size // num_attention_heads
+    default_window: int | None = 4096  # sliding_window's default
+    # Gemma 2/3: (1 + w) RMSNorms, four per layer, embeddings x sqrt(hidden), query_pre_attn_scalar,
+    # logit soft-capping, `hidden_activation`; the value is the default local/global pattern length
+    gemma_pattern: int = 0
+    fused: bool = False  # Phi-3: checkpoints (and adapters) hold qkv_proj and gate_up_proj
+    tie_default: bool = False  # tie_word_embeddings' default
 
 
 FAMILIES = {
@@ -33,7 +39,38 @@ FAMILIES = {
     "mistral": Family("MistralForCausalLM", 4096 * 32, "never", False, False, False, "all", None),
     "qwen2": Family("Qwen2ForCausalLM", 32768, "always", False, False, False, "layer_types", None),
     "qwen3": Family("Qwen3ForCausalLM", 32768, "attention_bias", True, False, True, "layer_types", 128),
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        8192,
+        "attention_bias",
+        True,
+        False,
+        False,
+        "pattern",
+        256,
+        gemma_pattern=2,
+        tie_default=True,
+    ),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        131072,
+        "attention_bias",
+        True,
+        False,
+        True,
+        "pattern",
+        256,
+        gemma_pattern=6,
+        tie_default=True,
+    ),
+    "phi3": Family(
+        "Phi3ForCausalLM", 4096, "never", False, False, False, "all", None, default_window=None, fused=True
+    ),
 }
+# Gemma 3's default rope bases (Gemma3TextConfig.default_theta) of global and local layers
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+# activations of the MLP's gate (transformers' ACT2FN names)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 SUPPORTED_ARCHITECTURES = {f.architecture: name for name, f in FAMILIES.items()}
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -96,6 +133,13 @@ class ModelConfig:
     rope: RopeConfig = RopeConfig()
     # per layer: the sliding attention window (a query at p sees keys in (p - w, p]), 0 = full
     layer_windows: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # one of ACTIVATIONS
+    gemma: bool = False  # (1 + w) norms (four per layer), embeddings x sqrt(hidden_size)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
+    attn_softcap: float = 0.0  # attention logits -> tanh(s / c) * c before the softmax; 0 = off
+    final_softcap: float = 0.0  # the same on the output logits
+    local_rope: RopeConfig | None = None  # Gemma 3: the rope of sliding-window layers
+    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj are the checkpoint's (and LoRA's) modules
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -111,8 +155,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
         model_type, family = _family(raw)
-        if raw.get("hidden_act", "silu") != "silu":
-            raise InvalidModel(f"{model_type}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        act_field = "hidden_activation" if family.gemma_pattern else "hidden_act"
+        act = raw.get(act_field) or ("gelu_pytorch_tanh" if family.gemma_pattern else "silu")
+        if act not in ACTIVATIONS or (act != "silu") != bool(family.gemma_pattern):
+            raise InvalidModel(f"{model_type}: {act_field} {act!r} is not supported")
+        if raw.get("use_bidirectional_attention"):
+            raise InvalidModel(f"{model_type}: use_bidirectional_attention is not supported (causal only)")
         if raw.get("quantization_config"):
             method = raw["quantization_config"].get("quant_method", "?")
             raise InvalidModel(f"{model_type}: quantized checkpoints ({method}) are not supported")
@@ -125,7 +173,12 @@ class ModelConfig:
             head_dim = int(raw.get("head_dim") or family.default_head_dim or hidden // heads)
             max_pos = int(raw.get("max_position_embeddings", family.max_position_embeddings))
             attention_bias = bool(raw.get("attention_bias", False))
-            rope = _rope(raw, model_type, head_dim, max_pos)
+            local_rope = None
+            if model_type == "gemma3_text":
+                rope, local_rope = _gemma3_ropes(raw, head_dim, max_pos)
+            else:
+                rope = _rope(raw, model_type, head_dim, max_pos)
+            gemma = bool(family.gemma_pattern)
             return cls(
                 architecture=family.architecture,
                 model_type=model_type,
@@ -139,7 +192,7 @@ class ModelConfig:
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope.theta,
                 max_position_embeddings=max_pos,
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", family.tie_default)),
                 attention_bias={"always": True, "never": False}.get(family.qkv_bias, attention_bias),
                 mlp_bias=family.mlp_bias and bool(raw.get("mlp_bias", False)),
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
@@ -149,6 +202,13 @@ class ModelConfig:
                 qk_norm=family.qk_norm,
                 rope=rope,
                 layer_windows=_windows(raw, model_type, family, layers),
+                hidden_act=act,
+                gemma=gemma,
+                attn_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+                attn_softcap=float(raw.get("attn_logit_softcapping", _softcap(model_type, "attn")) or 0),
+                final_softcap=float(raw.get("final_logit_softcapping", _softcap(model_type, "final")) or 0),
+                local_rope=local_rope,
+                fused=family.fused,
             )
         except KeyError as e:
             raise InvalidModel(f"config.json lacks required field {e.args[0]!r}") from e
@@ -165,10 +225,25 @@ class ModelConfig:
             return max(self.max_position_embeddings, int(rope.original_max_position_embeddings * rope.factor))
         return self.max_position_embeddings
 
+    @property
+    def rope_recompute_len(self) -> int:
+        """Phi-3 with LongRoPE: the length past which a sequence cached with the short rope is
+        recomputed with the long one (transformers' Phi-3 generation does); 0 = never."""
+        if self.model_type == "phi3" and self.rope.rope_type == "longrope":
+            return self.rope.original_max_position_embeddings
+        return 0
+
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-capable linear layer of one decoder layer."""
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
+        if self.fused:
+            return {
+                "qkv_proj": (self.hidden_size, q_out + 2 * kv_out),
+                "o_proj": (q_out, self.hidden_size),
+                "gate_up_proj": (self.hidden_size, 2 * self.intermediate_size),
+                "down_proj": (self.intermediate_size, self.hidden_size),
+            }
         return {
             "q_proj": (self.hidden_size, q_out),
             "k_proj": (self.hidden_size, kv_out),
@@ -180,7 +255,8 @@ class ModelConfig:
         }
 
     def num_parameters(self) -> int:
-        per_layer = sum(i * o for i, o in self.module_shapes().values()) + 2 * self.hidden_size
+        norms = 4 if self.gemma else 2
+        per_layer = sum(i * o for i, o in self.module_shapes().values()) + norms * self.hidden_size
         if self.attention_bias:
             per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         if self.o_proj_bias:
@@ -208,6 +284,11 @@ def _family(raw: dict) -> tuple[str, Family]:
             raise InvalidModel(
                 f"architectures {archs} not supported; expected one of {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+    if model_type == "gemma3":
+        raise InvalidModel(
+            f"model_type 'gemma3' (architectures {archs}) is the multimodal Gemma 3; only its text-only "
+            "form is supported (Gemma3ForCausalLM, model_type gemma3_text)"
+        )
     if model_type not in FAMILIES:
         raise InvalidModel(
             f"model_type {model_type!r} (architectures {archs}) is not supported; "
@@ -231,6 +312,8 @@ def _rope(raw: dict, model_type: str, head_dim: int, max_pos: int) -> RopeConfig
     if any(isinstance(v, dict) for v in params.values()):
         raise InvalidModel(f"{model_type}: per-layer-type rope parameters {sorted(params)} are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's renaming
+        rope_type = "longrope"
     if rope_type not in ROPE_TYPES:
         raise InvalidModel(
             f"{model_type}: rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
@@ -286,23 +369,62 @@ def _rope(raw: dict, model_type: str, head_dim: int, max_pos: int) -> RopeConfig
 
 def _windows(raw: dict, model_type: str, family: Family, layers: int) -> tuple[int, ...]:
     """Each layer's sliding window (0 = full attention), as the family's transformers model reads it:
-    Mistral every layer from `sliding_window`; Qwen2/3 only with `use_sliding_window`, on the layers
-    `layer_types` names "sliding_attention" (by default those at index >= `max_window_layers`)."""
+    Mistral and Phi-3 every layer from `sliding_window`; Qwen2/3 only with `use_sliding_window`, on
+    the layers `layer_types` names "sliding_attention" (by default those at index >=
+    `max_window_layers`); Gemma 2/3 always, on the `layer_types` sliding layers (by default all but
+    every `sliding_window_pattern`-th)."""
     if family.windows == "none":
         return (0,) * layers
     if family.windows == "all":
-        window = raw.get("sliding_window", 4096)
+        window = raw.get("sliding_window", family.default_window)
         return (int(window or 0),) * layers
-    window = raw.get("sliding_window", 4096) if raw.get("use_sliding_window", False) else None
-    types = raw.get("layer_types") or [
-        "sliding_attention"
-        if window is not None and i >= raw.get("max_window_layers", 28)
-        else "full_attention"
-        for i in range(layers)
-    ]
+    if family.windows == "pattern":  # Gemma: always on, local/global by layer_types
+        window = raw.get("sliding_window", family.default_window)
+        pattern = int(raw.get("sliding_window_pattern", family.gemma_pattern))
+        types = raw.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+        ]
+        if not window and "sliding_attention" in types:
+            raise InvalidModel(
+                f"{model_type}: sliding_attention layers need a sliding_window, got {window!r}"
+            )
+    else:
+        window = raw.get("sliding_window", 4096) if raw.get("use_sliding_window", False) else None
+        types = raw.get("layer_types") or [
+            "sliding_attention"
+            if window is not None and i >= raw.get("max_window_layers", 28)
+            else "full_attention"
+            for i in range(layers)
+        ]
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown or len(types) != layers:
         raise InvalidModel(
             f"{model_type}: layer_types {types} not supported (full/sliding_attention per layer)"
         )
     return tuple(int(window or 0) if t == "sliding_attention" else 0 for t in types)
+
+
+def _softcap(model_type: str, which: str) -> float | None:
+    """The config class's default of attn_logit_softcapping / final_logit_softcapping."""
+    return {("gemma2", "attn"): 50.0, ("gemma2", "final"): 30.0}.get((model_type, which))
+
+
+def _gemma3_ropes(raw: dict, head_dim: int, max_pos: int) -> tuple[RopeConfig, RopeConfig]:
+    """Global and local rope of Gemma 3, as `Gemma3TextConfig.convert_rope_params_to_dict` reads
+    them: transformers-5 `rope_parameters` per layer type, or transformers-4 `rope_theta` +
+    `rope_scaling` (global layers) and `rope_local_base_freq` (local layers)."""
+    params = raw.get("rope_parameters") or {}
+    if params and not all(k in GEMMA3_THETA for k in params):
+        raise InvalidModel(
+            f"gemma3_text: rope_parameters keys {sorted(params)} are not full/sliding_attention"
+        )
+    ropes = {t: dict(params.get(t) or {"rope_type": "default"}) for t in GEMMA3_THETA}
+    if raw.get("rope_scaling"):
+        ropes["full_attention"].update(raw["rope_scaling"])
+    top = {"full_attention": raw.get("rope_theta"), "sliding_attention": raw.get("rope_local_base_freq")}
+    rest = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+    out = []
+    for layer_type, theta in GEMMA3_THETA.items():
+        ropes[layer_type].setdefault("rope_theta", top[layer_type] or theta)
+        out.append(_rope({**rest, "rope_parameters": ropes[layer_type]}, "gemma3_text", head_dim, max_pos))
+    return out[0], out[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from loraserve import errors
-from loraserve.engine_limits import ALL_TARGET_MODULES, AdapterLimits
+from loraserve.engine_limits import TARGET_MODULE_NAMES, AdapterLimits, serves
 from loraserve.model_summary import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -206,7 +206,7 @@ def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
             f"{where}: target_modules must be a list of names or a regex string"
         )
     if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(limits.lora_target_modules))
+        unknown = sorted(t for t in targets if not serves(limits.lora_target_modules, t))
         if unknown:
             raise errors.UnsupportedTargetModule(
                 f"{where}: target modules {unknown} are not supported; this engine serves "
@@ -243,10 +243,15 @@ def build_manifest(
         if m is None:
             raise errors.UnsupportedTargetModule(
                 f"{where}: tensor {t.name!r} does not belong to a LoRA-capable linear layer "
-                f"({list(ALL_TARGET_MODULES)})"
+                f"({list(TARGET_MODULE_NAMES)})"
             )
         layer, module, kind = int(m["layer"]), m["module"], m["kind"]
-        if module not in limits.lora_target_modules:
+        if module not in shapes:
+            raise errors.UnsupportedTargetModule(
+                f"{where}: tensor {t.name!r} targets {module!r}, which {model.model_type} models do not "
+                f"have; their LoRA-capable modules are {list(shapes)}"
+            )
+        if not serves(limits.lora_target_modules, module):
             raise errors.UnsupportedTargetModule(
                 f"{where}: tensor {t.name!r} targets {module!r}; this engine serves LoRA on "
                 f"{list(limits.lora_target_modules)}"
@@ -265,7 +270,8 @@ def build_manifest(
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
-        name = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        block = "mlp" if module in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
+        name = f"model.layers.{layer}.{block}.{module}"
         r = _pattern_value(rank_pattern, name, cfg["r"])
         alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"])
         fan_in, fan_out = shapes[module]
@@ -282,7 +288,7 @@ def build_manifest(
         rank=max(ranks.values()),
         lora_alpha=float(cfg["lora_alpha"]),
         use_rslora=bool(cfg.get("use_rslora")),
-        target_modules=tuple(sorted({m for _, m in found}, key=ALL_TARGET_MODULES.index)),
+        target_modules=tuple(sorted({m for _, m in found}, key=TARGET_MODULE_NAMES.index)),
         module_ranks=ranks,
         module_scales=scales,
         size_bytes=size,

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py and helpers
 
 from harness import LoopThread, write_adapters, write_model  # noqa: E402
-from oracles import ADAPTER_SPECS, MODEL_KINDS, write_hf_model, write_peft_adapter  # noqa: E402
+from oracles import MODEL_KINDS, write_hf_model, write_peft_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=sorted(MODEL_KINDS))
@@ -24,7 +24,7 @@ def hf_checkpoint(request, tmp_path_factory):
     model_dir = write_hf_model(kind, root / "model")
     adapters = {
         name: write_peft_adapter(model_dir, root / "adapters" / name, seed=i, **spec)
-        for i, (name, spec) in enumerate(ADAPTER_SPECS.items())
+        for i, (name, spec) in enumerate(MODEL_KINDS[kind]["adapters"].items())
     }
     return kind, model_dir, adapters
 

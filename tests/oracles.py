@@ -32,13 +32,34 @@ ADAPTER_SPECS = {
     ),
 }
 
+# Phi-3 adapters target its fused modules by the names its checkpoints use
+PHI3_ADAPTER_SPECS = {
+    "r1_qkv": dict(r=1, lora_alpha=2, target_modules=["qkv_proj"]),
+    "r8_all": dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "r16_rslora_attn": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["qkv_proj", "o_proj"]),
+    "r32_mlp": dict(r=32, lora_alpha=32, target_modules=["gate_up_proj", "down_proj"]),
+    "pattern": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["qkv_proj", "down_proj"],
+        rank_pattern={"qkv_proj": 8, "layers.1.mlp.down_proj": 2},
+        alpha_pattern={"qkv_proj": 3},
+    ),
+}
+
 # the demo's tiny shape (hidden 64, 2 layers, GQA 4:2) with a 128-token vocabulary
 _SMALL = dict(TINY_SHAPE, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=128)
 
 
-def _kind(family: str, **kwargs) -> dict:
-    """A transformers `{family}ForCausalLM` of the small shape, `kwargs` over its config."""
-    return dict(cls=f"{family}ForCausalLM", cfg=f"{family}Config", kwargs={**_SMALL, **kwargs})
+def _kind(family: str, adapters: dict = ADAPTER_SPECS, cfg: str | None = None, **kwargs) -> dict:
+    """A transformers `{family}ForCausalLM` of the small shape, `kwargs` over its config, and the
+    PEFT adapters (LoraConfig kwargs by name) the tests write for it."""
+    return dict(
+        cls=f"{family}ForCausalLM",
+        cfg=cfg or f"{family}Config",
+        kwargs={**_SMALL, **kwargs},
+        adapters=adapters,
+    )
 
 
 def _rope(rope_type: str, max_position_embeddings: int = 128, **fields) -> dict:
@@ -69,6 +90,51 @@ MODEL_KINDS = {
         sliding_window=20,
         max_window_layers=1,
         tie_word_embeddings=True,
+    ),
+    # Gemma 2: 3 layers local / global / local with an 8-token window, head_dim 24 and
+    # query_pre_attn_scalar apart, soft caps low enough to bite on these weights
+    "gemma2": _kind(
+        "Gemma2",
+        num_hidden_layers=3,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        sliding_window=8,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=5.0,
+        max_position_embeddings=256,
+    ),
+    # Gemma 3 (text): 4 layers, pattern 2 (local, global, ...), q/k norms, local rope base apart
+    # from the global one, which has linear scaling
+    "gemma3": _kind(
+        "Gemma3",
+        cfg="Gemma3TextConfig",
+        num_hidden_layers=4,
+        head_dim=24,
+        query_pre_attn_scalar=24,
+        sliding_window=10,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=100000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=500.0),
+        },
+        max_position_embeddings=256,
+    ),
+    # Phi-3: fused qkv_proj / gate_up_proj (adapters on them), LongRoPE past 32 positions, a
+    # 24-token window on every layer
+    "phi3": _kind(
+        "Phi3",
+        adapters=PHI3_ADAPTER_SPECS,
+        pad_token_id=0,
+        eos_token_id=2,
+        sliding_window=24,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+            long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+        ),
     ),
     "rope_linear": _rope("linear", factor=2.0, max_position_embeddings=64),
     "rope_dynamic": _rope("dynamic", factor=2.0, max_position_embeddings=64),

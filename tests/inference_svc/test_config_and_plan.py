@@ -163,3 +163,24 @@ def test_env_variables_feed_the_config(tmp_path, monkeypatch):
     proc = run_plan(tmp_path, "--max-loras", "3", "--max-cpu-loras", "5", "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["bytes_per_slot"] == 65536
+
+
+def test_memory_plan_of_fused_phi3_and_softcapped_gemma2():
+    """Phi-3's qkv_proj / gate_up_proj are one LoRA module each: A [r, hidden], B [q+k+v, r]."""
+    phi3 = ModelConfig.from_dict(
+        {**TINY_CONFIG_JSON, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    )
+    config = EngineConfig(max_loras=1, max_lora_rank=8, device="cpu", kv_block_size=4, kv_cache_bytes=10_000)
+    # per layer sum(in + out): qkv 64+128, o 64+64, gate_up 64+256, down 128+64
+    assert compute_plan(phi3, config).bytes_per_slot == 2 * 8 * 832 * 4
+    # an engine serving LoRA on q/v only does not serve qkv_proj
+    assert compute_plan(phi3, config.replace(lora_target_modules=("q_proj", "v_proj"))).bytes_per_slot == 0
+    gemma2 = {
+        **TINY_CONFIG_JSON,
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "head_dim": 16,
+    }
+    capped = compute_plan(ModelConfig.from_dict(gemma2), config)
+    uncapped = compute_plan(ModelConfig.from_dict({**gemma2, "attn_logit_softcapping": None}), config)
+    assert capped.attention_workspace_bytes > uncapped.attention_workspace_bytes  # float32 score pieces

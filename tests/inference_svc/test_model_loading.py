@@ -66,9 +66,32 @@ def test_mistral_is_served_like_llama(llama_dir, tmp_path):
     "change, message",
     [
         (dict(architectures=["GPT2LMHeadModel"]), "not supported"),
-        (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), "model_type 'gemma2'"),
-        (dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"]), "model_type 'gemma3_text'"),
-        (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), "model_type 'phi3'"),
+        (dict(model_type="gemma", architectures=["GemmaForCausalLM"]), "model_type 'gemma'"),
+        (dict(model_type="phi", architectures=["PhiForCausalLM"]), "model_type 'phi'"),
+        (
+            dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]),
+            "multimodal Gemma 3; only its text-only form",
+        ),
+        (
+            dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_activation="silu"),
+            "hidden_activation 'silu'",
+        ),
+        (
+            dict(
+                model_type="gemma3_text",
+                architectures=["Gemma3ForCausalLM"],
+                use_bidirectional_attention=True,
+            ),
+            "use_bidirectional_attention",
+        ),
+        (
+            dict(
+                model_type="gemma3_text",
+                architectures=["Gemma3ForCausalLM"],
+                rope_parameters={"chunked_attention": {"rope_type": "default"}},
+            ),
+            "rope_parameters keys",
+        ),
         (
             dict(model_type="mistral"),
             r"architectures \['LlamaForCausalLM'\] not supported for model_type 'mistral'",

@@ -3,7 +3,8 @@
 Batches are ragged mixes of prefill chunks (with and without a cached prefix) and decodes, over
 block tables whose blocks are shuffled through the pool, with block sizes that do and do not
 divide the kernel's key tile, GQA ratios 1, 4 and 8, and a head dim that is not a power of two;
-and with sliding windows shorter and longer than blocks, key tiles and mask pieces.
+and with sliding windows shorter and longer than blocks, key tiles and mask pieces; and with
+Gemma 2's score soft-capping, alone and with a window.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def build_case(steps, block_size, kv_heads, group, head_dim, dtype, seed=0):
     return q.to(**on), k_cache.to(**on), v_cache.to(**on), meta
 
 
-def reference(q, k_cache, v_cache, meta, scale, window=0):
+def reference(q, k_cache, v_cache, meta, scale, window=0, softcap=0.0):
     """float64, one sequence at a time, K/V repeated per query head, an explicit causal mask
-    (keys in (p - window, p] of a query at p when window > 0)."""
+    (keys in (p - window, p] of a query at p when window > 0), scores tanh(s / c) * c when
+    softcap c > 0."""
     q, k_cache, v_cache = (t.cpu().double() for t in (q, k_cache, v_cache))
     block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -74,6 +76,8 @@ def reference(q, k_cache, v_cache, meta, scale, window=0):
         n = end - begin
         q_pos = torch.arange(seq_len - n, seq_len)[:, None]
         scores = torch.einsum("nhd,lhd->hnl", q[begin:end], keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         key_pos = torch.arange(seq_len)[None, :]
         hidden = (key_pos > q_pos) | ((key_pos <= q_pos - window) if window else False)
         scores = scores.masked_fill(hidden, float("-inf"))
@@ -164,3 +168,37 @@ def test_negative_window_is_refused():
     q, k_cache, v_cache, meta = build_case([(0, 2)], 4, kv_heads=1, group=1, head_dim=16, dtype=torch.float32)
     with pytest.raises(ValueError, match="window"):
         paged_attention(q, k_cache, v_cache, meta, 1.0, torch.empty_like(q), window=-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [0, 16], ids=["full", "window16"])
+@pytest.mark.parametrize("softcap", [0.5, 50.0])
+def test_softcap_matches_reference(backend, window, softcap):
+    q, k_cache, v_cache, meta = build_case(
+        WINDOWED, 4, kv_heads=2, group=2, head_dim=24, dtype=torch.float32, seed=11
+    )
+    q = q * 4  # scores large enough that a cap of 0.5 bites
+    out = paged_attention(
+        q, k_cache, v_cache, meta, 0.25, torch.empty_like(q), backend=backend, window=window, softcap=softcap
+    )
+    assert_close(out, reference(q, k_cache, v_cache, meta, 0.25, window, softcap), torch.float32)
+
+
+def test_softcap_across_torch_mask_pieces(monkeypatch):
+    monkeypatch.setattr(attention, "MASK_ROWS", 8)
+    q, k_cache, v_cache, meta = build_case(MIXED, 4, kv_heads=1, group=4, head_dim=16, dtype=torch.float32)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.25, torch.empty_like(q), backend="torch", softcap=1.0)
+    assert_close(out, reference(q, k_cache, v_cache, meta, 0.25, softcap=1.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_softcap_half_precision(backend):
+    q, k_cache, v_cache, meta = build_case(MIXED, 16, kv_heads=2, group=2, head_dim=32, dtype=torch.bfloat16)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.2, torch.empty_like(q), backend=backend, softcap=2.0)
+    assert_close(out, reference(q, k_cache, v_cache, meta, 0.2, softcap=2.0), torch.bfloat16)
+
+
+def test_negative_softcap_is_refused():
+    q, k_cache, v_cache, meta = build_case([(0, 2)], 4, kv_heads=1, group=1, head_dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="softcap"):
+        paged_attention(q, k_cache, v_cache, meta, 1.0, torch.empty_like(q), softcap=-1.0)

@@ -98,3 +98,62 @@ def test_head_dim_shapes_reach_modules_and_kv():
 def test_unknown_model_types_are_named(model_type):
     with pytest.raises(InvalidModel, match=f"model_type '{model_type}'"):
         summary(model_type, "SomethingForCausalLM")
+
+
+def test_gemma2_defaults_as_its_config_class():
+    gemma2 = summary("gemma2", "Gemma2ForCausalLM")
+    assert gemma2.gemma and gemma2.hidden_act == "gelu_pytorch_tanh" and gemma2.tie_word_embeddings
+    assert gemma2.head_dim == 256 and gemma2.attn_scale == 256**-0.5
+    assert (gemma2.attn_softcap, gemma2.final_softcap) == (50.0, 30.0)
+    assert gemma2.layer_windows == (4096, 0, 4096, 0)  # local, global, ...
+    off = summary("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=None, query_pre_attn_scalar=64)
+    assert off.attn_softcap == 0 and off.attn_scale == 64**-0.5
+
+
+def test_gemma3_local_and_global_ropes_from_transformers_4_and_5_fields():
+    v4 = summary(
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        rope_theta=1e6,
+        rope_local_base_freq=1e4,
+        rope_scaling=dict(rope_type="linear", factor=8.0),
+        sliding_window_pattern=2,
+    )
+    v5 = summary(
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+            "sliding_attention": dict(rope_type="default", rope_theta=1e4),
+        },
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    assert v4.rope == v5.rope == RopeConfig(rope_type="linear", theta=1e6, factor=8.0)
+    assert v4.local_rope == v5.local_rope == RopeConfig(theta=1e4)
+    assert v4.layer_windows == v5.layer_windows == (4096, 0, 4096, 0)
+    default = summary("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=7)
+    assert default.layer_windows == (4096,) * 5 + (0, 4096)  # pattern 6
+    assert default.qk_norm and default.attn_softcap == 0 and default.final_softcap == 0
+    with pytest.raises(InvalidModel, match="multimodal Gemma 3"):
+        summary("gemma3", "Gemma3ForConditionalGeneration")
+
+
+def test_phi3_fused_modules_longrope_and_window():
+    phi3 = summary(
+        "phi3",
+        "Phi3ForCausalLM",
+        original_max_position_embeddings=4096,
+        max_position_embeddings=131072,
+        sliding_window=2047,
+        rope_scaling=dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8),
+    )
+    assert phi3.rope.rope_type == "longrope" and phi3.rope.original_max_position_embeddings == 4096
+    assert phi3.rope_recompute_len == 4096
+    assert phi3.layer_windows == (2047,) * 4
+    assert phi3.module_shapes() == {
+        "qkv_proj": (64, 192),
+        "o_proj": (64, 64),
+        "gate_up_proj": (64, 256),
+        "down_proj": (128, 64),
+    }
+    assert summary("phi3", "Phi3ForCausalLM").layer_windows == (0,) * 4  # sliding_window defaults to None

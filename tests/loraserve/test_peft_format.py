@@ -62,3 +62,44 @@ def test_nan_and_inf_are_found_in_bfloat16(tmp_path, pad):
 
 def test_empty_tensors_are_skipped(tmp_path):
     assert scan(tmp_path, safetensors_bytes({"empty": ("F32", b"")})) is None
+
+
+def _manifest(model_type: str, arch: str, tensors: dict, targets=None):
+    """The manifest of a one-layer adapter of `tensors` (name -> shape) for a tiny `model_type`."""
+    from pathlib import Path
+
+    from loraserve.engine_limits import AdapterLimits
+    from loraserve.model_summary import ModelConfig
+    from loraserve.peft_format import build_manifest
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = ModelConfig.from_dict(
+        dict(shape, num_key_value_heads=2, vocab_size=100, model_type=model_type, architectures=[arch])
+    )
+    infos = tuple(
+        TensorInfo(f"base_model.model.model.layers.0.{name}.weight", "F32", s, 0, 0)
+        for name, s in tensors.items()
+    )
+    limits = AdapterLimits() if targets is None else AdapterLimits(lora_target_modules=targets)
+    cfg = dict(r=4, lora_alpha=8, target_modules=sorted({n.split(".")[1] for n in tensors}))
+    return build_manifest(Path("a"), cfg, infos, 0, model, limits)
+
+
+PHI3_QKV = {"self_attn.qkv_proj.lora_A": (4, 64), "self_attn.qkv_proj.lora_B": (128, 4)}
+
+
+def test_fused_modules_are_one_adapter_module_on_phi3_only():
+    from loraserve import errors
+
+    manifest = _manifest("phi3", "Phi3ForCausalLM", PHI3_QKV)  # B spans q (64) + k (32) + v (32)
+    assert manifest.target_modules == ("qkv_proj",) and manifest.module_ranks == {(0, "qkv_proj"): 4}
+    with pytest.raises(errors.UnsupportedTargetModule, match="'qkv_proj', which llama models do not have"):
+        _manifest("llama", "LlamaForCausalLM", PHI3_QKV)
+    q = {"self_attn.q_proj.lora_A": (4, 64), "self_attn.q_proj.lora_B": (64, 4)}
+    with pytest.raises(errors.UnsupportedTargetModule, match="'q_proj', which phi3 models do not have"):
+        _manifest("phi3", "Phi3ForCausalLM", q)
+    with pytest.raises(errors.UnsupportedTargetModule, match="this engine serves LoRA on"):
+        _manifest("phi3", "Phi3ForCausalLM", PHI3_QKV, targets=("q_proj", "v_proj"))
+    assert _manifest("phi3", "Phi3ForCausalLM", PHI3_QKV, targets=("qkv_proj",)).rank == 4
+    with pytest.raises(errors.ShapeMismatch, match=r"\[4, 64\] / \[128, 4\]"):
+        _manifest("phi3", "Phi3ForCausalLM", {**PHI3_QKV, "self_attn.qkv_proj.lora_B": (64, 4)})
