@@ -37,10 +37,14 @@ from loraserve.v1 import adapter_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Attempts to get room from the manager for one read before its requests fail.
+# Attempts to load once room was made (another read may take it first).
 ROOM_ATTEMPTS = 20
-# Wait between attempts (the manager's mirror catching up with this replica's reports).
+# How long a read waits for the manager to name a victim that can go: every entry may be in use
+# by running requests (they finish) or the mirror may lag this replica's reports (they land).
+ROOM_WAIT_S = 30.0
+# First wait between asks, doubled up to ROOM_RETRY_MAX_S.
 ROOM_RETRY_S = 0.05
+ROOM_RETRY_MAX_S = 0.5
 
 
 class Fetcher:
@@ -225,16 +229,19 @@ class Fetcher:
         -> the error that failed the read, or None."""
         error: Exception | None = None
         try:
-            for _ in range(ROOM_ATTEMPTS):
+            loop = asyncio.get_running_loop()
+            deadline, delay = loop.time() + ROOM_WAIT_S, ROOM_RETRY_S
+            while True:
                 residents = await self.engine.call(lambda e: e.list_resident_adapters())
                 acquired = await self._acquire(adapter_id, residents)
                 evicted = [
                     v for v in acquired.evict if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))
                 ]
-                if evicted:
+                if evicted or loop.time() + delay > deadline:
                     break
-                await asyncio.sleep(ROOM_RETRY_S)
-            else:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, ROOM_RETRY_MAX_S)
+            if not evicted:
                 error = errors.HostCacheFull(
                     f"the adapter manager named nothing evictable to make room for {adapter_id!r}"
                 )

@@ -69,6 +69,8 @@ def test_kv_pressure_preempts_and_recomputes_without_changing_results(model_dir,
     # 10 blocks of 4 tokens: not enough for 6 sequences of up to 7 + 6 tokens at once
     engine = tiny_engine(model_dir, adapter_root, 2, kv_cache_bytes=10 * 4 * 2 * 2 * 2 * 16 * 4)
     assert engine.kv.num_blocks == 10
+    for adapter in ("a0", "a1"):  # read before stepping: the schedule must not depend on read timing
+        engine.load_adapter(adapter)
     requests = {f"r{i}": (prompt(i), [None, "a0", "a1"][i % 3]) for i in range(6)}
     for rid, (ids, adapter) in requests.items():
         engine.add_request(rid, ids, GREEDY, adapter)
