@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 ROOM_ATTEMPTS = 20
 # How long a read waits for the manager to name a victim that can go: every entry may be in use
 # by running requests (they finish) or the mirror may lag this replica's reports (they land).
-ROOM_WAIT_S = 30.0
+ROOM_WAIT_S = 10.0
+# Deadline of one ask: the manager holds an AcquireAdapter while entries are still loading, which
+# may include loads that wait on this very read; an ask that runs out is asked again.
+ROOM_ASK_TIMEOUT_S = 2.0
 # First wait between asks, doubled up to ROOM_RETRY_MAX_S.
 ROOM_RETRY_S = 0.05
 ROOM_RETRY_MAX_S = 0.5
@@ -107,7 +110,9 @@ class Fetcher:
             raise engine_error(adapter_id, e) from e
         await self._fetch_and_load(adapter_id, acquired.sha256, acquired.evict)
 
-    async def _acquire(self, adapter_id: str, residents: list[ResidentAdapter]) -> pb.AcquireAdapterResponse:
+    async def _acquire(
+        self, adapter_id: str, residents: list[ResidentAdapter], timeout: float | None = None
+    ) -> pb.AcquireAdapterResponse:
         """AcquireAdapter; a stale epoch makes the replica join again and ask once more."""
         request = pb.AcquireAdapterRequest(
             replica_id=self.membership.replica_id,
@@ -116,13 +121,13 @@ class Fetcher:
             snapshot=[resident_to_proto(r) for r in residents],
         )
         try:
-            return await self.client.call("AcquireAdapter", request)
+            return await self.client.call("AcquireAdapter", request, timeout)
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.ABORTED:
                 raise
         await self.membership.rejoin()
         request.epoch = self.membership.epoch
-        return await self.client.call("AcquireAdapter", request)
+        return await self.client.call("AcquireAdapter", request, timeout)
 
     # --- the manager's command ----------------------------------------------------------------
 
@@ -233,10 +238,13 @@ class Fetcher:
             deadline, delay = loop.time() + ROOM_WAIT_S, ROOM_RETRY_S
             while True:
                 residents = await self.engine.call(lambda e: e.list_resident_adapters())
-                acquired = await self._acquire(adapter_id, residents)
-                evicted = [
-                    v for v in acquired.evict if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))
-                ]
+                try:
+                    victims = (await self._acquire(adapter_id, residents, ROOM_ASK_TIMEOUT_S)).evict
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    victims = []  # still loading there: ask again
+                evicted = [v for v in victims if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))]
                 if evicted or loop.time() + delay > deadline:
                     break
                 await asyncio.sleep(delay)
