@@ -198,14 +198,26 @@ class Placement:
     async def cluster_state(self) -> list[ReplicaRecord]:
         return await self.registry.replicas()
 
-    async def acquire(self, replica_id: str, epoch: int, adapter_id: str, usage: list[Resident]) -> Acquired:
-        """AcquireAdapter: apply the host-cache policy for a replica about to load `adapter_id`."""
+    async def acquire(
+        self,
+        replica_id: str,
+        epoch: int,
+        adapter_id: str,
+        usage: list[Resident],
+        wait_s: float | None = None,
+    ) -> Acquired:
+        """AcquireAdapter: apply the host-cache policy for a replica about to load `adapter_id`.
+
+        While entries are only loading, waits for them up to `load_timeout_s`, or `wait_s` when
+        shorter (the caller's remaining deadline), then refuses with NoEvictableAdapter.
+        """
         replica = await self.registry.replica(replica_id)
         if replica is None:
             raise errors.ReplicaNotFound(replica_id)
         max_cpu_loras = int(replica.engine["max_cpu_loras"])
         timeout_ms = int(self.config.load_timeout_s * 1000)
-        deadline = asyncio.get_running_loop().time() + self.config.load_timeout_s
+        wait_s = self.config.load_timeout_s if wait_s is None else min(wait_s, self.config.load_timeout_s)
+        deadline = asyncio.get_running_loop().time() + wait_s
         delay = 0.01
         while True:
             answer = await self.registry.acquire(

@@ -15,6 +15,9 @@ from loraserve.convert import resident_proto, rule_from, rule_proto
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
 
+# AcquireAdapter answers this long before its caller's deadline when it is still waiting for room.
+ACQUIRE_DEADLINE_MARGIN_S = 0.5
+
 CHANGE_KINDS = {
     pb.RESIDENCY_CHANGE_KIND_LOADED: "loaded",
     pb.RESIDENCY_CHANGE_KIND_ACTIVATED: "activated",
@@ -288,11 +291,14 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         return pb.LeaveReplicaResponse()
 
     async def AcquireAdapter(self, request, context):
+        remaining = context.time_remaining()  # None without a deadline
         acquired = await self.placement.acquire(
             request.replica_id,
             request.epoch,
             request.adapter_id,
             [resident_from(r) for r in request.snapshot],
+            # answer (RESOURCE_EXHAUSTED) before the replica's deadline instead of letting it expire
+            None if remaining is None else max(0.0, remaining - ACQUIRE_DEADLINE_MARGIN_S),
         )
         return pb.AcquireAdapterResponse(
             adapter_id=acquired.adapter_id,

@@ -236,20 +236,26 @@ class Fetcher:
         try:
             loop = asyncio.get_running_loop()
             deadline, delay = loop.time() + ROOM_WAIT_S, ROOM_RETRY_S
+            refused: grpc.aio.AioRpcError | None = None  # the manager's last refusal
             while True:
                 residents = await self.engine.call(lambda e: e.list_resident_adapters())
                 try:
                     victims = (await self._acquire(adapter_id, residents, ROOM_ASK_TIMEOUT_S)).evict
                 except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if e.code() not in (
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ):
                         raise
-                    victims = []  # still loading there: ask again
+                    victims, refused = [], e  # nothing evictable yet: ask again
                 evicted = [v for v in victims if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))]
                 if evicted or loop.time() + delay > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, ROOM_RETRY_MAX_S)
-            if not evicted:
+            if not evicted and refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                error = engine_error(adapter_id, refused)  # e.g. every entry pinned
+            elif not evicted:
                 error = errors.HostCacheFull(
                     f"the adapter manager named nothing evictable to make room for {adapter_id!r}"
                 )
