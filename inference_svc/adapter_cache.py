@@ -228,7 +228,7 @@ class AdapterCache:
         future = self.loading[adapter_id]
         try:
             loaded = future.result()
-            if len(self.host) >= self.config.max_cpu_loras and not self._room_for(adapter_id):
+            if self.host_full() and not self._room_for(adapter_id):
                 return False
         except Exception as e:
             del self.loading[adapter_id]
@@ -258,6 +258,10 @@ class AdapterCache:
         if error is not None and adapter_id in self.loading:
             del self.loading[adapter_id]
             self.failed_loads[adapter_id] = error
+
+    def host_full(self) -> bool:
+        """Does the host tier hold `max_cpu_loras` entries (a new one needs an eviction)?"""
+        return len(self.host) >= self.config.max_cpu_loras
 
     def holds(self, adapter_id: str) -> bool:
         """Is `adapter_id` in the host tier?"""

@@ -150,8 +150,7 @@ class Fetcher:
         self, adapter_id: str, sha256: str, evict, to_slot: bool = False, pin: bool | None = None
     ) -> ResidentAdapter:
         try:
-            for victim in evict:
-                await self.engine.call(lambda e, v=victim: _evict_quietly(e, v))
+            await self.engine.call(lambda e: _evict_while_full(e, evict))
             if not await self._has_copy(adapter_id, sha256):
                 files = await self._download(adapter_id, sha256)
                 path = self.cache_dir / f"{sha256}-{hashlib.sha256(files.config_json).hexdigest()[:16]}"
@@ -248,14 +247,14 @@ class Fetcher:
                     ):
                         raise
                     victims, refused = [], e  # nothing evictable yet: ask again
-                evicted = [v for v in victims if await self.engine.call(lambda e, v=v: _evict_quietly(e, v))]
-                if evicted or loop.time() + delay > deadline:
+                room = await self.engine.call(lambda e, v=victims: _evict_while_full(e, v))
+                if room or loop.time() + delay > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, ROOM_RETRY_MAX_S)
-            if not evicted and refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if not room and refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 error = engine_error(adapter_id, refused)  # e.g. every entry pinned
-            elif not evicted:
+            elif not room:
                 error = errors.HostCacheFull(
                     f"the adapter manager named nothing evictable to make room for {adapter_id!r}"
                 )
@@ -284,6 +283,17 @@ def _evict_quietly(engine, adapter_id: str) -> bool:
         return engine.evict_adapter(adapter_id)
     except (errors.AdapterNotFound, errors.AdapterInUse):
         return False
+
+
+def _evict_while_full(engine, victims) -> bool:
+    """Evict the manager's victims, in its order, only while the host tier is full: its mirror may
+    still count entries this replica already dropped (their reports are on the way), so it may name
+    more than this load needs. -> is there room for one more entry now?"""
+    for victim in victims:
+        if not engine.adapters.host_full():
+            break
+        _evict_quietly(engine, victim)
+    return not engine.adapters.host_full()
 
 
 def _write_directory(cache_dir: Path, final: Path, files: AdapterFiles) -> None:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from loraserve.v1 import adapter_pb2 as pb
+from loraserve.v1 import inference_pb2
 
 from harness import TIMEOUT_S, ReplicaHandle, code_of, in_sync, register, replica_state, truth, wait_for
 
@@ -107,3 +108,16 @@ def test_unpin_reaches_the_replica_at_once(manager, replica, redis_proc):
     assert truth(replica.stub)["ad-0"][1] is True
     manager.stub.UnpinAdapter(pb.UnpinAdapterRequest(adapter_id="ad-0"), timeout=TIMEOUT_S)
     assert truth(replica.stub)["ad-0"][1] is False
+
+
+def test_a_load_evicts_only_what_it_needs_of_the_victims_named(manager, replica, redis_proc):
+    """The manager names victims from a mirror that may still count entries the replica already
+    dropped, so it may name more than one load needs: the replica evicts in the named order only
+    while its host cache is full (the concurrent-burst test above failed on this once)."""
+    for i in range(3):
+        use(replica, manager, f"ad-{i}")
+    sha256 = manager.stub.GetAdapter(pb.GetAdapterRequest(adapter_id="ad-3"), timeout=TIMEOUT_S).sha256
+    command = inference_pb2.LoadAdapterRequest(adapter_id="ad-3", sha256=sha256, evict=["ad-0", "ad-1"])
+    replica.stub.LoadAdapter(command, timeout=TIMEOUT_S)
+    assert set(in_sync(manager.stub, "r1", replica.stub)) == {"ad-1", "ad-2", "ad-3"}
+    assert evictions(redis_proc) == ["ad-0"]
