@@ -42,7 +42,7 @@ class NotFound(ManagerError):
 
 class AdapterNotFound(NotFound):
     def __init__(self, adapter_id: str):
-        super().__init__(f"adapter {adapter_id!r} is not registered")
+        super().__init__(shared.unknown_adapter_message(adapter_id))
         self.adapter_id = adapter_id
 
 
@@ -69,7 +69,7 @@ class FailedPrecondition(ManagerError):
 
 
 class AdapterPinned(FailedPrecondition):
-    """The adapter is pinned; unpin it or pass force."""
+    """The adapter is pinned; unpin it or use --force."""
 
 
 class AdapterInUse(FailedPrecondition):

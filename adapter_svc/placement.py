@@ -132,7 +132,7 @@ class Placement:
         """EvictAdapter from one replica or all holders; -> replicas it was evicted from."""
         record = await self.registry.require(adapter_id)
         if record.pinned and not force:
-            raise errors.AdapterPinned(f"adapter {adapter_id!r} is pinned; unpin it or pass force")
+            raise errors.AdapterPinned(f"adapter {adapter_id!r} is pinned; unpin it or use --force")
         if record.pinned:
             await self.registry.set_pinned(adapter_id, False)
         if replica_id:

@@ -196,14 +196,14 @@ class Refused:
         if self.reason == Refusal.DELETING:
             return errors.FailedPrecondition(f"adapter {adapter_id!r} is being unregistered")
         if self.reason == Refusal.PINNED:
-            return errors.AdapterPinned(f"adapter {adapter_id!r} is pinned; unpin it or pass force")
+            return errors.AdapterPinned(f"adapter {adapter_id!r} is pinned; unpin it or use --force")
         if self.reason == Refusal.ACTIVE:
             return errors.AdapterInUse(
-                f"adapter {adapter_id!r} is in a slot on {listed}; evict it or pass force"
+                f"adapter {adapter_id!r} is in a slot on {listed}; evict it or use --force"
             )
         if self.reason == Refusal.REFERENCED:
             return errors.AdapterInUse(
-                f"adapter {adapter_id!r} is routed to by {listed}; change them or pass force"
+                f"adapter {adapter_id!r} is routed to by {listed}; change them or use --force"
             )
         raise AssertionError(f"no adapter error for refusal {self}")
 

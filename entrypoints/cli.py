@@ -27,8 +27,7 @@ import grpc
 from tqdm import tqdm
 
 from loraserve.auth import token_metadata
-from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loraserve.telemetry import REQUEST_ID_HEADER, new_request_id
+from loraserve.names import CONFIG_FILE, REQUEST_ID_HEADER, WEIGHTS_FILE, new_request_id
 
 DEFAULT_MANAGER = "127.0.0.1:50052"
 DEFAULT_REPLICA = "127.0.0.1:50051"
@@ -135,8 +134,13 @@ def state_name(value: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from inference_svc.cli import main as inference_main
-
+    try:
+        from inference_svc.cli import main as inference_main
+    except ImportError as e:  # the client-only install (`pip install loraserve`) has no torch
+        raise CliError(
+            f"`loraserve plan` runs the engine's planner, which needs the server install "
+            f"(pip install 'loraserve[server]'; {e.name} is missing)"
+        ) from None
     return inference_main(["plan", *args.rest])
 
 
@@ -544,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the text as a user message, through the model's chat template",
     )
     p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--min-p", type=float)

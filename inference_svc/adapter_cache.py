@@ -276,7 +276,6 @@ class AdapterCache:
         for candidate in self.host:
             if candidate not in self.pinned and not self.refcount.get(candidate):
                 self._drop(candidate)
-                self.stats["host_evictions"] += 1
                 return
         raise errors.NoEvictableSlot(
             f"all {self.config.max_cpu_loras} host-cache entries (max_cpu_loras) are pinned or in use"
@@ -358,7 +357,6 @@ class AdapterCache:
             if self._evictable_slot(candidate, keep):
                 if not dry_run:
                     self._deactivate(candidate)
-                    self.stats["slot_evictions"] += 1
                 return slot
         return None
 
@@ -366,6 +364,7 @@ class AdapterCache:
         slot = self.slot_of.pop(adapter_id)
         del self.activation[adapter_id]
         self.slots.reset_slot(slot)
+        self.stats["slot_evictions"] += 1  # every way out of a slot, as the evictions metric counts
         self.on_change(ResidencyEvent("deactivated", adapter_id, slot, time.time()))
 
     # --- commands -------------------------------------------------------------------------
@@ -437,6 +436,7 @@ class AdapterCache:
         if adapter_id in self.slot_of:
             self._deactivate(adapter_id)
         del self.host[adapter_id]
+        self.stats["host_evictions"] += 1  # policy, command or purge: as the evictions metric counts
         self.on_change(ResidencyEvent("evicted", adapter_id, None, time.time()))
 
     # --- views ----------------------------------------------------------------------------

@@ -127,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         max_concurrent_per_tenant=args.max_concurrent_per_tenant,
     )
+    config.engine.check_runtime()  # a device or compiler this machine lacks: refused before anything starts
     asyncio.run(serve(config, security_config_from(args)))
     return 0
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import check_backend_ready
 from loraserve.engine_limits import ALL_TARGET_MODULES, DTYPE_NAMES, AdapterLimits
 from loraserve.env_config import require
 
@@ -116,9 +117,33 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def resolved_device(self) -> torch.device:
+        """The device to run on; a CUDA device this torch build or machine lacks is a ValueError
+        that says what to do, not torch's traceback."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            require(
+                torch.version.cuda is not None,
+                "device",
+                self.device,
+                f"needs a CUDA build of torch (this one is {torch.__version__}); install one or use --device cpu",
+            )
+            count = torch.cuda.device_count()
+            require(
+                device.index is None and count > 0 or device.index is not None and device.index < count,
+                "device",
+                self.device,
+                f"is not on this machine ({count} CUDA devices visible); use --device auto or cpu",
+            )
+        return device
+
+    def check_runtime(self) -> None:
+        """What start-up checks before anything listens: the device exists and the kernel
+        backends can run on it (ValueError naming the field and what to do)."""
+        device = self.resolved_device()
+        for name in ("lora_backend", "attention_backend"):
+            check_backend_ready(getattr(self, name), device)
 
     def model_dtype(self, config_dtype: str | None) -> torch.dtype:
         """Weights dtype: explicit, else config.json's dtype on CUDA, else float32 on CPU."""

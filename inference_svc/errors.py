@@ -7,7 +7,7 @@ the engine also raises live in `loraserve.errors`, shared with the adapter manag
 from __future__ import annotations
 
 from loraserve.errors import ChatTemplateError as ChatTemplateError  # chat prompts (loraserve.chat_template)
-from loraserve.errors import InvalidArgument, LoraServeError
+from loraserve.errors import InvalidArgument, LoraServeError, unknown_adapter_message
 
 # --- INVALID_ARGUMENT --------------------------------------------------------------------------
 
@@ -27,7 +27,7 @@ class AdapterNotFound(LoraServeError):
     """No adapter with that id is known to this engine (maps to NOT_FOUND)."""
 
     def __init__(self, adapter_id: str):
-        super().__init__(f"adapter {adapter_id!r} not found")
+        super().__init__(unknown_adapter_message(adapter_id))
         self.adapter_id = adapter_id
 
 

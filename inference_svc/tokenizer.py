@@ -10,6 +10,7 @@ by default, as `apply_chat_template(tokenize=True)` does: the template writes th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from inference_svc.generation_config import read_json_object
 from loraserve.chat_template import pick_template, render_chat
 from loraserve.errors import ChatTemplateError, InvalidModel
+
+log = logging.getLogger(__name__)
 
 # The named special tokens a chat template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_SPECIAL_TOKENS = (
@@ -121,7 +124,14 @@ class ByteTokenizer:
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | ByteTokenizer:
     path = Path(model_dir) / "tokenizer.json"
     config = TokenizerConfig.from_dir(model_dir)
-    return Tokenizer(path, config) if path.is_file() else ByteTokenizer(config)
+    if path.is_file():
+        return Tokenizer(path, config)
+    log.warning(
+        "%s has no tokenizer.json: text is tokenized as raw UTF-8 bytes (token id = byte), which is "
+        "wrong for any real checkpoint; copy the checkpoint's tokenizer.json next to its config.json",
+        model_dir,
+    )
+    return ByteTokenizer(config)
 
 
 # --- prompts ----------------------------------------------------------------------------------

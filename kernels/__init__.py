@@ -10,6 +10,9 @@ allocate nothing here; called without them, the ops allocate what the call needs
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from kernels import torch_ops
@@ -22,6 +25,7 @@ __all__ = [
     "LoraWorkspace",
     "WorkspaceShape",
     "add_lora",
+    "check_backend_ready",
     "lora_expand",
     "lora_shrink",
     "make_batch_meta",
@@ -40,6 +44,19 @@ def select_backend(backend: str, where: torch.Tensor | torch.device) -> str:
         device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
         return "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def check_backend_ready(backend: str, device: torch.device) -> None:
+    """Fail at start-up, in one line, where Triton could only fail at the first step: on CUDA it
+    compiles a small C driver on first use and needs a C compiler (`CC`, clang or gcc)."""
+    if select_backend(backend, device) != "triton" or device.type != "cuda":
+        return
+    if not (os.environ.get("CC") or shutil.which("clang") or shutil.which("gcc") or shutil.which("cc")):
+        raise ValueError(
+            f"backend ({backend!r}) on {device} runs Triton, which needs a C compiler to build its CUDA "
+            "driver and none was found: install gcc (apt-get install gcc libc6-dev), set CC, or use "
+            "the torch backends (--lora-backend torch --attention-backend torch)"
+        )
 
 
 def _ops(backend: str, tensor: torch.Tensor):

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.errors import unknown_adapter_message
 from loraserve.names import ID_RE, TENANT_HEADER
 from loraserve.v1 import adapter_pb2
 
@@ -241,7 +242,7 @@ class AdapterHidden(LookupError):
     """The default `not_found` error: an adapter a tenant may not see."""
 
     def __init__(self, adapter_id: str):
-        super().__init__(f"adapter {adapter_id!r} not found")
+        super().__init__(unknown_adapter_message(adapter_id))
 
 
 # The service's own "unknown adapter" error, raised (NOT_FOUND) for hidden adapters too.

@@ -14,6 +14,23 @@ class LoraServeError(Exception):
     """Base class of every error loraserve raises on purpose."""
 
 
+def unknown_adapter_message(adapter_id: str) -> str:
+    """The one message for an adapter id that is not registered, or that the caller may not see
+    (a hidden adapter reads exactly like an unknown one), with what to do."""
+    return f"adapter {adapter_id!r} is not registered (`loraserve list` shows what is; `loraserve register` adds one)"
+
+
+class AddressUnavailable(LoraServeError):
+    """A server cannot listen on its address (the port is taken, or the host is not this machine's)."""
+
+    def __init__(self, address: str, flag: str = "--port"):
+        super().__init__(
+            f"cannot listen on {address}: the port is in use or the address is not this machine's; "
+            f"stop what holds it or choose another with {flag} (0 = any free port)"
+        )
+        self.address = address
+
+
 class InvalidArgument(LoraServeError):
     """A request, setting or file is malformed (maps to INVALID_ARGUMENT)."""
 

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 # An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
+# The two files of a PEFT adapter directory.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Request header carrying the id every log line and message of one request names.
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
 # Request header naming the tenant routing rules match on (set from the token when auth is on).
 TENANT_HEADER = "x-tenant"
 # Request header whose value an alias's variant choice sticks to.

@@ -21,9 +21,9 @@ import numpy as np
 from loraserve import errors
 from loraserve.engine_limits import TARGET_MODULE_NAMES, AdapterLimits, serves
 from loraserve.model_summary import ModelConfig
+from loraserve.names import CONFIG_FILE as CONFIG_FILE  # re-exported: the format names its files
+from loraserve.names import WEIGHTS_FILE as WEIGHTS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 
 # safetensors dtype code -> bytes per element, for the dtypes LoRA weights may use.

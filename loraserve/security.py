@@ -34,6 +34,7 @@ from loraserve.auth import (
     TokenTable,
     bearer_interceptors,
 )
+from loraserve.errors import AddressUnavailable
 
 ENV = {
     "auth_tokens": "LORASERVE_AUTH_TOKENS",
@@ -109,9 +110,12 @@ class SecurityConfig:
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """Listen on `address` (TLS when configured); -> the bound port."""
         credentials = self.server_credentials()
-        if credentials is None:
-            return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # grpc's "Failed to bind to address ..."
+            raise AddressUnavailable(address) from e
 
     # --- calling the other service ------------------------------------------------------------
 

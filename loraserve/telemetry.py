@@ -23,14 +23,15 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-REQUEST_ID_HEADER = "x-request-id"
+from loraserve.names import REQUEST_ID_HEADER as REQUEST_ID_HEADER  # the header every service reads
+from loraserve.names import new_request_id as new_request_id
+
 # Longest request id accepted from a client; longer ones are cut (they are logged on every line).
 MAX_REQUEST_ID_CHARS = 128
 
@@ -38,10 +39,6 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("loraserve_requ
 
 # LogRecord attributes that are not `extra` fields.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def current_request_id() -> str:

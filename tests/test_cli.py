@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from entrypoints.cli import main
+from loraserve.errors import unknown_adapter_message
+from loraserve.v1 import adapter_pb2 as pb
+from loraserve.v1 import adapter_pb2_grpc
 
 from harness import (
     LoopThread,
@@ -79,7 +83,21 @@ def test_unknown_adapter_is_one_line(manager, capsys):
     address = manager[0]
     code, _, err = run(capsys, "--manager", address, "pin", "nope")
     assert code == 1
-    assert one_error_line(err) == "error: NOT_FOUND: adapter 'nope' is not registered"
+    assert one_error_line(err) == f"error: NOT_FOUND: {unknown_adapter_message('nope')}"
+
+
+def test_a_refusal_names_the_flag_that_overrides_it(manager, capsys):
+    address, _, adapter_root = manager
+    run(capsys, "--manager", address, "register", "routed", str(adapter_root / "ad-0"))
+    alias = pb.Alias(name="latest", variants=[pb.AliasVariant(adapter_id="routed", weight=1)])
+    with grpc.insecure_channel(address) as channel:
+        adapter_pb2_grpc.AdapterServiceStub(channel).SetAlias(pb.SetAliasRequest(alias=alias), timeout=10)
+    code, _, err = run(capsys, "--manager", address, "unregister", "routed")
+    assert code == 1
+    assert one_error_line(err) == (
+        "error: FAILED_PRECONDITION: adapter 'routed' is routed to by alias latest; change them or use --force"
+    )
+    assert run(capsys, "--manager", address, "unregister", "routed", "--force")[0] == 0
 
 
 def test_bad_adapter_is_one_line(manager, capsys, tmp_path):

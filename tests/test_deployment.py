@@ -16,10 +16,12 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
 
-def compose_config(*profiles):
+def compose_config(*profiles, overrides: tuple[Path, ...] = ()):
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose (Debian's 1.29) is missing: `make setup` installs it")
     args = ["docker-compose", "-f", str(COMPOSE)]
+    for extra in overrides:
+        args += ["-f", str(extra)]
     for p in profiles:
         args += ["--profile", p]
     proc = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -56,7 +58,9 @@ def copied_packages() -> set[str]:
 
 
 def test_every_healthcheck_command_exists_in_its_image():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "RUN pip install '.[server]'" in DOCKERFILE.read_text()  # the image installs the server extra
+    deps = project["dependencies"] + project["optional-dependencies"]["server"]
     services = compose_config("cpu", "gpu")["services"]
     checked = 0
     for name, service in services.items():
@@ -101,3 +105,31 @@ def test_healthcheck_module_reports_a_real_server():
         return down, up
 
     assert asyncio.run(scenario()) == (1, 0)
+
+
+def test_the_build_context_leaves_out_the_virtualenv_and_run_state():
+    """Without .dockerignore the multi-GB .venv went into every image build's context."""
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv/", ".run/", ".git/"} <= ignored
+    assert not {f"{name}/" for name in copied_packages()} & ignored  # nothing the image copies
+
+
+def test_the_gpu_image_has_the_c_compiler_triton_builds_its_driver_with():
+    gpu = compose_config("gpu")["services"]["inference-gpu"]["build"]["args"]
+    assert gpu["C_COMPILER"] == "gcc" and gpu["TORCH_INDEX_URL"] == ""
+    assert 'apt-get install -y --no-install-recommends "${C_COMPILER}" libc6-dev' in DOCKERFILE.read_text()
+    assert "C_COMPILER" not in compose_config("cpu")["services"]["inference-cpu"]["build"]["args"]
+
+
+def test_the_readme_real_model_override_mounts_the_model_into_every_service(tmp_path):
+    """The README's docker-compose.override.yml for a real model merges into a valid file that
+    mounts the host directory read-only where LORASERVE_MODEL points both services."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- compose-override: real model -->\n```yaml\n(.*?)```", readme, re.S)
+    assert snippet, "README lost its real-model compose override"
+    override = tmp_path / "docker-compose.override.yml"
+    override.write_text(snippet[1])
+    services = compose_config("gpu", overrides=(override,))["services"]
+    for name in ("adapter-svc", "inference-gpu"):
+        mounts = [v for v in services[name]["volumes"] if str(v).endswith("/models/my-model:ro")]
+        assert mounts, f"{name} does not mount the real model"

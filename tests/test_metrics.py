@@ -120,6 +120,20 @@ def test_replica_metrics_move_when_requests_run(cluster):
     assert dict(info)["max_lora"] == "2"
 
 
+def test_engine_info_eviction_counts_match_the_metric(cluster):
+    """`loraserve status` shows GetEngineInfo's cache stats: they count every eviction (policy or
+    command) exactly as loraserve:adapter_evictions_total does."""
+    stub = cluster["inference"]
+    generate(stub, "ad-1")
+    evicted = stub.EvictAdapter(inference_pb2.EvictAdapterRequest(adapter_id="ad-1"), timeout=TIMEOUT_S)
+    assert evicted.evicted
+    stats = stub.GetEngineInfo(inference_pb2.GetEngineInfoRequest(), timeout=TIMEOUT_S).cache_stats
+    after = scrape(cluster["replica_url"])
+    assert stats.host_evictions >= 1
+    assert stats.host_evictions == value(after, "loraserve:adapter_evictions_total", tier="host")
+    assert stats.slot_evictions == value(after, "loraserve:adapter_evictions_total", tier="slot")
+
+
 def test_a_cancelled_request_counts_as_aborted(cluster):
     stub = cluster["inference"]
     request = inference_pb2.GenerateRequest(

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from inference_svc.demo_model import TINY_SHAPE, write_demo_model
+from loraserve.errors import unknown_adapter_message
 
 from harness import free_port, scrape, total, wait_for
 
@@ -200,7 +201,7 @@ def test_the_cli_drives_the_stack(stack):
     assert [line.split()[3] for line in done.stdout.splitlines()] == ["registered", "loading"]
     done = stack.cli("pin", "no-such-adapter")
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: NOT_FOUND: adapter 'no-such-adapter' is not registered"
+    assert done.stderr.strip() == f"error: NOT_FOUND: {unknown_adapter_message('no-such-adapter')}"
 
 
 def test_a_request_id_is_logged_by_both_services(stack):

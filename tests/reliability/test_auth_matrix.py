@@ -10,6 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from inference_svc import errors
 from loraserve.auth import token_metadata
+from loraserve.errors import unknown_adapter_message
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
@@ -137,7 +138,7 @@ def test_a_tenant_sees_its_own_adapters_and_nothing_of_others(cluster):
         code, details = code_of(
             stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT_S, metadata=acme
         )
-        assert (code, details) == (grpc.StatusCode.NOT_FOUND, f"adapter {adapter_id!r} is not registered")
+        assert (code, details) == (grpc.StatusCode.NOT_FOUND, unknown_adapter_message(adapter_id))
 
     listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT_S, metadata=acme)
     assert [a.adapter_id for a in listed.adapters] == ["ad-0"]
