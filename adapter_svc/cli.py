@@ -67,7 +67,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m adapter_svc`'s flags (also what tests check deployment manifests against)."""
     parser = argparse.ArgumentParser(prog="python -m adapter_svc")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the adapter manager (gRPC AdapterService)")
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--after", default="", help="stream id to start after ('0' = oldest kept)")
     events.add_argument("--adapter", help="only events about this adapter")
     events.add_argument("--replica", help="only events about this replica")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return {"serve": cmd_serve, "events": cmd_events}[args.command](args)
     except (ValueError, LoraServeError) as e:  # a bad setting, or an unusable --model-config

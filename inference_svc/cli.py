@@ -211,7 +211,8 @@ def add_serve_parser(sub) -> None:
     add_engine_flags(serve)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m inference_svc`'s flags (also what tests check deployment manifests against)."""
     parser = argparse.ArgumentParser(prog="python -m inference_svc")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the memory plan for a model directory (reads config.json only)")
@@ -226,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=12)
     add_engine_flags(demo)
     add_serve_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve}[args.command](args)
     except (ValueError, LoraServeError) as e:

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from inference_svc import errors
+from loraserve import healthcheck
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
@@ -46,6 +47,22 @@ def test_tls_and_mutual_tls_refuse_what_they_must(loop, model_dir, pki):
             assert code_of(engine_info, no_client_cert)[0] == grpc.StatusCode.UNAVAILABLE
         with tls_channel(server.address, pki.ca, pki.rogue_cert, pki.rogue_key) as rogue_client:
             assert code_of(engine_info, rogue_client)[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close()
+
+
+def test_the_healthcheck_command_speaks_tls(loop, model_dir, pki):
+    """The probe Kubernetes and compose run (`python -m loraserve.healthcheck`) against a TLS
+    server: SERVING with the CA (and the certificate's name when dialling an IP), refused without."""
+    tls = SecurityConfig(tls_cert=str(pki.cert), tls_key=str(pki.key))
+    server = ReplicaHandle(loop, model_dir, security=tls, channel=lambda a: tls_channel(a, pki.ca))
+    try:
+        assert healthcheck.main([server.address, "--tls-ca", str(pki.ca)]) == 0
+        port = server.address.rsplit(":", 1)[1]
+        named = [f"localhost:{port}", "--tls-ca", str(pki.ca), "--tls-server-name", "localhost"]
+        assert healthcheck.main(named) == 0
+        assert healthcheck.main([server.address, "--timeout-s", "1"]) == 1  # plaintext to a TLS port
+        assert healthcheck.main([server.address, "--tls-ca", str(pki.rogue_ca), "--timeout-s", "1"]) == 1
     finally:
         server.close()
 
