@@ -5,8 +5,10 @@ weights file, `config_sha` = sha256 of adapter_config.json), so identical upload
 a directory's contents never change once written. New files are staged under `<store>/staging/`,
 hashed while they are copied, validated there, then renamed into place (atomic on one filesystem).
 
-Blobs are kept when an adapter is unregistered: another id, or a later re-registration, may share
-the same bytes, and deleting one safely needs a lock shared by every manager copy.
+A blob is named `blob_name(sha, config_sha)`. Redis counts who uses it (the registry's references,
+and leases taken while a registration commits it or a fetch reads it); when the last reference goes
+it is garbage, and `Catalog.collect_garbage` deletes it under a claim no lease can overlap (see
+adapter_svc/README.md, "Store").
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class StagedAdapter:
     size_bytes: int  # of the weights file
 
 
+def blob_name(sha256: str, config_sha256: str) -> str:
+    """A stored copy's name: its weights' sha256 and the start of its config's."""
+    return f"{sha256}-{config_sha256[:16]}"
+
+
 class BlobStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -61,7 +68,22 @@ class BlobStore:
         return removed
 
     def path_for(self, sha256: str, config_sha256: str) -> Path:
-        return self.blobs / sha256[:2] / f"{sha256}-{config_sha256[:16]}"
+        return self.path_of(blob_name(sha256, config_sha256))
+
+    def path_of(self, blob: str) -> Path:
+        return self.blobs / blob[:2] / blob
+
+    def delete(self, blob: str) -> bool:
+        """Remove a stored copy (blocking): renamed out of its address first, so a half-deleted
+        copy is never found there. -> whether it was there."""
+        path = self.path_of(blob)
+        trash = self.staging / f"deleted-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
 
     def new_staging_dir(self) -> Path:
         path = self.staging / uuid.uuid4().hex

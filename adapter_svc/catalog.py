@@ -8,13 +8,15 @@ Validation runs the engine's own format checks against every live replica's prof
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from adapter_svc import errors
-from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, mismatch, read_hashed
+from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, blob_name, mismatch, read_hashed
 from adapter_svc.config import ManagerConfig
 from adapter_svc.placement import Placement
 from adapter_svc.records import STATES, AdapterRecord, Event, Refusal, Refused, Registered, record_fields
@@ -34,6 +36,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 UNREGISTER_ATTEMPTS = 3
+# A lease on a stored copy outlives the longest registration commit or fetch it covers (a fetch
+# that outlives it still completes: its file is open, and deleting it only unlinks it).
+BLOB_LEASE_MS = 15 * 60 * 1000
+# How long a registration waits for another manager to finish deleting the same content.
+BLOB_BUSY_WAIT_S = 30.0
+# A collecting manager's claim on a blob; a manager that dies mid-delete frees it after this.
+BLOB_CLAIM_MS = 60 * 1000
+# Blobs examined per collection pass.
+BLOB_GC_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,22 @@ class Catalog:
         try:
             profiles = await self._validation_profiles()
             manifest = await asyncio.to_thread(validate, staged.directory, profiles, label)
-            await asyncio.to_thread(self.blobs.commit, staged)
+            async with self.blob_lease(blob_name(staged.sha256, staged.config_sha256)):
+                await asyncio.to_thread(self.blobs.commit, staged)
+                return await self._add_record(adapter_id, staged, manifest, source, tenant, metadata)
         finally:
             self.blobs.discard(staged)  # a no-op once committed (the directory moved)
+
+    async def _add_record(
+        self,
+        adapter_id: str,
+        staged: StagedAdapter,
+        manifest,
+        source: str,
+        tenant: str,
+        metadata: Mapping[str, str],
+    ) -> AdapterRecord:
+        """The registry record of committed files (the caller's lease keeps them meanwhile)."""
         fields = record_fields(
             adapter_id,
             source,
@@ -201,6 +225,12 @@ class Catalog:
         the replica (which checks the sha256 too) discards what it received.
         """
         record = await self.registry.require(adapter_id, live=True)
+        async with self.blob_lease(blob_name(record.sha256, record.config_sha256)):
+            async for part in self._read_stored(record):
+                yield part
+
+    async def _read_stored(self, record: AdapterRecord) -> AsyncIterator[WeightsInfo | bytes]:
+        adapter_id = record.adapter_id
         directory = self.blobs.path_for(record.sha256, record.config_sha256)
         if not (directory / WEIGHTS_FILE).is_file():
             raise errors.FailedPrecondition(
@@ -226,6 +256,50 @@ class Catalog:
             raise errors.StoredCopyCorrupt(
                 f"the stored copy of adapter {adapter_id!r} is corrupt: {problem}; register it again"
             )
+
+    # --- stored copies: leases and garbage collection -------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def blob_lease(self, blob: str):
+        """Hold `blob` against collection (while a registration commits it or a fetch reads it);
+        waits while another manager is deleting it, then the caller writes it anew."""
+        token, delay = uuid.uuid4().hex, 0.02
+        deadline = asyncio.get_running_loop().time() + BLOB_BUSY_WAIT_S
+        while not await self.registry.blob_hold(blob, token, BLOB_LEASE_MS):
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise errors.Unavailable(f"the adapter store is still deleting {blob}; retry")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+        try:
+            yield
+        finally:
+            await asyncio.shield(self.registry.blob_release(blob, token))
+
+    async def collect_garbage(self) -> list[str]:
+        """One pass: delete stored copies no adapter has used for `blob_gc_grace_s`; -> their names.
+        Safe with several managers: each deletion holds a claim in Redis that no lease overlaps."""
+        cutoff = await self.registry.now_ms() - int(self.config.blob_gc_grace_s * 1000)
+        owner, deleted = uuid.uuid4().hex, []
+        for blob in await self.registry.orphaned_blobs(cutoff, BLOB_GC_BATCH):
+            if await self.registry.blob_claim(blob, owner, BLOB_CLAIM_MS) != "claimed":
+                continue
+            await asyncio.to_thread(self.blobs.delete, blob)
+            if await self.registry.blob_deleted(blob, owner):
+                deleted.append(blob)
+                log.info("deleted stored copy %s: no adapter uses it", blob)
+        return deleted
+
+    async def run_garbage_collector(self) -> None:
+        """Collect every `blob_gc_interval_s`, after counting the references of records older than
+        the collector (once per Redis)."""
+        if await self.registry.count_blob_refs():
+            log.info("counted the stored-copy references of existing adapters")
+        while True:
+            await asyncio.sleep(self.config.blob_gc_interval_s)
+            try:
+                await self.collect_garbage()
+            except errors.Unavailable as e:  # Redis away: the next pass tries again
+                log.warning("stored-copy collection skipped: %s", e)
 
     async def events(self, after_id: str, adapter_id: str = "", replica_id: str = "") -> AsyncIterator[Event]:
         """WatchEvents: events after `after_id` ('' = from now), until the caller stops."""

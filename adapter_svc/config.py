@@ -50,6 +50,11 @@ class ManagerConfig:
     max_upload_bytes: int = 4 * 1024**3
     # Size of each FetchAdapterWeights data message.
     fetch_chunk_bytes: int = 1024**2
+    # How often each manager collects stored copies no adapter uses any more; 0 = never.
+    blob_gc_interval_s: float = 60.0
+    # A stored copy is collected once unused for this long (registering the same files again
+    # meanwhile keeps it).
+    blob_gc_grace_s: float = 300.0
     # Events kept in the event stream (older ones are trimmed, approximately).
     events_maxlen: int = 100_000
     # Largest ListAdapters page.
@@ -80,6 +85,8 @@ class ManagerConfig:
             "must start with redis://, rediss:// or unix://",
         )
         require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+        require(self.blob_gc_interval_s >= 0, "blob_gc_interval_s", self.blob_gc_interval_s, "must be >= 0")
+        require(self.blob_gc_grace_s >= 0, "blob_gc_grace_s", self.blob_gc_grace_s, "must be >= 0")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be in 0..65535")
         roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)
         object.__setattr__(self, "adapter_roots", roots)

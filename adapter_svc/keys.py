@@ -23,6 +23,11 @@ Layout (`<p>` = the prefix):
   <p>routing:version          STRING incremented by every alias or rule change
   <p>placement:<id>           STRING replica chosen for an in-progress placement (expires)
   <p>events                   STREAM every state change, capped
+  <p>blob:<b>:refs            SET    adapter ids registered with stored copy b (<sha256>-<config sha[:16]>)
+  <p>blob:<b>:leases          ZSET   lease token -> expiry (ms): a registration or fetch using b now
+  <p>blob:<b>:deleting        STRING the manager deleting b (expires): no lease is granted meanwhile
+  <p>blobs:orphaned           ZSET   b -> when its last reference went (ms): garbage to collect
+  <p>blobs:refs-version       STRING set once every record's blob reference was counted (migration)
 
 Lua scripts derive per-adapter and per-replica keys from the prefix with the same segments
 (`LUA_KEY_FUNCTIONS`, generated from the constants below).
@@ -50,6 +55,12 @@ RULES = "rules"
 ROUTING_VERSION = "routing:version"
 PLACEMENT = "placement:"
 EVENTS = "events"
+BLOB = "blob:"
+REFS_SUFFIX = ":refs"
+LEASES_SUFFIX = ":leases"
+DELETING_SUFFIX = ":deleting"
+ORPHANED_BLOBS = "blobs:orphaned"
+BLOB_REFS_VERSION = "blobs:refs-version"
 
 
 def prefix(cluster: str) -> str:
@@ -69,6 +80,8 @@ class Keys:
         self.rules = p + RULES
         self.routing_version = p + ROUTING_VERSION
         self.events = p + EVENTS
+        self.orphaned_blobs = p + ORPHANED_BLOBS
+        self.blob_refs_version = p + BLOB_REFS_VERSION
 
     def adapter(self, adapter_id: str) -> str:
         return self.prefix + ADAPTER + adapter_id
@@ -103,6 +116,15 @@ class Keys:
     def placement(self, adapter_id: str) -> str:
         return self.prefix + PLACEMENT + adapter_id
 
+    def blob_refs(self, blob: str) -> str:
+        return self.prefix + BLOB + blob + REFS_SUFFIX
+
+    def blob_leases(self, blob: str) -> str:
+        return self.prefix + BLOB + blob + LEASES_SUFFIX
+
+    def blob_deleting(self, blob: str) -> str:
+        return self.prefix + BLOB + blob + DELETING_SUFFIX
+
 
 # Lua mirrors of the builders above; `P` is the prefix (ARGV[1] of every script).
 LUA_KEY_FUNCTIONS = f"""
@@ -123,4 +145,8 @@ local function k_aliases() return P .. '{ALIASES}' end
 local function k_rules() return P .. '{RULES}' end
 local function k_routing_version() return P .. '{ROUTING_VERSION}' end
 local function k_events() return P .. '{EVENTS}' end
+local function k_blob_refs(b) return P .. '{BLOB}' .. b .. '{REFS_SUFFIX}' end
+local function k_blob_leases(b) return P .. '{BLOB}' .. b .. '{LEASES_SUFFIX}' end
+local function k_blob_deleting(b) return P .. '{BLOB}' .. b .. '{DELETING_SUFFIX}' end
+local function k_orphaned_blobs() return P .. '{ORPHANED_BLOBS}' end
 """

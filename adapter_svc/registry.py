@@ -17,6 +17,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from adapter_svc import errors
+from adapter_svc.blobs import blob_name
 from adapter_svc.config import ManagerConfig
 from adapter_svc.keys import Keys
 from adapter_svc.records import (
@@ -145,6 +146,52 @@ class Registry:
         """Delete the adapter; None when done, else the refusal (NOT_FOUND, HELD or REFERENCED)."""
         out = await self._call(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
         return None if out[0] == "ok" else _refused(out)
+
+    # --- stored copies (blobs) -------------------------------------------------------------------
+
+    async def blob_hold(self, blob: str, token: str, lease_ms: int) -> bool:
+        """Lease `blob` (kept from collection until released or `lease_ms`); False while a manager
+        is deleting it."""
+        return await self._call(self.scripts.blob_hold, blob, token, lease_ms) == 1
+
+    async def blob_release(self, blob: str, token: str) -> None:
+        await self._call(self.scripts.blob_release, blob, token)
+
+    async def orphaned_blobs(self, before_ms: int, limit: int) -> list[str]:
+        """Blobs with no reference since before `before_ms`, oldest first."""
+        return await self.client.zrangebyscore(
+            self.keys.orphaned_blobs, "-inf", before_ms, start=0, num=limit
+        )
+
+    async def blob_claim(self, blob: str, owner: str, claim_ms: int) -> str:
+        """'claimed' (delete it, then `blob_deleted`), 'referenced', 'leased' or 'busy'."""
+        return await self._call(self.scripts.blob_claim, blob, owner, claim_ms)
+
+    async def blob_deleted(self, blob: str, owner: str) -> bool:
+        return await self._call(self.scripts.blob_deleted, blob, owner) == 1
+
+    async def count_blob_refs(self) -> bool:
+        """Once per Redis: add every record's reference to its blob (records made before blobs
+        were counted). A reference counted twice is harmless; one missing would let a blob go.
+        -> True if this call did the counting."""
+        if await self.client.exists(self.keys.blob_refs_version):
+            return False
+        cursor = "-"
+        while True:
+            ids = await self.client.zrangebylex(self.keys.adapters, cursor, "+", start=0, num=1000)
+            if not ids:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for adapter_id in ids:
+                    pipe.hmget(self.keys.adapter(adapter_id), "sha256", "config_sha256")
+                digests = await pipe.execute()
+            async with self.client.pipeline(transaction=False) as pipe:
+                for adapter_id, (sha256, config_sha256) in zip(ids, digests):
+                    if sha256 and config_sha256:
+                        pipe.sadd(self.keys.blob_refs(blob_name(sha256, config_sha256)), adapter_id)
+                await pipe.execute()
+            cursor = "(" + ids[-1]
+        return bool(await self.client.set(self.keys.blob_refs_version, "1", nx=True))
 
     async def set_pinned(self, adapter_id: str, pinned: bool) -> dict[str, str] | Refused:
         """Pin or unpin cluster-wide; -> its live holders {replica id: state}, or the refusal

@@ -110,6 +110,21 @@ local function references(id)
   return refs
 end
 
+-- The stored copy a record's bytes live in (blobs.blob_name).
+local function blob_of(sha256, config_sha256)
+  return sha256 .. '-' .. string.sub(config_sha256, 1, 16)
+end
+
+-- Adapter `id` no longer uses stored copy `b`: with no reference and no live lease left, b is
+-- garbage from NOW on.
+local function blob_unref(b, id)
+  redis.call('SREM', k_blob_refs(b), id)
+  redis.call('ZREMRANGEBYSCORE', k_blob_leases(b), '-inf', NOW)
+  if redis.call('SCARD', k_blob_refs(b)) == 0 and redis.call('ZCARD', k_blob_leases(b)) == 0 then
+    redis.call('ZADD', k_orphaned_blobs(), 'NX', NOW, b)
+  end
+end
+
 local function bump_routing(kind, detail)
   local v = redis.call('INCR', k_routing_version())
   emit(kind, '', '', detail)
@@ -132,6 +147,9 @@ if cur[1] then
   if cur[1] == rec.sha256 and cur[2] == rec.config_sha256 then return {'same'} end
   return {'exists'}
 end
+local b = blob_of(rec.sha256, rec.config_sha256)
+redis.call('SADD', k_blob_refs(b), id)
+redis.call('ZREM', k_orphaned_blobs(), b)
 local flat = {'state', 'REGISTERED', 'created_at', NOW, 'updated_at', NOW}
 for k, v in pairs(rec) do
   table.insert(flat, k)
@@ -196,7 +214,7 @@ UNREGISTER_FINISH = (
     + """
 local id, force = ARGV[3], ARGV[4] == '1'
 local key = k_adapter(id)
-local rec = redis.call('HMGET', key, 'tenant', 'state')
+local rec = redis.call('HMGET', key, 'tenant', 'state', 'sha256', 'config_sha256')
 if not rec[2] then return {'not_found'} end
 local holders = redis.call('HKEYS', k_on(id))
 if #holders > 0 then
@@ -244,6 +262,7 @@ else
   end
 end
 redis.call('DEL', key, k_on(id))
+blob_unref(blob_of(rec[3], rec[4]), id)
 redis.call('ZREM', k_all(), id)
 if rec[1] ~= '' then redis.call('ZREM', k_tenant(rec[1]), id) end
 redis.call('ZREM', k_state(rec[2]), id)
@@ -583,6 +602,66 @@ return {'ok', bump_routing('rules_set', '')}
 )
 
 
+# ARGV[3] blob, ARGV[4] lease token, ARGV[5] lease length (ms).
+# A lease keeps the blob from being collected while a registration commits it or a fetch reads it.
+# -> 1 | 0 (a manager is deleting it right now: ask again shortly)
+BLOB_HOLD = (
+    PRELUDE
+    + """
+local b = ARGV[3]
+if redis.call('EXISTS', k_blob_deleting(b)) == 1 then return 0 end
+redis.call('ZADD', k_blob_leases(b), NOW + tonumber(ARGV[5]), ARGV[4])
+redis.call('PEXPIRE', k_blob_leases(b), 2 * tonumber(ARGV[5]))
+return 1
+"""
+)
+
+# ARGV[3] blob, ARGV[4] lease token. -> 1
+BLOB_RELEASE = (
+    PRELUDE
+    + """
+local b = ARGV[3]
+redis.call('ZREM', k_blob_leases(b), ARGV[4])
+redis.call('ZREMRANGEBYSCORE', k_blob_leases(b), '-inf', NOW)
+if redis.call('SCARD', k_blob_refs(b)) == 0 and redis.call('ZCARD', k_blob_leases(b)) == 0 then
+  redis.call('ZADD', k_orphaned_blobs(), 'NX', NOW, b)
+end
+return 1
+"""
+)
+
+# ARGV[3] blob, ARGV[4] owner (the collecting manager), ARGV[5] claim length (ms).
+# -> 'claimed' (delete the files, then BLOB_DELETED) | 'referenced' (no longer garbage) |
+#    'leased' (in use: later) | 'busy' (another manager is deleting it)
+BLOB_CLAIM = (
+    PRELUDE
+    + """
+local b = ARGV[3]
+if redis.call('SCARD', k_blob_refs(b)) > 0 then
+  redis.call('ZREM', k_orphaned_blobs(), b)
+  return 'referenced'
+end
+redis.call('ZREMRANGEBYSCORE', k_blob_leases(b), '-inf', NOW)
+if redis.call('ZCARD', k_blob_leases(b)) > 0 then return 'leased' end
+if not redis.call('SET', k_blob_deleting(b), ARGV[4], 'NX', 'PX', tonumber(ARGV[5])) then return 'busy' end
+return 'claimed'
+"""
+)
+
+# ARGV[3] blob, ARGV[4] owner. The files are gone: forget the blob. -> 1 | 0 (the claim lapsed)
+BLOB_DELETED = (
+    PRELUDE
+    + """
+local b = ARGV[3]
+if redis.call('GET', k_blob_deleting(b)) ~= ARGV[4] then return 0 end
+redis.call('DEL', k_blob_deleting(b), k_blob_leases(b))
+redis.call('ZREM', k_orphaned_blobs(), b)
+emit('blob_deleted', '', '', b)
+return 1
+"""
+)
+
+
 class Scripts:
     """Every script above, registered once on a client (EVALSHA, reloaded if Redis lost them)."""
 
@@ -602,3 +681,7 @@ class Scripts:
         self.set_alias = client.register_script(SET_ALIAS)
         self.delete_alias = client.register_script(DELETE_ALIAS)
         self.set_rules = client.register_script(SET_RULES)
+        self.blob_hold = client.register_script(BLOB_HOLD)
+        self.blob_release = client.register_script(BLOB_RELEASE)
+        self.blob_claim = client.register_script(BLOB_CLAIM)
+        self.blob_deleted = client.register_script(BLOB_DELETED)

@@ -2,7 +2,8 @@
 
 Health (grpc.health.v1) is SERVING while Redis answers and NOT_SERVING while it does not (the
 manager keeps running and answers UNAVAILABLE meanwhile), and from the moment shutdown begins.
-Background tasks: the replica sweeper (marks lapsed replicas down) and the Redis health probe.
+Background tasks: the replica sweeper (marks lapsed replicas down), the Redis health probe and the
+collector of stored copies no adapter uses.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class ManagerServer:
             asyncio.create_task(self.manager.membership.run_sweeper(), name="replica-sweeper"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
         ]
+        if self.config.blob_gc_interval_s:
+            self._tasks.append(
+                asyncio.create_task(self.manager.catalog.run_garbage_collector(), name="blob-gc")
+            )
         if self.config.metrics_port:
             self.metrics_server = MetricsServer(
                 self.metrics.registry, self.config.host, self.config.metrics_port
