@@ -61,6 +61,15 @@ class AlreadyExists(ManagerError):
     """The id is taken (by other content, or by an alias / adapter in the shared namespace)."""
 
 
+class AddressTaken(AlreadyExists):
+    """JoinReplica with the address of another live replica."""
+
+    def __init__(self, address: str, holder: str):
+        super().__init__(
+            f"address {address!r} belongs to live replica {holder!r}: a replica joins with its own address"
+        )
+
+
 # --- FAILED_PRECONDITION -----------------------------------------------------------------------
 
 
