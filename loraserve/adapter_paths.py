@@ -47,9 +47,9 @@ def resolve_adapter_dir(path: str, roots: Sequence[str | Path]) -> Path:
         raise errors.PathNotAllowed(f"path: {path!r} must not contain '..'")
     if not given.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
-    real = given.resolve(strict=True)  # follows symlinks, so a link cannot escape the roots
+    real = _resolve(given, strict=True)  # follows symlinks, so a link cannot escape the roots
     # ... and neither can a link to one of the adapter's files inside an allowed directory
-    candidates = [real, *((real / name).resolve() for name in ADAPTER_FILES)]
+    candidates = [real, *(_resolve(real / name) for name in ADAPTER_FILES)]
     resolved_roots = [Path(root).resolve() for root in roots]
     if any(all(c.is_relative_to(root) for c in candidates) for root in resolved_roots):
         return real
@@ -57,6 +57,20 @@ def resolve_adapter_dir(path: str, roots: Sequence[str | Path]) -> Path:
         f"path: {path!r} resolves (through symlinks) outside the adapter roots "
         f"{[str(r) for r in resolved_roots]}"
     )
+
+
+def _resolve(path: Path, strict: bool = False) -> Path:
+    """`path.resolve`; PathNotAllowed when links change under it while it is resolved."""
+    try:
+        return path.resolve(strict=strict)
+    except FileNotFoundError:
+        if strict:
+            raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist") from None
+        raise
+    except OSError as e:  # a link replaced by a file (EINVAL) or a loop (ELOOP) meanwhile
+        raise errors.PathNotAllowed(
+            f"path: {path} changed while it was checked ({e.strerror}); try again"
+        ) from e
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -82,7 +96,7 @@ class AdapterDir:
         """The file `name` in the directory, opened for reading without following any link that
         was not under the root when resolved. Raises PathNotAllowed (outside the root, a link
         appeared, not a regular file) or FileNotFoundError."""
-        real = (self.path / name).resolve()
+        real = _resolve(self.path / name)
         if not real.is_relative_to(self.root):
             raise errors.PathNotAllowed(
                 f"path: {self.path / name} resolves outside the adapter root {self.root}"
@@ -90,9 +104,9 @@ class AdapterDir:
         *dirs, leaf = real.relative_to(self.root).parts
         fd = os.dup(self._root_fd)
         try:
-            for part in dirs:
-                fd = _step(fd, part, _DIR_FLAGS, real)
-            fd = _step(fd, leaf, _FILE_FLAGS, real)
+            for part, flags in [*((d, _DIR_FLAGS) for d in dirs), (leaf, _FILE_FLAGS)]:
+                parent, fd = fd, _step(fd, part, flags, real)
+                os.close(parent)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise errors.PathNotAllowed(f"path: {real} is not a regular file")
             os.set_blocking(fd, True)
@@ -114,7 +128,7 @@ class AdapterDir:
 
 
 def _step(fd: int, part: str, flags: int, real: Path) -> int:
-    """Open `part` relative to `fd` (closed here); -> the new descriptor."""
+    """Open `part` relative to directory `fd`, following no link; -> the new descriptor."""
     try:
         return os.open(part, flags, dir_fd=fd)
     except OSError as e:
@@ -123,8 +137,6 @@ def _step(fd: int, part: str, flags: int, real: Path) -> int:
                 f"path: {real} changed while it was opened (a symbolic link appeared); try again"
             ) from e
         raise
-    finally:
-        os.close(fd)
 
 
 def open_adapter_dir(path: str, roots: Sequence[str | Path]) -> AdapterDir:

@@ -58,7 +58,12 @@ def write_tokens(
         entries.append({"role": "tenant", "tenant": tenant, "sha256": hash_token(tenant_token(tenant))})
     for replica in replicas:
         entries.append(
-            {"name": replica, "role": "service", "replica": replica, "sha256": hash_token(replica_token(replica))}
+            {
+                "name": replica,
+                "role": "service",
+                "replica": replica,
+                "sha256": hash_token(replica_token(replica)),
+            }
         )
     path.write_text(json.dumps({"tokens": entries, "adapters": adapters or {}}))
     return tokens
