@@ -10,6 +10,7 @@ Every setting is a flag on both `serve` commands and an environment variable, th
 | `--tls-cert FILE` / `--tls-key FILE` | `LORASERVE_TLS_CERT` / `_KEY` | serve TLS with this PEM chain and key |
 | `--tls-client-ca FILE` | `LORASERVE_TLS_CLIENT_CA` | require client certificates signed by this CA (mutual TLS) |
 | `--tls-ca FILE` | `LORASERVE_TLS_CA` | CA to verify the other service when calling it (unset = plaintext) |
+| `--tls-server-name NAME` | `LORASERVE_TLS_SERVER_NAME` | name the other service's certificate must carry (default: the host dialled) |
 | `--service-token-file FILE` | `LORASERVE_SERVICE_TOKEN` (the token itself) | a replica's token for the manager (bound to its replica id) |
 | `--insecure` | `LORASERVE_INSECURE=1` | allow listening beyond loopback with authentication off (warns) |
 
@@ -54,7 +55,9 @@ ENV = {
     "tls_key": "LORASERVE_TLS_KEY",
     "tls_client_ca": "LORASERVE_TLS_CLIENT_CA",
     "tls_ca": "LORASERVE_TLS_CA",
+    "tls_server_name": "LORASERVE_TLS_SERVER_NAME",
 }
+FILES = ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca", "tls_ca")
 SERVICE_TOKEN_ENV = "LORASERVE_SERVICE_TOKEN"
 INSECURE_ENV = "LORASERVE_INSECURE"
 
@@ -73,6 +76,9 @@ class SecurityConfig:
     tls_client_ca: str | None = None
     # PEM CA bundle that verifies the other service's certificate when calling it; None = plaintext.
     tls_ca: str | None = None
+    # Name the other service's certificate must carry, instead of the host dialled (replicas
+    # advertised by IP, one certificate for the stack); None = the host dialled.
+    tls_server_name: str | None = None
     # Bearer token sent on calls to the other service (a `service` token there); None = none.
     service_token: str | None = field(default=None, repr=False)
     # Allow listening beyond loopback with authentication off (a loud warning instead of a refusal).
@@ -81,7 +87,7 @@ class SecurityConfig:
     tokens: TokenTable | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
+        for name in FILES:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise ValueError(f"{name} ({value!r}) must be an existing file")
@@ -179,6 +185,8 @@ class SecurityConfig:
         credentials = self.channel_credentials()
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
+        if self.tls_server_name:
+            options = (*options, ("grpc.ssl_target_name_override", self.tls_server_name))
         return grpc.aio.secure_channel(
             target, credentials, options=options, interceptors=interceptors or None
         )
@@ -264,6 +272,12 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         "--tls-ca",
         metavar="FILE",
         help=f"CA verifying the other service when calling it; unset = plaintext (env {ENV['tls_ca']})",
+    )
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the other service's certificate must carry instead of the host dialled "
+        f"(env {ENV['tls_server_name']})",
     )
     group.add_argument(
         "--insecure",
