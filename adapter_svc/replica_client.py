@@ -1,7 +1,7 @@
 """Commands the manager sends to replicas: their InferenceService at the address they advertised.
 
-Each command carries the credential the manager issued that replica at its latest join (no
-service token is sent): a replica that learns it can use it against itself only.
+Each command carries the credential that replica chose at its latest join (no service token is
+sent): the manager holds nothing that works against any other replica.
 """
 
 from __future__ import annotations

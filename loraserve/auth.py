@@ -17,8 +17,8 @@ Roles: `admin` (everything), `tenant` (generate with its own adapters and the ba
 get its own adapters), `service` (a replica calling the manager: bound to one replica id with
 `"replica"`, it may join, heartbeat, report, leave and acquire only as that replica; unbound, it
 may only read), `metrics` (scrape `/metrics`, no RPC). The manager calls a replica with neither:
-it presents the credential it issued that replica at JoinReplica (`IssuedCredentials`), which no
-other replica accepts. The token file stores sha256 hashes of tokens: the tokens are random
+it presents the credential that replica chose at its latest JoinReplica (`IssuedCredentials`),
+which no other replica accepts. The token file stores sha256 hashes of tokens: the tokens are random
 256-bit secrets, so a fast unsalted hash is as safe as a slow one (no dictionary to try) and lets
 each call be checked with one lookup.
 
@@ -61,7 +61,7 @@ from loraserve.v1 import adapter_pb2
 
 ADMIN, TENANT, SERVICE, METRICS = "admin", "tenant", "service", "metrics"
 ROLES = (ADMIN, TENANT, SERVICE, METRICS)
-# The role of a credential the manager issued a replica (never in a token file).
+# The role of the credential a replica gave the manager at its join (never in a token file).
 MANAGER = "manager"
 AUTHORIZATION = "authorization"
 # Methods every caller may use without a token.
@@ -151,9 +151,9 @@ class TokenTable:
 
 
 class IssuedCredentials:
-    """Credentials issued at run time, accepted besides a token table: on a replica, the one the
-    manager issued it at its latest join (and the one before, so a command sent just before a
-    rejoin still passes). `authenticate` gives the `manager` principal for them."""
+    """Credentials issued at run time, accepted besides a token table: on a replica, the one it
+    chose and gave the manager at its latest join (and the one before, so a command sent just
+    before a rejoin still passes). `authenticate` gives the `manager` principal for them."""
 
     KEEP = 2
 

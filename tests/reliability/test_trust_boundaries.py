@@ -248,6 +248,7 @@ def test_a_symlink_swapped_in_during_register_stores_nothing_from_outside(cluste
     finally:
         stop.set()
         flipper.join(TIMEOUT_S)
+    print(f"symlink race: {len(stored)} stored (all inside), {len(refused)} refused, {flips[0]} flips")
     assert flips[0] > 0 and len(stored) + len(refused) == RACE_TRIES
     assert outside_sha not in stored and set(stored) <= {inside_sha}
     # Refused as a path outside the root or a link that appeared: never INTERNAL, never read.
