@@ -55,7 +55,7 @@ class Membership:
     ) -> Joined:
         """Admit a replica (again), replacing its mirror with `snapshot`. `credential` (its
         choice, new each join) is what commands to it will carry. Raises AddressTaken while another
-        live replica has `address`."""
+        live replica has `address` or this one is live elsewhere."""
         check_id("replica_id", replica_id)
         if not address:
             raise errors.InvalidArgument("address must be set (host:port of the replica's InferenceService)")

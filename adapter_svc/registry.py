@@ -169,7 +169,8 @@ class Registry:
         credential: str,
     ) -> JoinAnswer:
         """Replace the replica's mirror with its snapshot; `credential` is what the manager will
-        present to it. Raises AddressTaken while another live replica has `address`."""
+        present to it. Raises AddressTaken while another live replica has `address`, or this
+        replica is live at another address."""
         out = await self._call(
             self.scripts.join,
             replica_id,
@@ -182,7 +183,7 @@ class Registry:
             credential,
         )
         if int(out[0]) < 0:
-            raise errors.AddressTaken(address, out[1])
+            raise errors.AddressTaken(replica_id, address, out[1], out[2])
         epoch, version, drop = out
         return JoinAnswer(int(epoch), int(version), tuple(drop))
 

@@ -136,6 +136,11 @@ def test_a_service_token_acts_only_as_its_own_replica(cluster, model_dir):
         manager.stub.JoinReplica, join(ROGUE, victim.address), metadata=token_metadata(replica_token(ROGUE))
     )
     assert code == grpc.StatusCode.ALREADY_EXISTS and VICTIM in details
+    # Even the victim's own (stolen) token cannot move the live victim to another address.
+    code, details = code_of(
+        manager.stub.JoinReplica, join(VICTIM, "127.0.0.1:1"), metadata=token_metadata(replica_token(VICTIM))
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "is live at" in details
 
     after = victim_state(manager, tokens)
     assert after.status == pb.REPLICA_STATUS_UP and after.epoch == epoch and after.address == victim.address
