@@ -1,8 +1,8 @@
-"""`python -m loraserve.keygen {init,claim}`: tokens and TLS certificates for a stack, generated
+"""`python -m loraserve.keygen {init,as-replica}`: tokens and TLS certificates for a stack, generated
 where it runs (the compose file's one-shot `secrets` service), so no deployment starts open.
 
     python -m loraserve.keygen init --server-dir /secrets --client-dir /client --replicas 8
-    ID=$(python -m loraserve.keygen claim --server-dir /secrets)   # a replica takes an identity
+    python -m loraserve.keygen as-replica --server-dir /secrets -- python -m inference_svc serve ...
 
 `init` writes, once (an existing `tokens.json` is kept, so restarts keep their credentials):
 
@@ -13,21 +13,23 @@ where it runs (the compose file's one-shot `secrets` service), so no deployment 
 
 The node certificate carries `--name` (the name every service verifies the others by, see
 `--tls-server-name`) plus `--hosts`; the CA's private key is never written, so nobody can issue
-another certificate from it. `init` also forgets every replica's claim (it runs before replicas start).
+another certificate from it.
 
-`claim` hands a replica container one `replica-N` identity: the first not claimed by another
-host, or the one this host (`hostname`) claimed before. It prints the id; its token file is
-`tokens/<id>`.
+`as-replica` gives a replica container one `replica-N` identity for as long as it runs: it takes an
+exclusive lock on `claims/replica-N` (the first one free), then replaces itself with the command,
+adding `--replica-id replica-N --service-token-file tokens/replica-N`; the command inherits the
+lock, and the kernel releases it when the process ends, however it ends, so a dead replica's
+identity is free again and two live replicas never share one.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -40,15 +42,10 @@ CERT_DAYS = 825
 
 def init(server: Path, client: Path, replicas: int, tenants: list[str], name: str, hosts: list[str]) -> bool:
     """Write the stack's secrets unless they exist; -> True if written now."""
-    claims = server / "claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    for claim in claims.iterdir():
-        claim.unlink()
     if (server / "tokens.json").exists():
         return False
-    (server / "tokens").mkdir(parents=True, exist_ok=True)
-    (server / "tls").mkdir(parents=True, exist_ok=True)
-    client.mkdir(parents=True, exist_ok=True)
+    for directory in (server / "tokens", server / "tls", server / "claims", client):
+        directory.mkdir(parents=True, exist_ok=True)
     entries = []
 
     def token(path: Path, **entry) -> None:
@@ -72,10 +69,11 @@ def init(server: Path, client: Path, replicas: int, tenants: list[str], name: st
     return True
 
 
-def claim(server: Path, host: str) -> str:
-    """A replica identity for `host`: its earlier claim, else the first free one.
+def claim(server: Path) -> tuple[str, int]:
+    """(a free replica identity, the descriptor holding its lock); the lock lasts while the
+    descriptor (inheritable, so an exec'd command keeps it) stays open.
 
-    Raises LookupError when every identity is taken.
+    Raises LookupError when every identity is held by a live process.
     """
     claims = server / "claims"
     claims.mkdir(parents=True, exist_ok=True)
@@ -84,20 +82,23 @@ def claim(server: Path, host: str) -> str:
         key=lambda n: int(n.removeprefix(REPLICA_PREFIX)),
     )
     for replica in names:
-        if (claims / replica).exists() and (claims / replica).read_text() == host:
-            return replica
-    for replica in names:
+        fd = os.open(claims / replica, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(claims / replica, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(host)
-        return replica
+        os.set_inheritable(fd, True)
+        return replica, fd
     raise LookupError(
-        f"all {len(names)} replica identities are claimed: run init with a larger --replicas "
+        f"all {len(names)} replica identities are in use: run init with a larger --replicas "
         "(remove tokens.json first to start over)"
     )
+
+
+def replica_command(server: Path, replica: str, command: list[str]) -> list[str]:
+    """`command` run as `replica`: its id and token file appended."""
+    return [*command, "--replica-id", replica, "--service-token-file", str(server / "tokens" / replica)]
 
 
 def _write(path: Path, text: str | bytes, mode: int) -> None:
@@ -171,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     first.add_argument(
         "--hosts", default="localhost,127.0.0.1", help="more names/IPs in the certificate, comma-separated"
     )
-    take = sub.add_parser("claim", help="print a replica identity for this host")
+    take = sub.add_parser(
+        "as-replica", help="run a command as a free replica identity (locked while it runs)"
+    )
     take.add_argument("--server-dir", type=Path, required=True)
+    take.add_argument("command", nargs=argparse.REMAINDER, help="-- then the replica's command line")
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
@@ -182,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             written = init(args.server_dir, args.client_dir, args.replicas, args.tenant, args.name, hosts)
             print(f"secrets {'written to' if written else 'kept in'} {args.server_dir} and {args.client_dir}")
         else:
-            print(claim(args.server_dir, socket.gethostname()))
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not command:
+                raise ValueError("as-replica needs a command after --")
+            replica, _ = claim(args.server_dir)
+            print(f"running as {replica}", file=sys.stderr, flush=True)
+            os.execvp(command[0], replica_command(args.server_dir, replica, command))
     except (OSError, ValueError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

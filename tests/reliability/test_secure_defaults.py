@@ -137,11 +137,40 @@ def test_keygen_writes_tokens_and_a_certificate_once(tmp_path):
     assert keygen.main(["init", "--server-dir", str(server), "--client-dir", str(client)]) == 0
     assert (server / "tokens.json").read_text() == before  # kept
 
-    assert keygen.claim(server, "host-a") == "replica-1"
-    assert keygen.claim(server, "host-b") == "replica-2"
-    assert keygen.claim(server, "host-a") == "replica-1"  # a restarted container keeps its identity
+    first, held = keygen.claim(server)
+    second, other = keygen.claim(server)
+    assert (first, second) == ("replica-1", "replica-2")  # a live holder keeps its identity
     with pytest.raises(LookupError, match="larger --replicas"):
-        keygen.claim(server, "host-c")
+        keygen.claim(server)
+    os.close(held)  # the holder ended (however: the kernel drops the lock)
+    again, held = keygen.claim(server)
+    assert again == "replica-1"
+    os.close(held)
+    os.close(other)
+
+
+def test_as_replica_runs_the_command_as_a_free_identity_holding_its_lock(tmp_path):
+    server, client = tmp_path / "server", tmp_path / "client"
+    keygen.init(server, client, 2, [], keygen.DEFAULT_NAME, [])
+    _, held = keygen.claim(server)  # replica-1 is taken by a live process
+    # The command checks that its identity is still locked (by the descriptor it inherited).
+    show = (
+        "import sys, json, fcntl, os\n"
+        "fd = os.open(sys.argv[-1].replace('/tokens/', '/claims/'), os.O_RDWR)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); locked = False\n"
+        "except BlockingIOError:\n    locked = True\n"
+        "print(json.dumps([locked, *sys.argv[1:]]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraserve.keygen", "as-replica", "--server-dir", str(server), "--",
+         sys.executable, "-c", show],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    token_file = str(server / "tokens" / "replica-2")
+    assert json.loads(proc.stdout) == [True, "--replica-id", "replica-2", "--service-token-file", token_file]
+    assert keygen.claim(server)[0] == "replica-2"  # free again once the command ended
+    os.close(held)
 
 
 def test_a_stack_on_generated_secrets(loop, redis_proc, tmp_path, adapters, adapter_root, model_dir):
@@ -168,9 +197,9 @@ def test_a_stack_on_generated_secrets(loop, redis_proc, tmp_path, adapters, adap
         channel,
     )
     replica = None
+    replica_id, held = keygen.claim(server)
     try:
         register(manager.stub, "ad-0", adapters["ad-0"], call_metadata=admin)
-        replica_id = keygen.claim(server, "this-host")
         security = SecurityConfig(**node, service_token=(server / "tokens" / replica_id).read_text().strip())
         replica = ReplicaHandle(
             loop, model_dir, manager.address, replica_id, security=security, channel=channel
@@ -189,6 +218,7 @@ def test_a_stack_on_generated_secrets(loop, redis_proc, tmp_path, adapters, adap
         if replica is not None:
             replica.close()
         manager.close()
+        os.close(held)
 
 
 def compose_config() -> dict:
@@ -218,4 +248,4 @@ def test_compose_runs_with_tokens_and_tls_and_publishes_on_loopback_only():
         assert "--tls-ca" in services[name]["healthcheck"]["test"]
         assert "LORASERVE_INSECURE" not in env
     command = " ".join(services["inference-cpu"]["command"])
-    assert "keygen claim" in command and "--service-token-file" in command and "--replica-id" in command
+    assert "loraserve.keygen as-replica" in command and "inference_svc serve" in command
