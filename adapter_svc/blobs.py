@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_svc import errors
+from loraserve.adapter_paths import AdapterDir
 from loraserve.peft_format import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 COPY_CHUNK = 1024**2
@@ -90,22 +91,25 @@ class BlobStore:
         path.mkdir()
         return path
 
-    def stage_directory(self, source: Path) -> StagedAdapter:
-        """Copy an adapter directory's two files into staging, hashing them. Blocking.
+    def stage_directory(self, source: AdapterDir) -> StagedAdapter:
+        """Copy an adapter directory's two files into staging, hashing them, reading each from the
+        descriptor `source.open` verified (never by path again). Blocking.
 
-        Raises InvalidAdapter when a file is missing (pickle-only weights are never accepted).
+        Raises InvalidAdapter when a file is missing (pickle-only weights are never accepted),
+        PathNotAllowed when one is (or became) a link out of the root or not a regular file.
         """
         for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (source / name).is_file():
+            if not source.exists(name):
                 pickle = " (only pickle weights, adapter_model.bin, are there: convert them)"
-                hint = pickle if name == WEIGHTS_FILE and (source / PICKLE_WEIGHTS_FILE).is_file() else ""
-                raise errors.InvalidAdapter(f"{source}: {name} is missing{hint}")
+                hint = pickle if name == WEIGHTS_FILE and source.exists(PICKLE_WEIGHTS_FILE) else ""
+                raise errors.InvalidAdapter(f"{source.path}: {name} is missing{hint}")
         target = self.new_staging_dir()
         try:
-            config = (source / CONFIG_FILE).read_bytes()
+            with _open(source, CONFIG_FILE) as f:
+                config = f.read()
             (target / CONFIG_FILE).write_bytes(config)
             digest, size = hashlib.sha256(), 0
-            with (source / WEIGHTS_FILE).open("rb") as src, (target / WEIGHTS_FILE).open("wb") as dst:
+            with _open(source, WEIGHTS_FILE) as src, (target / WEIGHTS_FILE).open("wb") as dst:
                 while block := src.read(COPY_CHUNK):
                     digest.update(block)
                     dst.write(block)
@@ -199,3 +203,10 @@ def _file_sha256(path: Path) -> str:
         while block := f.read(COPY_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _open(source: AdapterDir, name: str):
+    try:
+        return source.open(name)
+    except FileNotFoundError as e:  # removed since it was listed
+        raise errors.InvalidAdapter(f"{source.path}: {name} is missing") from e

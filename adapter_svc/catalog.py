@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapter_svc import errors
 from adapter_svc.blobs import BlobStore, StagedAdapter, UploadWriter, blob_name, mismatch, read_hashed
@@ -29,7 +30,7 @@ from adapter_svc.validation import (
     profile_from_replica,
     validate,
 )
-from loraserve.adapter_paths import resolve_adapter_dir
+from loraserve.adapter_paths import open_adapter_dir
 from loraserve.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,12 @@ class Catalog:
         """RegisterAdapter: validate a directory under an adapter root and keep a copy of it."""
         check_id("adapter_id", adapter_id)
         check_labels(tenant, metadata)
-        source = await asyncio.to_thread(resolve_adapter_dir, path, self.config.adapter_roots)
-        staged = await asyncio.to_thread(self.blobs.stage_directory, source)
+
+        def stage() -> tuple[Path, StagedAdapter]:
+            with open_adapter_dir(path, self.config.adapter_roots) as source:  # open, then verify
+                return source.path, self.blobs.stage_directory(source)
+
+        source, staged = await asyncio.to_thread(stage)
         return await self._record(adapter_id, staged, f"dir:{source}", str(source), tenant, metadata)
 
     async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> AdapterRecord:

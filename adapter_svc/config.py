@@ -24,8 +24,8 @@ class ManagerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Cluster name: every key is `loraserve:v1:{cluster}:...`, so one Redis can hold several.
     cluster: str = "default"
-    # Address the gRPC server binds.
-    host: str = "0.0.0.0"
+    # Address the gRPC and metrics servers bind; beyond loopback needs --auth-tokens or --insecure.
+    host: str = "127.0.0.1"
     # Port the gRPC server binds; 0 picks a free one (tests).
     port: int = 50052
     # Port of the Prometheus endpoint (http://host:port/metrics, same host as gRPC); 0 = off.

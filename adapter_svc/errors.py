@@ -61,6 +61,20 @@ class AlreadyExists(ManagerError):
     """The id is taken (by other content, or by an alias / adapter in the shared namespace)."""
 
 
+class AddressTaken(AlreadyExists):
+    """JoinReplica with the address of another live replica, or as a live replica from elsewhere."""
+
+    def __init__(self, replica_id: str, address: str, holder: str, held: str):
+        if holder == replica_id:
+            message = (
+                f"replica {replica_id!r} is live at {held!r}: it may join from {address!r} once that "
+                "one has left or its heartbeat has lapsed"
+            )
+        else:
+            message = f"address {address!r} belongs to live replica {holder!r}: a replica joins with its own"
+        super().__init__(message)
+
+
 # --- FAILED_PRECONDITION -----------------------------------------------------------------------
 
 

@@ -51,7 +51,11 @@ class Membership:
         model_json: str,
         snapshot: list[Resident],
         snapshot_seq: int,
+        credential: str = "",
     ) -> Joined:
+        """Admit a replica (again), replacing its mirror with `snapshot`. `credential` (its
+        choice, new each join) is what commands to it will carry. Raises AddressTaken while another
+        live replica has `address` or this one is live elsewhere."""
         check_id("replica_id", replica_id)
         if not address:
             raise errors.InvalidArgument("address must be set (host:port of the replica's InferenceService)")
@@ -61,7 +65,7 @@ class Membership:
         except (ValueError, KeyError, TypeError, InvalidModel) as e:
             raise errors.InvalidArgument(f"replica {replica_id!r} sent an unusable configuration: {e}") from e
         answer = await self.registry.join(
-            replica_id, address, engine, model_json, snapshot, snapshot_seq, self.ttl_ms
+            replica_id, address, engine, model_json, snapshot, snapshot_seq, self.ttl_ms, credential
         )
         log.info(
             "replica %s joined at %s (epoch %d, %d resident)",

@@ -57,6 +57,13 @@ SPECS = (
         ("source",),
     ),
     MetricSpec(P + "redis_up", "gauge", "1 if the last gauge refresh reached Redis, else 0."),
+    MetricSpec(
+        P + "auth_refusals_total",
+        "counter",
+        "Calls refused by authentication or authorization, by method and reason "
+        "(no_token, unknown_token, role, other_replica, not_owner).",
+        ("method", "reason"),
+    ),
 )
 
 
@@ -75,6 +82,10 @@ class ManagerMetrics:
         self.m[P + "rpc_duration_seconds"].labels(method).observe(seconds)
         if isinstance(error, redis.RedisError):
             self.m[P + "redis_errors_total"].labels("rpc").inc()
+
+    def on_auth_refusal(self, method: str, reason: str) -> None:
+        """AuthInterceptor's `on_refusal`."""
+        self.m[P + "auth_refusals_total"].labels(method, reason).inc()
 
     async def refresh(self, registry: Registry) -> None:
         """Read the registry and membership counts from Redis into the gauges."""

@@ -119,8 +119,7 @@ class Placement:
         the host-cache policy chose, the pin. The replica fetches the bytes and reports once."""
         acquired = await self.acquire(replica.replica_id, replica.epoch, record.adapter_id, [])
         return await self.replicas.load(
-            replica.replica_id,
-            replica.address,
+            replica,
             record.adapter_id,
             to_slot,
             record.pinned,
@@ -147,7 +146,7 @@ class Placement:
         evicted = []
 
         async def one(replica: ReplicaRecord) -> None:
-            if await self.replicas.evict(replica.replica_id, replica.address, adapter_id, unpin=True):
+            if await self.replicas.evict(replica, adapter_id, unpin=True):
                 evicted.append(replica.replica_id)
             await self.registry.mirror_evicted(replica.replica_id, adapter_id)
 
@@ -182,7 +181,7 @@ class Placement:
             if replica.replica_id not in holders or not replica.up:
                 continue
             try:
-                await self.replicas.load(replica.replica_id, replica.address, adapter_id, False, False)
+                await self.replicas.load(replica, adapter_id, False, False)
             except errors.ManagerError as e:
                 log.warning(
                     "unpinning %s on %s failed (its heartbeat will): %s", adapter_id, replica.replica_id, e

@@ -121,6 +121,8 @@ class ReplicaRecord:
     down_reason: str
     residents: tuple[Resident, ...]  # most recently used first
     loading: tuple[str, ...]
+    # What the manager presents to this replica (issued at its latest join); never shown.
+    credential: str = field(default="", repr=False)
 
     @property
     def up(self) -> bool:

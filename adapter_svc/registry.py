@@ -213,9 +213,12 @@ class Registry:
         snapshot: list[Resident],
         snapshot_seq: int,
         ttl_ms: int,
+        credential: str,
     ) -> JoinAnswer:
-        """Replace the replica's mirror with its snapshot."""
-        epoch, version, drop = await self._call(
+        """Replace the replica's mirror with its snapshot; `credential` is what the manager will
+        present to it. Raises AddressTaken while another live replica has `address`, or this
+        replica is live at another address."""
+        out = await self._call(
             self.scripts.join,
             replica_id,
             address,
@@ -224,7 +227,11 @@ class Registry:
             _lua_list([r.as_lua() for r in snapshot]),
             snapshot_seq,
             ttl_ms,
+            credential,
         )
+        if int(out[0]) < 0:
+            raise errors.AddressTaken(replica_id, address, out[1], out[2])
+        epoch, version, drop = out
         return JoinAnswer(int(epoch), int(version), tuple(drop))
 
     async def heartbeat(
@@ -350,6 +357,7 @@ class Registry:
                     engine=json.loads(meta.get("engine") or "{}"),
                     model_json=meta.get("model", ""),
                     down_reason=meta.get("down_reason", ""),
+                    credential=meta.get("credential", ""),
                     residents=residents,
                     loading=tuple(sorted(loading)),
                 )

@@ -1,10 +1,16 @@
-"""Commands the manager sends to replicas: their InferenceService at the address they advertised."""
+"""Commands the manager sends to replicas: their InferenceService at the address they advertised.
+
+Each command carries the credential that replica chose at its latest join (no service token is
+sent): the manager holds nothing that works against any other replica.
+"""
 
 from __future__ import annotations
 
 import grpc
 
 from adapter_svc import errors
+from adapter_svc.records import ReplicaRecord
+from loraserve.auth import token_metadata
 from loraserve.security import SecurityConfig, aio_channel
 from loraserve.telemetry import client_interceptors
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -14,8 +20,8 @@ CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconn
 
 
 class ReplicaClient:
-    """One channel per replica address, reused across calls (TLS and the service token per
-    `security`; None = plaintext, no token)."""
+    """One channel per replica address, reused across calls (TLS per `security`; None =
+    plaintext). Calls carry the replica's own credential."""
 
     def __init__(self, timeout_s: float, security: SecurityConfig | None = None):
         self.timeout_s = timeout_s
@@ -26,14 +32,13 @@ class ReplicaClient:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = aio_channel(
-                self.security, address, CHANNEL_OPTIONS, client_interceptors()
+                self.security, address, CHANNEL_OPTIONS, client_interceptors(), send_service_token=False
             )
         return inference_pb2_grpc.InferenceServiceStub(channel)
 
     async def load(
         self,
-        replica_id: str,
-        address: str,
+        replica: ReplicaRecord,
         adapter_id: str,
         to_slot: bool,
         pin: bool,
@@ -49,23 +54,31 @@ class ReplicaClient:
             adapter_id=adapter_id, to_slot=to_slot, pin=pin, sha256=sha256, evict=evict
         )
         try:
-            response = await self._stub(address).LoadAdapter(request, timeout=self.timeout_s)
+            response = await self._stub(replica.address).LoadAdapter(
+                request, timeout=self.timeout_s, metadata=_credential(replica)
+            )
         except grpc.aio.AioRpcError as e:
-            raise errors.ReplicaCommandFailed(replica_id, e.code(), e.details() or "") from e
+            raise errors.ReplicaCommandFailed(replica.replica_id, e.code(), e.details() or "") from e
         return response.adapter
 
-    async def evict(self, replica_id: str, address: str, adapter_id: str, unpin: bool) -> bool:
+    async def evict(self, replica: ReplicaRecord, adapter_id: str, unpin: bool) -> bool:
         """EvictAdapter on the replica (idempotent); True if it was resident."""
         request = inference_pb2.EvictAdapterRequest(adapter_id=adapter_id, unpin=unpin)
         try:
-            response = await self._stub(address).EvictAdapter(request, timeout=self.timeout_s)
+            response = await self._stub(replica.address).EvictAdapter(
+                request, timeout=self.timeout_s, metadata=_credential(replica)
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return False  # the replica never heard of it: nothing to evict
-            raise errors.ReplicaCommandFailed(replica_id, e.code(), e.details() or "") from e
+            raise errors.ReplicaCommandFailed(replica.replica_id, e.code(), e.details() or "") from e
         return response.evicted
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _credential(replica: ReplicaRecord) -> tuple:
+    return token_metadata(replica.credential) if replica.credential else ()

@@ -301,16 +301,28 @@ return out
 
 # ARGV[3] replica id, ARGV[4] address, ARGV[5] engine JSON, ARGV[6] model config JSON,
 # ARGV[7] snapshot JSON [[id, slot, pinned, last_used_ms, sha256], ...], ARGV[8] snapshot seq,
-# ARGV[9] membership TTL (ms).
-# Replaces the replica's mirror with the snapshot. -> {epoch, routing_version, {drop id...}}
+# ARGV[9] membership TTL (ms), ARGV[10] the credential the manager presents to this replica.
+# Refused while another live replica has the same address, or this replica is live at another
+# address (a joiner could otherwise take over the commands meant for a live replica). Replaces the
+# replica's mirror with the snapshot.
+# -> {epoch, routing_version, {drop id...}} | {-1, the live replica, its address}
 JOIN = (
     PRELUDE
     + """
 local r = ARGV[3]
+for _, other in ipairs(redis.call('ZRANGE', k_replicas(), 0, -1)) do
+  if redis.call('EXISTS', k_alive(other)) == 1 then
+    local held = redis.call('HGET', k_replica(other), 'address')
+    if (other ~= r and held == ARGV[4]) or (other == r and held and held ~= ARGV[4]) then
+      return {-1, other, held}
+    end
+  end
+end
 drop_mirror(r, true)
 local epoch = redis.call('HINCRBY', k_replica(r), 'epoch', 1)
 redis.call('HSET', k_replica(r), 'address', ARGV[4], 'engine', ARGV[5], 'model', ARGV[6],
-  'status', 'UP', 'joined_at', NOW, 'last_heartbeat', NOW, 'seq', ARGV[8], 'down_reason', '')
+  'status', 'UP', 'joined_at', NOW, 'last_heartbeat', NOW, 'seq', ARGV[8], 'down_reason', '',
+  'credential', ARGV[10])
 local drop = {}
 for _, e in ipairs(cjson.decode(ARGV[7])) do
   if not admit(r, e) then table.insert(drop, e[1]) end

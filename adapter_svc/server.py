@@ -26,7 +26,7 @@ from adapter_svc.replica_client import ReplicaClient
 from adapter_svc.servicer import AdapterServicer
 from loraserve.auth import MANAGER_POLICY
 from loraserve.grpc_errors import ErrorInterceptor
-from loraserve.security import SecurityConfig
+from loraserve.security import SecurityConfig, check_exposure
 from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
@@ -58,6 +58,7 @@ class ManagerServer:
     def __init__(self, config: ManagerConfig, security: SecurityConfig | None = None):
         self.config = config
         self.security = security or SecurityConfig()
+        check_exposure("the adapter manager", config.host, self.security)
         self.redis = connect(config)
         self.registry = Registry(self.redis, config.cluster, config.events_maxlen)
         self.manager = AdapterManager(
@@ -73,7 +74,9 @@ class ManagerServer:
         self.metrics = ManagerMetrics()
         self.metrics_server: MetricsServer | None = None
         telemetry = TelemetryInterceptor(status_for, self.metrics.observe_rpc, QUIET_METHODS)
-        auth = self.security.interceptors(MANAGER_POLICY, self._tenant_of, errors.AdapterNotFound)
+        auth = self.security.interceptors(
+            MANAGER_POLICY, self._tenant_of, errors.AdapterNotFound, self.metrics.on_auth_refusal
+        )
         self._server = grpc.aio.server(
             interceptors=[*auth, ErrorInterceptor(status_for, message_for), telemetry], options=SERVER_OPTIONS
         )
@@ -95,7 +98,11 @@ class ManagerServer:
             )
         if self.config.metrics_port:
             self.metrics_server = MetricsServer(
-                self.metrics.registry, self.config.host, self.config.metrics_port
+                self.metrics.registry,
+                self.config.host,
+                self.config.metrics_port,
+                self.security.metrics_authorizer(),
+                self.security.metrics_tls(),
             )
             self._tasks.append(
                 asyncio.create_task(self.metrics.refresh_forever(self.registry), name="metrics")

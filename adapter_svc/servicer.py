@@ -258,6 +258,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             request.model_config_json,
             [resident_from(r) for r in request.snapshot],
             request.snapshot_seq,
+            request.manager_credential,
         )
         return pb.JoinReplicaResponse(
             epoch=joined.epoch,

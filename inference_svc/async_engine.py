@@ -45,6 +45,10 @@ STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
 _STOP = object()
 
 
+# Between a request id's namespace and the id (a control character: no valid id holds one).
+NAMESPACE_SEP = "\x1f"
+
+
 class EngineObserver(Protocol):
     """Watches the engine from its thread (metrics); must be cheap and must not raise."""
 
@@ -175,8 +179,13 @@ class AsyncEngine:
         params: SamplingParams,
         adapter_id: str | None = None,
         request_id: str | None = None,
+        namespace: str = "",
     ) -> AsyncIterator[list[RequestOutput]]:
         """Queue one request and yield its outputs, in batches of whatever has arrived.
+
+        `request_id` is unique within `namespace` (a tenant's): the same id in two namespaces
+        names two requests, and RequestAlreadyExists is raised only within one. The outputs carry
+        the engine's key for it (`<namespace>\x1f<request_id>`, or the bare id without one).
 
         The last batch ends with the finished output. Raises the engine's typed errors
         (InvalidRequest, AdapterNotFound, QueueFull, ...) before the first batch, a failed
@@ -185,9 +194,10 @@ class AsyncEngine:
         """
         if not self.accepting:
             raise errors.Draining(f"the server is {self.state} and accepts no new requests")
-        request_id = request_id or uuid.uuid4().hex
+        shown = request_id or uuid.uuid4().hex
+        request_id = f"{namespace}{NAMESPACE_SEP}{shown}" if namespace else shown
         if request_id in self._streams:
-            raise errors.RequestAlreadyExists(f"request {request_id!r} is already in flight")
+            raise errors.RequestAlreadyExists(f"request {shown!r} is already in flight")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = outputs
         self._no_streams.clear()

@@ -23,6 +23,7 @@ import grpc
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidencyEvent, ResidentAdapter
 from inference_svc.manager_client import ManagerClient
+from loraserve.auth import IssuedCredentials, new_token
 from loraserve.convert import resident_proto, routing_table_from
 from loraserve.routing import RoutingTable
 from loraserve.v1 import adapter_pb2 as pb
@@ -65,6 +66,8 @@ class Membership:
         self.joined = False
         self.heartbeat_interval_s = 2.0
         self.routing = RoutingTable()
+        # What the manager's commands must carry: a fresh credential chosen at each join.
+        self.credentials = IssuedCredentials()
         self._lock = threading.Lock()  # guards the counter and the pending queue
         self._seq = 0  # residency changes so far (engine events and failed loads)
         self._pending: deque[pb.ResidencyChange] = deque()
@@ -173,6 +176,8 @@ class Membership:
 
         async with self._join_lock:
             snapshot, seq, engine_config, model_json = await self.engine.call(take)
+            credential = new_token()
+            self.credentials.issue(credential)  # accepted before the manager can use it
             joined = await self.client.call(
                 "JoinReplica",
                 pb.JoinReplicaRequest(
@@ -182,6 +187,7 @@ class Membership:
                     model_config_json=model_json,
                     snapshot=snapshot,
                     snapshot_seq=seq,
+                    manager_credential=credential,
                 ),
             )
             self.epoch = joined.epoch

@@ -7,7 +7,8 @@ engine's `RequestEvent`s (first token, finished with its reason), never by diffi
 outside that loop and nothing here does I/O; the HTTP endpoint only reads the registry.
 
 Adapter labels: each adapter id is its own label value until `MAX_ADAPTER_LABELS` distinct ids
-have been seen; later ones share the value `__other__`. The base model is `__base__`.
+have been seen; later ones share the value `__other__`. The base model is `__base__`. Adapter ids
+are tenants' names, so with authentication on `/metrics` answers admin and metrics tokens only.
 Latencies are measured inside the engine, from the request's arrival in the engine.
 """
 
@@ -113,6 +114,13 @@ SPECS = (
         "the value is the Unix time they last changed.",
         ("running_lora_adapters", "waiting_lora_adapters", "max_lora"),
     ),
+    MetricSpec(
+        P + "auth_refusals_total",
+        "counter",
+        "Calls refused by authentication or authorization, by method and reason "
+        "(no_token, unknown_token, role, other_replica, not_owner).",
+        ("method", "reason"),
+    ),
 )
 
 # Residency events -> (metric, tier).
@@ -194,6 +202,10 @@ class EngineMetrics:
         self.m[metric].labels(tier).inc()
         if event.kind in ("loaded", "activated"):
             self.m[P + "adapter_load_seconds"].labels(tier).observe(event.seconds)
+
+    def on_auth_refusal(self, method: str, reason: str) -> None:
+        """AuthInterceptor's `on_refusal` (event loop thread)."""
+        self.m[P + "auth_refusals_total"].labels(method, reason).inc()
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from inference_svc import errors
@@ -87,30 +87,41 @@ class ReplicaAgent:
 
     # --- requests and commands ----------------------------------------------------------------
 
-    async def resolve(self, adapter_id: str, headers: Mapping[str, str] | None = None) -> str:
+    async def resolve(
+        self,
+        adapter_id: str,
+        headers: Mapping[str, str] | None = None,
+        authorize: Callable[[str], Awaitable[None]] | None = None,
+    ) -> str:
         """The concrete adapter to serve a request with ("" = base model), held by the engine.
 
         `headers` are the request's metadata: routing rules match them, `x-tenant` is its tenant
         and `x-request-key` keeps alias variants sticky. Applies rules and aliases, then
-        `ensure_local`. Raises AdapterNotFound, NoEvictableSlot (nothing evictable),
+        `authorize(concrete)` (which raises if the caller may not use it: nothing is fetched then),
+        then `ensure_local`. Raises AdapterNotFound, NoEvictableSlot (nothing evictable),
         InvalidAdapter, or Unavailable (manager unreachable).
         """
         headers = {k.lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}
         key, tenant = headers.get(REQUEST_KEY_HEADER, ""), headers.get(TENANT_HEADER, "")
+
+        async def local(concrete: str) -> str:
+            if concrete:
+                if authorize is not None:
+                    await authorize(concrete)
+                await self.ensure_local(concrete)
+            return concrete
+
         concrete = resolve(self.routing, adapter_id, key, tenant, headers).adapter_id
-        if not concrete:
-            return ""
         try:
-            await self.ensure_local(concrete)
+            return await local(concrete)
         except errors.AdapterNotFound:
+            if not concrete:
+                raise
             await self.membership.refresh_routing()  # it may be an alias created since the last refresh
             retry = resolve(self.routing, adapter_id, key, tenant, headers).adapter_id
             if retry == concrete:
                 raise
-            concrete = retry
-            if concrete:
-                await self.ensure_local(concrete)
-        return concrete
+            return await local(retry)
 
     async def ensure_local(self, adapter_id: str) -> None:
         """Make `adapter_id` resident in the engine's host cache (see `Fetcher.ensure_local`)."""

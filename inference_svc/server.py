@@ -31,7 +31,7 @@ from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
 from loraserve.auth import INFERENCE_POLICY
 from loraserve.grpc_errors import ErrorInterceptor
-from loraserve.security import SecurityConfig
+from loraserve.security import SecurityConfig, check_exposure
 from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
 from loraserve.v1 import inference_pb2_grpc
@@ -118,6 +118,7 @@ class InferenceServer:
     def __init__(self, config: ServerConfig, security: SecurityConfig | None = None):
         self.config = config
         self.security = security or SecurityConfig()
+        check_exposure("the inference server", config.host, self.security)
         self.metrics = EngineMetrics()
         self.metrics_server: MetricsServer | None = None
         self.engine = AsyncEngine(self._build_engine, on_crash=self._engine_crashed, observer=self.metrics)
@@ -136,7 +137,10 @@ class InferenceServer:
         self.port: int | None = None
         self._crash_handling: asyncio.Task | None = None
         self.ownership = self._ownership()
-        auth = self.security.interceptors(INFERENCE_POLICY, self.ownership, errors.AdapterNotFound)
+        issued = self.agent.membership.credentials if self.agent is not None else None
+        auth = self.security.interceptors(
+            INFERENCE_POLICY, self.ownership, errors.AdapterNotFound, self.metrics.on_auth_refusal, issued
+        )
         self.limiter = None
         if config.max_concurrent_per_tenant:
             self.limiter = TenantConcurrencyLimiter(config.max_concurrent_per_tenant)
@@ -198,7 +202,11 @@ class InferenceServer:
         try:
             if self.config.metrics_port:
                 self.metrics_server = MetricsServer(
-                    self.metrics.registry, self.config.host, self.config.metrics_port
+                    self.metrics.registry,
+                    self.config.host,
+                    self.config.metrics_port,
+                    self.security.metrics_authorizer(),
+                    self.security.metrics_tls(),
                 )
                 log.info("metrics on %s", self.metrics_server.url)
             await self.engine.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from loraserve.adapter_paths import resolve_adapter_dir
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# What a refusal names when the base model was asked for and a routing rule chose an adapter.
+ROUTED = "(chosen by a routing rule)"
+# Longest request_id accepted (it is echoed in every response and logged).
+MAX_REQUEST_ID_CHARS = 128
 FINISH_REASONS = {
     "length": inference_pb2.FINISH_REASON_LENGTH,
     "stop": inference_pb2.FINISH_REASON_STOP,
@@ -58,16 +63,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        request_id = request_id_from(request.request_id)
         prompt = prompt_from(request)
         params = sampling_params_from(request.params, self.sampling_defaults)
         adapter_id = request.adapter_id
         if self.agent is not None:
-            adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context))
-            await auth.authorize_adapter(adapter_id)  # routing's choice must be the caller's too
-        stream = self.engine.generate(prompt, params, adapter_id or None, request.request_id or None)
+            # routing's choice must be the caller's too, checked before anything is fetched; a
+            # refusal names only what the caller asked for, never the rule's target
+            requested = request.adapter_id or ROUTED
+
+            async def authorize(concrete: str) -> None:
+                await auth.authorize_adapter(concrete, requested)
+
+            adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context), authorize)
+        # request ids are per tenant: one tenant can neither see nor take another's in-flight ids
+        stream = self.engine.generate(
+            prompt, params, adapter_id or None, request_id, namespace=auth.caller_tenant(context)
+        )
         async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
             async for batch in stream:
-                yield response_from(batch, with_alternatives=params.logprobs > 0)
+                yield response_from(batch, with_alternatives=params.logprobs > 0, request_id=request_id)
 
     async def GetEngineInfo(self, request, context) -> inference_pb2.GetEngineInfoResponse:
         return engine_info_to_proto(await self.engine.call(lambda engine: engine.info()))
@@ -108,6 +123,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 "loading adapters by path is disabled: start the server with --adapter-root DIR"
             )
         return resolve_adapter_dir(path, self.adapter_roots)
+
+
+def request_id_from(request_id: str) -> str:
+    """The client's request id, or a new one; InvalidRequest beyond MAX_REQUEST_ID_CHARS or for
+    control characters (ids are echoed and logged)."""
+    if not request_id:
+        return uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise errors.InvalidRequest(
+            "request_id",
+            f"must be at most {MAX_REQUEST_ID_CHARS} printable characters (got {len(request_id)})",
+        )
+    return request_id
 
 
 def _adapter_id(adapter_id: str) -> str:
@@ -184,11 +212,14 @@ def sampling_params_from(
 # --- domain -> proto ---------------------------------------------------------------------------
 
 
-def response_from(batch: list[RequestOutput], with_alternatives: bool) -> inference_pb2.GenerateResponse:
-    """One message for the outputs one request has accumulated since its previous message."""
+def response_from(
+    batch: list[RequestOutput], with_alternatives: bool, request_id: str | None = None
+) -> inference_pb2.GenerateResponse:
+    """One message for the outputs one request has accumulated since its previous message
+    (`request_id`: the id the client knows it by, default the engine's)."""
     last = batch[-1]
     response = inference_pb2.GenerateResponse(
-        request_id=last.request_id,
+        request_id=last.request_id if request_id is None else request_id,
         adapter_id=last.adapter_id or "",
         token_ids=[o.token.token_id for o in batch],
         text="".join(o.text for o in batch),

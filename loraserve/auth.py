@@ -14,16 +14,24 @@ without a secret) must carry `authorization: Bearer <token>`:
   message, so a tenant cannot learn that the adapter exists.
 
 Roles: `admin` (everything), `tenant` (generate with its own adapters and the base model, list and
-get its own adapters), `service` (what replicas and the manager call on each other). The token
-file stores sha256 hashes of tokens: the tokens are random 256-bit secrets, so a fast unsalted
-hash is as safe as a slow one (no dictionary to try) and lets each call be checked with one lookup.
+get its own adapters), `service` (a replica calling the manager: bound to one replica id with
+`"replica"`, it may join, heartbeat, report, leave and acquire only as that replica; unbound, it
+may only read), `metrics` (scrape `/metrics`, no RPC). The manager calls a replica with neither:
+it presents the credential that replica chose at its latest JoinReplica (`IssuedCredentials`),
+which no other replica accepts. The token file stores sha256 hashes of tokens: the tokens are random
+256-bit secrets, so a fast unsalted hash is as safe as a slow one (no dictionary to try) and lets
+each call be checked with one lookup.
 
 Token file (JSON):
 
     {"tokens": [{"name": "ops", "role": "admin", "sha256": "<hex>"},
                 {"name": "acme-app", "role": "tenant", "tenant": "acme", "sha256": "<hex>"},
-                {"name": "replicas", "role": "service", "sha256": "<hex>"}],
+                {"name": "replica-0", "role": "service", "replica": "replica-0", "sha256": "<hex>"},
+                {"name": "prometheus", "role": "metrics", "sha256": "<hex>"}],
      "adapters": {"demo-0": "acme"}}
+
+Every refusal is logged (`loraserve.auth`, WARNING: method, peer, token name, reason; never a
+token) and reported to the interceptor's `on_refusal(method, reason)` (the services count it).
 
 `adapters` gives standalone replicas (no manager) the owner of each `--lora-modules` adapter;
 with a manager, the registry's `tenant` field is the owner. `python -m loraserve.auth new-token
@@ -38,6 +46,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import re
 import secrets
 import sys
@@ -51,8 +60,10 @@ from loraserve.errors import unknown_adapter_message
 from loraserve.names import ID_RE, TENANT_HEADER
 from loraserve.v1 import adapter_pb2
 
-ADMIN, TENANT, SERVICE = "admin", "tenant", "service"
-ROLES = (ADMIN, TENANT, SERVICE)
+ADMIN, TENANT, SERVICE, METRICS = "admin", "tenant", "service", "metrics"
+ROLES = (ADMIN, TENANT, SERVICE, METRICS)
+# The role of the credential a replica gave the manager at its join (never in a token file).
+MANAGER = "manager"
 AUTHORIZATION = "authorization"
 # Methods every caller may use without a token.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -61,6 +72,10 @@ TOKEN_BYTES = 32
 
 # Async lookup of an adapter's owning tenant ("" or None: no tenant / unknown).
 TenantOf = Callable[[str], Awaitable[str | None]]
+# Told of every refusal: (method name, reason), e.g. ("JoinReplica", "other_replica").
+OnRefusal = Callable[[str, str], None]
+
+log = logging.getLogger(__name__)
 
 
 def hash_token(token: str) -> str:
@@ -73,8 +88,9 @@ class Principal:
     """Who a call comes from."""
 
     name: str  # the token's label, for logs
-    role: str  # admin | tenant | service
+    role: str  # admin | tenant | service | metrics | manager
     tenant: str = ""  # the tenant's name, for role tenant
+    replica: str = ""  # the one replica id a service token acts as ("" = read-only service)
 
 
 class TokenTable:
@@ -114,9 +130,12 @@ class TokenTable:
                 raise ValueError(
                     f"{at}.tenant ({tenant!r}) must be a tenant name exactly when role is tenant"
                 )
+            replica = entry.get("replica", "")
+            if replica and (role != SERVICE or not isinstance(replica, str) or not ID_RE.match(replica)):
+                raise ValueError(f"{at}.replica ({replica!r}) must be a replica id, on a service token only")
             if digest in principals:
                 raise ValueError(f"{at} repeats the hash of another entry")
-            principals[digest] = Principal(str(entry.get("name") or f"token-{i}"), role, tenant)
+            principals[digest] = Principal(str(entry.get("name") or f"token-{i}"), role, tenant, replica)
         owners = raw.get("adapters", {})
         if not isinstance(owners, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and ID_RE.match(v) for k, v in owners.items()
@@ -130,6 +149,34 @@ class TokenTable:
 
     def __len__(self) -> int:
         return len(self._by_hash)
+
+
+class IssuedCredentials:
+    """Credentials issued at run time, accepted besides a token table: on a replica, the one it
+    chose and gave the manager at its latest join (and the one before, so a command sent just
+    before a rejoin still passes). `authenticate` gives the `manager` principal for them."""
+
+    KEEP = 2
+
+    def __init__(self, tokens: TokenTable | None = None, name: str = "manager"):
+        self.tokens = tokens
+        self.principal = Principal(name, MANAGER)
+        self._hashes: list[str] = []
+
+    def issue(self, token: str) -> None:
+        """Accept `token` from now on (the oldest one kept stops working)."""
+        if token and hash_token(token) not in self._hashes:
+            self._hashes = [*self._hashes, hash_token(token)][-self.KEEP :]
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        if token and hash_token(token) in self._hashes:
+            return self.principal
+        return self.tokens.authenticate(token) if self.tokens is not None else None
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits)."""
+    return "lsk_" + secrets.token_urlsafe(TOKEN_BYTES)
 
 
 # --- policy -------------------------------------------------------------------------------------
@@ -152,6 +199,8 @@ Scope = Callable[[object, Principal, TenantOf], Awaitable[object | None]]
 class Rule:
     roles: frozenset[str]
     scope: Scope | None = None  # applied to tenant principals only
+    # The request names a replica (`replica_id`): a service principal may name only its own.
+    as_replica: bool = False
 
 
 async def _owned(adapter_id: str, principal: Principal, tenant_of: TenantOf) -> None:
@@ -176,8 +225,8 @@ async def _scope_list_adapters(request, principal: Principal, tenant_of: TenantO
     return None
 
 
-def _rule(*roles: str, scope: Scope | None = None) -> Rule:
-    return Rule(frozenset(roles), scope)
+def _rule(*roles: str, scope: Scope | None = None, as_replica: bool = False) -> Rule:
+    return Rule(frozenset(roles), scope, as_replica)
 
 
 @dataclass(frozen=True)
@@ -193,15 +242,16 @@ class Policy:
         return self.rules.get(method) if service == self.service else None
 
 
-_REPLICA = (ADMIN, SERVICE)  # calls replicas and the manager make on each other
+_REPLICA = (ADMIN, SERVICE)  # what replicas read from the manager
+_FROM_MANAGER = (ADMIN, MANAGER)  # what the manager commands a replica to do (its issued credential)
 INFERENCE_POLICY = Policy(
     service="loraserve.v1.InferenceService",
     rules={
         "Generate": _rule(ADMIN, TENANT, scope=_scope_adapter_id),
-        "GetEngineInfo": _rule(*_REPLICA),
-        "LoadAdapter": _rule(*_REPLICA),
-        "EvictAdapter": _rule(*_REPLICA),
-        "ListResidentAdapters": _rule(*_REPLICA),
+        "GetEngineInfo": _rule(*_FROM_MANAGER),
+        "LoadAdapter": _rule(*_FROM_MANAGER),
+        "EvictAdapter": _rule(*_FROM_MANAGER),
+        "ListResidentAdapters": _rule(*_FROM_MANAGER),
     },
 )
 MANAGER_POLICY = Policy(
@@ -225,11 +275,11 @@ MANAGER_POLICY = Policy(
         "GetRoutingTable": _rule(*_REPLICA),
         "ResolveAdapter": _rule(*_REPLICA),
         "WatchEvents": _rule(ADMIN),
-        "JoinReplica": _rule(*_REPLICA),
-        "Heartbeat": _rule(*_REPLICA),
-        "ReportResidency": _rule(*_REPLICA),
-        "LeaveReplica": _rule(*_REPLICA),
-        "AcquireAdapter": _rule(*_REPLICA),
+        "JoinReplica": _rule(*_REPLICA, as_replica=True),
+        "Heartbeat": _rule(*_REPLICA, as_replica=True),
+        "ReportResidency": _rule(*_REPLICA, as_replica=True),
+        "LeaveReplica": _rule(*_REPLICA, as_replica=True),
+        "AcquireAdapter": _rule(*_REPLICA, as_replica=True),
         "FetchAdapterWeights": _rule(*_REPLICA),
     },
 )
@@ -254,6 +304,7 @@ class Access:
     principal: Principal
     tenant_of: TenantOf
     not_found: NotFound
+    refused: Callable[[str], None]  # log and count a refusal of this call, by reason
 
 
 _ACCESS: contextvars.ContextVar[Access | None] = contextvars.ContextVar("loraserve_access", default=None)
@@ -284,12 +335,14 @@ def request_headers(context) -> dict[str, str]:
     return headers
 
 
-async def authorize_adapter(adapter_id: str) -> None:
-    """Check that the caller may use `adapter_id` (say, the concrete adapter after routing).
+async def authorize_adapter(adapter_id: str, requested: str | None = None) -> None:
+    """Check that the caller may use `adapter_id` (say, the concrete adapter routing chose for the
+    `requested` one). Call it before anything about `adapter_id` is fetched or loaded.
 
     No-op when authentication is off, for admins, and for the base model (""). Raises the
     service's own unknown-adapter error for a tenant's call naming an adapter of another tenant
-    (or of none), exactly as if the adapter did not exist.
+    (or of none), exactly as if the adapter did not exist. The error names `requested` (default:
+    `adapter_id`), never an adapter the caller did not name: a routing rule's target stays unseen.
     """
     access = _ACCESS.get()
     if access is None or access.principal.role != TENANT or not adapter_id:
@@ -297,7 +350,8 @@ async def authorize_adapter(adapter_id: str) -> None:
     try:
         await _owned(adapter_id, access.principal, access.tenant_of)
     except Hidden as e:
-        raise access.not_found(adapter_id) from e
+        access.refused("not_owner")
+        raise access.not_found(adapter_id if requested is None else requested) from e
 
 
 # --- the interceptor ----------------------------------------------------------------------------
@@ -320,58 +374,102 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call (but health and reflection) and enforces `policy`.
 
     Args:
-        tokens: the token table.
+        tokens: the token table (or anything with its `authenticate`, e.g. `IssuedCredentials`).
         policy: the served service's rules.
         tenant_of: async adapter id -> owning tenant, for tenant scopes (None: tenants own nothing).
         not_found: the service's unknown-adapter error (its message is reused for hidden adapters).
+        on_refusal: told (method, reason) of every refusal, after it is logged; None = log only.
     """
 
     def __init__(
         self,
-        tokens: TokenTable,
+        tokens: TokenTable | IssuedCredentials,
         policy: Policy,
         tenant_of: TenantOf | None = None,
         not_found: NotFound = AdapterHidden,
+        on_refusal: OnRefusal | None = None,
     ):
         self.tokens = tokens
         self.policy = policy
         self.tenant_of = tenant_of or _no_owner
         self.not_found = not_found
+        self.on_refusal = on_refusal
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICES):
             return handler
-        principal = self.tokens.authenticate(bearer_token(details.invocation_metadata))
+        token = bearer_token(details.invocation_metadata)
+        principal = self.tokens.authenticate(token)
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                admit = functools.partial(self._admit, details.method, principal, kind.startswith("stream"))
+                admit = functools.partial(
+                    self._admit, details.method, principal, token is not None, kind.startswith("stream")
+                )
                 streams = kind.endswith("_stream") and inspect.isasyncgenfunction(behavior)
                 return handler._replace(**{kind: (_wrap_stream if streams else _wrap_unary)(admit, behavior)})
         return handler
 
-    async def _admit(self, method: str, principal: Principal | None, client_streams: bool, request, context):
+    def _refused(self, method: str, principal: Principal | None, context, reason: str) -> None:
+        """The audit record of one refusal: a log line (no secret in it) and the counter."""
+        name = method.rsplit("/", 1)[-1]
+        who = principal.name if principal is not None else "-"
+        peer = context.peer() if context is not None else "-"
+        log.warning("auth refused: method=%s peer=%s token=%s reason=%s", name, peer, who, reason)
+        if self.on_refusal is not None:
+            self.on_refusal(name, reason)
+
+    async def _admit(
+        self,
+        method: str,
+        principal: Principal | None,
+        has_token: bool,
+        client_streams: bool,
+        request,
+        context,
+    ):
         """Abort the call unless `principal` may make it; -> a response to answer with, or None.
 
-        Tenant scopes look at the request, so they apply to methods with a single request only.
+        Tenant scopes and replica bindings look at the request, so they apply to methods with a
+        single request only (every method they are set for has one).
         """
         if principal is None:
+            self._refused(method, None, context, "unknown_token" if has_token else "no_token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         rule = self.policy.rule(method)
+        name = method.rsplit("/", 1)[-1]
         if principal.role != ADMIN and (rule is None or principal.role not in rule.roles):
-            name = method.rsplit("/", 1)[-1]
             who = f"tenant {principal.tenant!r}" if principal.tenant else f"role {principal.role!r}"
+            self._refused(method, principal, context, "role")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who} may not call {name}")
-        _ACCESS.set(Access(principal, self.tenant_of, self.not_found))
+        if principal.role == SERVICE and rule.as_replica and not client_streams:
+            claimed = getattr(request, "replica_id", "")
+            if not principal.replica or claimed != principal.replica:
+                self._refused(method, principal, context, "other_replica")
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, _replica_refusal(principal, name, claimed)
+                )
+        refused = functools.partial(self._refused, method, principal, context)
+        _ACCESS.set(Access(principal, self.tenant_of, self.not_found, refused))
         if principal.role == TENANT and rule.scope is not None and not client_streams:
             try:
                 return await rule.scope(request, principal, self.tenant_of)
             except Hidden as e:
+                refused("not_owner")
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(self.not_found(e.adapter_id)))
             except Exception as e:  # the owner could not be looked up (the manager is away)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check access: {e}")
         return None
+
+
+def _replica_refusal(principal: Principal, method: str, claimed: str) -> str:
+    if not principal.replica:
+        return (
+            f"service token {principal.name!r} is bound to no replica and may not call {method}: "
+            'give its token-file entry "replica": "<replica id>"'
+        )
+    return f"service token {principal.name!r} acts as replica {principal.replica!r} only, not {claimed!r}"
 
 
 def _wrap_unary(admit, behavior):
@@ -456,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     new = sub.add_parser("new-token", help="print a new random token and its token-file entry")
     new.add_argument("--role", choices=ROLES, required=True)
     new.add_argument("--tenant", default="", help="the tenant's name (role tenant)")
+    new.add_argument("--replica", default="", help="the replica id a service token acts as (role service)")
     new.add_argument("--name", default="", help="a label for logs")
     hashed = sub.add_parser("hash", help="print the sha256 of a token read from stdin")
     hashed.set_defaults(role=None)
@@ -463,10 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash":
         print(hash_token(sys.stdin.readline().strip()))
         return 0
-    token = "lsk_" + secrets.token_urlsafe(TOKEN_BYTES)
-    entry = {"name": args.name or args.tenant or args.role, "role": args.role, "sha256": hash_token(token)}
+    token = new_token()
+    entry = {
+        "name": args.name or args.tenant or args.replica or args.role,
+        "role": args.role,
+        "sha256": hash_token(token),
+    }
     if args.tenant:
         entry["tenant"] = args.tenant
+    if args.replica:
+        entry["replica"] = args.replica
     try:
         TokenTable.from_dict({"tokens": [entry]}, "new entry")
     except ValueError as e:

@@ -10,7 +10,13 @@ Every setting is a flag on both `serve` commands and an environment variable, th
 | `--tls-cert FILE` / `--tls-key FILE` | `LORASERVE_TLS_CERT` / `_KEY` | serve TLS with this PEM chain and key |
 | `--tls-client-ca FILE` | `LORASERVE_TLS_CLIENT_CA` | require client certificates signed by this CA (mutual TLS) |
 | `--tls-ca FILE` | `LORASERVE_TLS_CA` | CA to verify the other service when calling it (unset = plaintext) |
-| `--service-token-file FILE` | `LORASERVE_SERVICE_TOKEN` (the token itself) | token sent to the other service |
+| `--tls-server-name NAME` | `LORASERVE_TLS_SERVER_NAME` | name the other service's certificate must carry (default: the host dialled) |
+| `--service-token-file FILE` | `LORASERVE_SERVICE_TOKEN` (the token itself) | a replica's token for the manager (bound to its replica id) |
+| `--insecure` | `LORASERVE_INSECURE=1` | allow listening beyond loopback with authentication off (warns) |
+
+Listening beyond loopback (`--host 0.0.0.0`) needs `--auth-tokens` or `--insecure`
+(`check_exposure`). The manager sends no service token to replicas: each call carries the
+credential it issued that replica at JoinReplica.
 
 With mutual TLS, calls to the other service present `--tls-cert`/`--tls-key` as the client
 certificate, so one certificate (with both serverAuth and clientAuth usage) serves both ends.
@@ -19,6 +25,8 @@ certificate, so one certificate (with both serverAuth and clientAuth usage) serv
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +34,13 @@ from pathlib import Path
 import grpc
 
 from loraserve.auth import (
+    ADMIN,
+    METRICS,
     AdapterHidden,
     AuthInterceptor,
+    IssuedCredentials,
     NotFound,
+    OnRefusal,
     Policy,
     TenantOf,
     TokenTable,
@@ -36,14 +48,19 @@ from loraserve.auth import (
 )
 from loraserve.errors import AddressUnavailable
 
+log = logging.getLogger(__name__)
+
 ENV = {
     "auth_tokens": "LORASERVE_AUTH_TOKENS",
     "tls_cert": "LORASERVE_TLS_CERT",
     "tls_key": "LORASERVE_TLS_KEY",
     "tls_client_ca": "LORASERVE_TLS_CLIENT_CA",
     "tls_ca": "LORASERVE_TLS_CA",
+    "tls_server_name": "LORASERVE_TLS_SERVER_NAME",
 }
+FILES = ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca", "tls_ca")
 SERVICE_TOKEN_ENV = "LORASERVE_SERVICE_TOKEN"
+INSECURE_ENV = "LORASERVE_INSECURE"
 
 
 @dataclass(frozen=True)
@@ -60,13 +77,18 @@ class SecurityConfig:
     tls_client_ca: str | None = None
     # PEM CA bundle that verifies the other service's certificate when calling it; None = plaintext.
     tls_ca: str | None = None
+    # Name the other service's certificate must carry, instead of the host dialled (replicas
+    # advertised by IP, one certificate for the stack); None = the host dialled.
+    tls_server_name: str | None = None
     # Bearer token sent on calls to the other service (a `service` token there); None = none.
     service_token: str | None = field(default=None, repr=False)
+    # Allow listening beyond loopback with authentication off (a loud warning instead of a refusal).
+    insecure: bool = False
     # The parsed token file (set from auth_tokens).
     tokens: TokenTable | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
+        for name in FILES:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise ValueError(f"{name} ({value!r}) must be an existing file")
@@ -86,16 +108,43 @@ class SecurityConfig:
     # --- serving ------------------------------------------------------------------------------
 
     def interceptors(
-        self, policy: Policy, tenant_of: TenantOf | None = None, not_found: NotFound = AdapterHidden
+        self,
+        policy: Policy,
+        tenant_of: TenantOf | None = None,
+        not_found: NotFound = AdapterHidden,
+        on_refusal: OnRefusal | None = None,
+        issued: IssuedCredentials | None = None,
     ) -> list:
         """The authentication interceptor for `policy` (none when authentication is off).
 
-        `tenant_of` and `not_found` are `AuthInterceptor`'s. Put the interceptor first: it must run
-        before any other interceptor sees the call.
+        `tenant_of`, `not_found` and `on_refusal` are `AuthInterceptor`'s; `issued` (a replica's
+        credentials from the manager) is accepted besides the token file. Put the interceptor
+        first: it must run before any other interceptor sees the call.
         """
         if not self.auth_enabled:
             return []
-        return [AuthInterceptor(self.tokens, policy, tenant_of, not_found)]
+        tokens = self.tokens
+        if issued is not None:
+            issued.tokens = self.tokens
+            tokens = issued
+        return [AuthInterceptor(tokens, policy, tenant_of, not_found, on_refusal)]
+
+    def metrics_authorizer(self):
+        """Who may read `/metrics`: with authentication on, admin and metrics tokens only (the
+        metrics name adapters, so tenants' adapter ids stay private); None = anyone."""
+        if not self.auth_enabled:
+            return None
+        tokens = self.tokens
+
+        def authorize(token: str | None) -> bool:
+            principal = tokens.authenticate(token)
+            return principal is not None and principal.role in (ADMIN, METRICS)
+
+        return authorize
+
+    def metrics_tls(self) -> tuple[str, str] | None:
+        """(cert, key) when this process serves TLS: `/metrics` is then HTTPS too."""
+        return (self.tls_cert, self.tls_key) if self.tls_cert is not None else None
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None:
@@ -128,25 +177,76 @@ class SecurityConfig:
             )
         return grpc.ssl_channel_credentials(_read(self.tls_ca))
 
-    def aio_channel(self, target: str, options=(), interceptors=()) -> grpc.aio.Channel:
+    def aio_channel(
+        self, target: str, options=(), interceptors=(), send_service_token: bool = True
+    ) -> grpc.aio.Channel:
         """A channel to the other service: TLS if tls_ca is set, the service token on every call
-        (after `interceptors`, so they see the call first)."""
+        (after `interceptors`, so they see the call first) unless `send_service_token` is False
+        (the manager calling replicas: each call carries that replica's own credential)."""
         interceptors = list(interceptors)
-        if self.service_token:
+        if self.service_token and send_service_token:
             interceptors += bearer_interceptors(self.service_token)
         credentials = self.channel_credentials()
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
+        if self.tls_server_name:
+            options = (*options, ("grpc.ssl_target_name_override", self.tls_server_name))
         return grpc.aio.secure_channel(
             target, credentials, options=options, interceptors=interceptors or None
         )
 
 
 def aio_channel(
-    security: SecurityConfig | None, target: str, options=(), interceptors=()
+    security: SecurityConfig | None,
+    target: str,
+    options=(),
+    interceptors=(),
+    send_service_token: bool = True,
 ) -> grpc.aio.Channel:
     """`security.aio_channel`, or a plaintext channel without a token when `security` is None."""
-    return (security or SecurityConfig()).aio_channel(target, options, interceptors)
+    return (security or SecurityConfig()).aio_channel(target, options, interceptors, send_service_token)
+
+
+# --- exposure -------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps a server reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(what: str, host: str, security: SecurityConfig) -> None:
+    """Refuse to listen beyond loopback with authentication off, unless `security.insecure` (warn).
+
+    Raises ValueError with what to do. Warns when tokens would cross the network in plaintext.
+    """
+    if is_loopback(host):
+        return
+    if not security.auth_enabled:
+        if not security.insecure:
+            raise ValueError(
+                f"{what} would listen on {host} with authentication off: anyone who can reach it could "
+                "call every RPC. Pass --auth-tokens FILE (see README, Security), listen on 127.0.0.1, "
+                "or pass --insecure to accept the risk"
+            )
+        log.warning(
+            "INSECURE: %s listens on %s with authentication OFF (--insecure): anyone who can reach it "
+            "can register, load, evict and join replicas. Use --auth-tokens outside a trusted network.",
+            what,
+            host,
+        )
+    elif security.tls_cert is None:
+        log.warning(
+            "%s listens on %s with bearer tokens but without TLS: tokens cross the network in plaintext "
+            "(pass --tls-cert/--tls-key)",
+            what,
+            host,
+        )
 
 
 def _read(path: str) -> bytes:
@@ -178,6 +278,18 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         help=f"CA verifying the other service when calling it; unset = plaintext (env {ENV['tls_ca']})",
     )
     group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the other service's certificate must carry instead of the host dialled "
+        f"(env {ENV['tls_server_name']})",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help=f"allow listening beyond loopback with authentication off; warns (env {INSECURE_ENV}=1)",
+    )
+    group.add_argument(
         "--service-token-file",
         metavar="FILE",
         help=f"file holding the token sent to the other service (env {SERVICE_TOKEN_ENV}: the token)",
@@ -195,4 +307,8 @@ def security_config_from(args: argparse.Namespace, environ=os.environ) -> Securi
             raise ValueError(f"service_token_file ({token_file!r}) cannot be read: {e}") from e
     else:
         values["service_token"] = environ.get(SERVICE_TOKEN_ENV) or None
+    insecure = getattr(args, "insecure", None)
+    if insecure is None:
+        insecure = environ.get(INSECURE_ENV, "").lower() in ("1", "true", "yes", "on")
+    values["insecure"] = bool(insecure)
     return SecurityConfig(**values)

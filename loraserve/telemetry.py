@@ -21,13 +21,18 @@ import functools
 import inspect
 import json
 import logging
+import socket
+import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from loraserve.names import REQUEST_ID_HEADER as REQUEST_ID_HEADER  # the header every service reads
 from loraserve.names import new_request_id as new_request_id
@@ -271,19 +276,66 @@ def build_metrics(specs: Iterable[MetricSpec], registry: CollectorRegistry) -> d
 class MetricsServer:
     """`GET http://host:port/metrics` for one registry, on a daemon thread; `close()` stops it.
 
-    Raises OSError if the port is taken.
+    `authorize(token)` (the request's bearer token, or None) decides who may read it; None = anyone.
+    Refused scrapes get 401 with a `WWW-Authenticate: Bearer` header. `tls` = (cert, key) PEM files
+    serves HTTPS. Raises OSError if the port is taken.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        authorize: Callable[[str | None], bool] | None = None,
+        tls: tuple[str, str] | None = None,
+    ):
+        app = make_wsgi_app(registry)
+        if authorize is not None:
+            app = _bearer_app(app, authorize)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+        self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.host = host
         self.port = self._server.server_address[1]
+        self.scheme = "https" if tls is not None else "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        return f"{self.scheme}://{self.host}:{self.port}/metrics"
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's name
+        pass
+
+
+def _bearer_app(app, authorize: Callable[[str | None], bool]):
+    """`app` behind `Authorization: Bearer <token>` checked by `authorize`."""
+
+    def guarded(environ, start_response):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        if not authorize(token.strip() if scheme.lower() == "bearer" and token.strip() else None):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+            )
+            return [b"metrics need an admin or metrics bearer token (authorization: Bearer <token>)\n"]
+        return app(environ, start_response)
+
+    return guarded

@@ -553,9 +553,9 @@ def call_method(channel: grpc.Channel, method, request=None, metadata=(), timeou
 # --- residency, both sides ------------------------------------------------------------------------
 
 
-def replica_state(manager_stub, replica_id: str) -> pb.ReplicaState | None:
+def replica_state(manager_stub, replica_id: str, metadata=()) -> pb.ReplicaState | None:
     """The replica as GetClusterState shows it (None: not a member)."""
-    cluster = manager_stub.GetClusterState(pb.GetClusterStateRequest(), timeout=TIMEOUT_S)
+    cluster = manager_stub.GetClusterState(pb.GetClusterStateRequest(), timeout=TIMEOUT_S, metadata=metadata)
     return next((r for r in cluster.replicas if r.replica_id == replica_id), None)
 
 
@@ -565,9 +565,12 @@ def mirror(manager_stub, replica_id: str) -> dict:
     return _residents(state.adapters) if state is not None else {}
 
 
-def truth(stub: inference_pb2_grpc.InferenceServiceStub) -> dict:
-    """What the replica itself says it holds, in the same shape as `mirror`."""
-    listed = stub.ListResidentAdapters(inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S)
+def truth(stub: inference_pb2_grpc.InferenceServiceStub, metadata=()) -> dict:
+    """What the replica itself says it holds, in the same shape as `mirror` (`metadata`: the
+    call's, e.g. an admin token)."""
+    listed = stub.ListResidentAdapters(
+        inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S, metadata=metadata
+    )
     return _residents(listed.adapters)
 
 
@@ -602,9 +605,11 @@ def resources(engine) -> tuple[int, dict, bool]:
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """{(sample name, frozenset of label items): value} from a Prometheus text endpoint."""
-    with urllib.request.urlopen(url, timeout=10) as response:
+def scrape(url: str, token: str | None = None) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, frozenset of label items): value} from a Prometheus text endpoint, read with
+    `token` as the bearer token if given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         text = response.read().decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value

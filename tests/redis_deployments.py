@@ -69,7 +69,9 @@ class SentinelDeployment:
     def start(self) -> SentinelDeployment:
         primary, replica = self.ports["primary"], self.ports["replica"]
         self.procs[primary] = _spawn(primary, self.directory / "primary")
-        self.procs[replica] = _spawn(replica, self.directory / "replica", "--replicaof", "127.0.0.1", str(primary))
+        self.procs[replica] = _spawn(
+            replica, self.directory / "replica", "--replicaof", "127.0.0.1", str(primary)
+        )
         for port in self.sentinels:
             conf = self.directory / f"sentinel-{port}.conf"
             conf.write_text(
@@ -80,15 +82,25 @@ class SentinelDeployment:
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
             self.procs[port] = subprocess.Popen(
-                ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                ["redis-server", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
-        wait_for(lambda: _answers(replica, lambda c: c.info("replication")["master_link_status"] == "up"),
-                 "the Sentinel replica to sync")
-        wait_for(lambda: all(_answers(p, self._knows_replica) for p in self.sentinels), "the sentinels to see the replica")
+        wait_for(
+            lambda: _answers(replica, lambda c: c.info("replication")["master_link_status"] == "up"),
+            "the Sentinel replica to sync",
+        )
+        wait_for(
+            lambda: all(_answers(p, self._knows_replica) for p in self.sentinels),
+            "the sentinels to see the replica",
+        )
         return self
 
     def _knows_replica(self, c: redis.Redis) -> bool:
-        return int(c.sentinel_master(SERVICE)["num-slaves"]) >= 1 and int(c.sentinel_master(SERVICE)["num-other-sentinels"]) >= 2
+        return (
+            int(c.sentinel_master(SERVICE)["num-slaves"]) >= 1
+            and int(c.sentinel_master(SERVICE)["num-other-sentinels"]) >= 2
+        )
 
     def primary_port(self) -> int:
         with _node(self.sentinels[0]) as c:
@@ -107,8 +119,10 @@ class SentinelDeployment:
         old = self.primary_port()
         self.procs.pop(old).kill()
         wait_for(lambda: self.primary_port() != old, "the sentinels to fail over", timeout=TIMEOUT_S * 2)
-        wait_for(lambda: _answers(self.primary_port(), lambda c: c.info("replication")["role"] == "master"),
-                 "the promoted replica to accept writes")
+        wait_for(
+            lambda: _answers(self.primary_port(), lambda c: c.info("replication")["role"] == "master"),
+            "the promoted replica to accept writes",
+        )
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -131,16 +145,21 @@ class ClusterDeployment:
             self.procs[port] = _spawn(
                 port,
                 self.directory / str(port),
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "1000",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
             )
         for port in self.ports:
             wait_for(lambda port=port: _answers(port), f"cluster node {port} to answer")
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=TIMEOUT_S,
+            check=True,
+            capture_output=True,
+            timeout=TIMEOUT_S,
         )
         wait_for(self._healthy, "the cluster to be ok with every replica linked", timeout=TIMEOUT_S * 2)
         return self

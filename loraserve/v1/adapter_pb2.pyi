@@ -424,20 +424,22 @@ class AdapterEvent(_message.Message):
     def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., adapter_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., detail: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class JoinReplicaRequest(_message.Message):
-    __slots__ = ("replica_id", "address", "engine", "model_config_json", "snapshot", "snapshot_seq")
+    __slots__ = ("replica_id", "address", "engine", "model_config_json", "snapshot", "snapshot_seq", "manager_credential")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MANAGER_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     engine: _inference_pb2.EngineConfig
     model_config_json: str
     snapshot: _containers.RepeatedCompositeFieldContainer[_common_pb2.ResidentAdapter]
     snapshot_seq: int
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., engine: _Optional[_Union[_inference_pb2.EngineConfig, _Mapping]] = ..., model_config_json: _Optional[str] = ..., snapshot: _Optional[_Iterable[_Union[_common_pb2.ResidentAdapter, _Mapping]]] = ..., snapshot_seq: _Optional[int] = ...) -> None: ...
+    manager_credential: str
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., engine: _Optional[_Union[_inference_pb2.EngineConfig, _Mapping]] = ..., model_config_json: _Optional[str] = ..., snapshot: _Optional[_Iterable[_Union[_common_pb2.ResidentAdapter, _Mapping]]] = ..., snapshot_seq: _Optional[int] = ..., manager_credential: _Optional[str] = ...) -> None: ...
 
 class JoinReplicaResponse(_message.Message):
     __slots__ = ("epoch", "heartbeat_interval_ms", "drop", "routing_version")

@@ -123,3 +123,61 @@ def test_security_settings_are_validated_and_read_from_flags_then_env(tmp_path):
     assert config.auth_enabled and len(config.tokens) == 1
     assert "service-token" not in repr(config)
     assert security_config_from(parser.parse_args([]), {"LORASERVE_SERVICE_TOKEN": "t"}).service_token == "t"
+
+
+def test_service_tokens_bind_to_one_replica_and_metrics_tokens_call_nothing():
+    table = TokenTable.from_dict(
+        {
+            "tokens": [
+                entry("r0", "service", replica="replica-0"),
+                entry("svc", "service"),
+                entry("prom", "metrics"),
+            ]
+        }
+    )
+    assert table.authenticate("r0") == auth.Principal("token-0", "service", "", "replica-0")
+    assert table.authenticate("svc").replica == "" and table.authenticate("prom").role == "metrics"
+    for raw in (
+        {"tokens": [entry("t", "admin", replica="replica-0")]},
+        {"tokens": [entry("t", "service", replica="bad id")]},
+    ):
+        with pytest.raises(ValueError, match=r"\.replica .* on a service token only"):
+            TokenTable.from_dict(raw)
+    for policy in (INFERENCE_POLICY, MANAGER_POLICY):
+        assert not any("metrics" in rule.roles for rule in policy.rules.values())
+    bound = {name for name, rule in MANAGER_POLICY.rules.items() if rule.as_replica}
+    assert bound == {"JoinReplica", "Heartbeat", "ReportResidency", "LeaveReplica", "AcquireAdapter"}
+    # A replica's commands come from the manager's issued credential (or an admin) only.
+    assert all(
+        rule.roles == {"admin", "manager"} for n, rule in INFERENCE_POLICY.rules.items() if n != "Generate"
+    )
+
+
+def test_issued_credentials_keep_the_latest_two_and_fall_back_to_the_table():
+    table = TokenTable.from_dict({"tokens": [entry("adm", "admin")]})
+    issued = auth.IssuedCredentials(table)
+    assert issued.authenticate("first") is None
+    for credential in ("first", "second", "third"):
+        issued.issue(credential)
+    assert issued.authenticate("first") is None
+    assert issued.authenticate("second").role == issued.authenticate("third").role == "manager"
+    assert issued.authenticate("adm").role == "admin" and issued.authenticate(None) is None
+
+
+def test_new_token_binds_a_service_token_to_a_replica(capsys):
+    assert auth.main(["new-token", "--role", "service", "--replica", "gpu-0"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[1].split(": ", 1)[1])
+    assert (line["role"], line["replica"], line["name"]) == ("service", "gpu-0", "gpu-0")
+    assert auth.main(["new-token", "--role", "admin", "--replica", "gpu-0"]) == 2
+
+
+def test_metrics_need_an_admin_or_metrics_token_with_auth_on(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps(
+            {"tokens": [entry("adm", "admin"), entry("prom", "metrics"), entry("t", "tenant", tenant="a")]}
+        )
+    )
+    assert SecurityConfig().metrics_authorizer() is None
+    allow = SecurityConfig(auth_tokens=str(path)).metrics_authorizer()
+    assert allow("adm") and allow("prom") and not allow("t") and not allow(None) and not allow("nope")

@@ -30,28 +30,52 @@ class Tokens:
     globex: str = "globex-token-0123456789"
     service: str = "service-token-0123456789"
 
+    metrics: str = "metrics-token-0123456789"
+
     def md(self, name: str) -> tuple:
         """Call metadata with the named token."""
         return token_metadata(getattr(self, name))
 
 
-def write_tokens(path: Path, adapters: dict[str, str] | None = None, extra_tenants=()) -> Tokens:
-    """A token file with an admin, tenants acme and globex (plus `extra_tenants`), and a service."""
+# Replica ids the security tests use: each gets a service token bound to it (`replica_token`).
+REPLICAS = ("r-auth", "r-tls", "r-bad", "r-intruder", "r-corpus", "r-rogue", "r-victim")
+
+
+def write_tokens(
+    path: Path, adapters: dict[str, str] | None = None, extra_tenants=(), replicas=REPLICAS
+) -> Tokens:
+    """A token file with an admin, tenants acme and globex (plus `extra_tenants`), an unbound
+    (read-only) service token, a service token bound to each of `replicas`, and a metrics token."""
     tokens = Tokens(path)
     entries = [
         {"name": "ops", "role": "admin", "sha256": hash_token(tokens.admin)},
         {"name": "acme", "role": "tenant", "tenant": "acme", "sha256": hash_token(tokens.acme)},
         {"name": "globex", "role": "tenant", "tenant": "globex", "sha256": hash_token(tokens.globex)},
         {"name": "replicas", "role": "service", "sha256": hash_token(tokens.service)},
+        {"name": "prometheus", "role": "metrics", "sha256": hash_token(tokens.metrics)},
     ]
     for tenant in extra_tenants:
         entries.append({"role": "tenant", "tenant": tenant, "sha256": hash_token(tenant_token(tenant))})
+    for replica in replicas:
+        entries.append(
+            {
+                "name": replica,
+                "role": "service",
+                "replica": replica,
+                "sha256": hash_token(replica_token(replica)),
+            }
+        )
     path.write_text(json.dumps({"tokens": entries, "adapters": adapters or {}}))
     return tokens
 
 
 def tenant_token(tenant: str) -> str:
     return f"{tenant}-token-0123456789"
+
+
+def replica_token(replica_id: str) -> str:
+    """The service token bound to `replica_id` (see `write_tokens`)."""
+    return f"{replica_id}-replica-token-0123456789"
 
 
 # --- certificates -------------------------------------------------------------------------------

@@ -9,13 +9,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from inference_svc import errors
+from inference_svc.servicer import ROUTED
 from loraserve.auth import token_metadata
 from loraserve.errors import unknown_adapter_message
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import write_tokens
+from credentials import replica_token, write_tokens
 from harness import (
     INFERENCE,
     MANAGER,
@@ -36,22 +37,12 @@ TENANT_MAY = {
     ("AdapterService", "GetAdapter"),
     ("AdapterService", "ListAdapters"),
 }
+# An unbound service token reads; the calls naming a replica need a token bound to that replica
+# (tests/reliability/test_trust_boundaries.py). A replica's own methods take the manager's issued
+# credential (or an admin), never a service token.
 SERVICE_MAY = {
-    ("InferenceService", m) for m in ("GetEngineInfo", "LoadAdapter", "EvictAdapter", "ListResidentAdapters")
-} | {
     ("AdapterService", m)
-    for m in (
-        "GetAdapter",
-        "GetAlias",
-        "GetRoutingTable",
-        "ResolveAdapter",
-        "JoinReplica",
-        "Heartbeat",
-        "ReportResidency",
-        "LeaveReplica",
-        "AcquireAdapter",
-        "FetchAdapterWeights",
-    )
+    for m in ("GetAdapter", "GetAlias", "GetRoutingTable", "ResolveAdapter", "FetchAdapterWeights")
 }
 AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -65,7 +56,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
     manager = ManagerHandle(
         loop,
         manager_config(redis_proc.url, tmp, adapter_root, model_dir),
-        SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service),
+        SecurityConfig(auth_tokens=str(tokens.path)),
     )
     replica = None
     try:
@@ -78,7 +69,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
             model_dir,
             manager.address,
             "r-auth",
-            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service),
+            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-auth")),
         )
         yield tokens, manager, replica, redis_proc
     finally:
@@ -112,7 +103,7 @@ def test_every_rpc_refuses_missing_wrong_and_unprivileged_tokens(cluster, which,
     code, _ = code_of(call_method, channel, method, metadata=(("authorization", "Basic YWRtaW4="),))
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
-    for role, allowed in (("acme", TENANT_MAY), ("service", SERVICE_MAY)):
+    for role, allowed in (("acme", TENANT_MAY), ("service", SERVICE_MAY), ("metrics", set())):
         if key in allowed:
             continue
         code, details = code_of(call_method, channel, method, metadata=tokens.md(role))
@@ -182,10 +173,12 @@ def test_routing_cannot_be_used_to_reach_another_tenants_adapter(cluster):
         assert spoofed[-1].adapter_id == ""
         # ... while globex's own requests match it without sending the header at all.
         assert replica.generate("", metadata=globex)[-1].adapter_id == "ad-1"
-        # A rule that would send acme to globex's adapter is refused after routing, as unknown.
+        # A rule that would send acme to globex's adapter is refused after routing, as unknown,
+        # naming only what acme asked for (the base model), never globex's adapter.
         set_rules(globex_rule, pb.RoutingRule(name="misrouted", match_tenant="acme", target="ad-1"))
         code, details = code_of(replica.generate, "", metadata=acme)
-        assert (code, details) == (grpc.StatusCode.NOT_FOUND, str(errors.AdapterNotFound("ad-1")))
+        assert (code, details) == (grpc.StatusCode.NOT_FOUND, str(errors.AdapterNotFound(ROUTED)))
+        assert "ad-1" not in details
     finally:
         set_rules()
 
@@ -213,7 +206,12 @@ def test_replicas_must_present_a_service_token(cluster, loop, model_dir):
         metadata=tokens.md("admin"),
     )
     assert loaded.replica_id == "r-auth"
-    for token, code in ((None, "missing or invalid bearer token"), (tokens.acme, "may not call JoinReplica")):
+    for token, code in (
+        (None, "missing or invalid bearer token"),
+        (tokens.acme, "may not call JoinReplica"),
+        (tokens.service, "bound to no replica"),  # an unbound service token joins as nobody
+        (replica_token("r-auth"), "acts as replica 'r-auth' only"),  # nor as another replica
+    ):
         security = SecurityConfig(auth_tokens=str(tokens.path), service_token=token)
         with pytest.raises(errors.Unavailable, match=code):
             ReplicaHandle(

@@ -24,7 +24,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import write_tokens
+from credentials import replica_token, write_tokens
 from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, code_of, manager_config, register
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -60,7 +60,7 @@ def setup(loop, tmp_path_factory, model_dir):
 
     redis_proc = RedisProcess(tmp / "redis").start()
     tokens = write_tokens(tmp / "tokens.json")
-    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
+    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-corpus"))
     manager = ManagerHandle(
         loop,
         manager_config(redis_proc.url, tmp, root, model_dir, max_upload_bytes=MAX_UPLOAD_BYTES),

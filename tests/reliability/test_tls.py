@@ -12,7 +12,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
-from credentials import make_pki, tls_channel, write_tokens
+from credentials import make_pki, replica_token, tls_channel, write_tokens
 from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, code_of, manager_config, register
 
 
@@ -74,7 +74,7 @@ def test_a_cluster_on_mutual_tls_with_tokens(loop, tmp_path, model_dir, adapters
     tokens = write_tokens(tmp_path / "tokens.json")
     node = dict(tls_cert=str(pki.cert), tls_key=str(pki.key), tls_client_ca=str(pki.ca))
     security = SecurityConfig(
-        auth_tokens=str(tokens.path), tls_ca=str(pki.ca), service_token=tokens.service, **node
+        auth_tokens=str(tokens.path), tls_ca=str(pki.ca), service_token=replica_token("r-tls"), **node
     )
     client = lambda a: tls_channel(a, pki.ca, pki.cert, pki.key)  # noqa: E731
     manager = ManagerHandle(
@@ -99,9 +99,12 @@ def test_a_cluster_on_mutual_tls_with_tokens(loop, tmp_path, model_dir, adapters
         # A replica that trusts the wrong CA, or calls the manager in plaintext, cannot join.
         for bad in (
             SecurityConfig(
-                auth_tokens=str(tokens.path), tls_ca=str(pki.rogue_ca), service_token=tokens.service, **node
+                auth_tokens=str(tokens.path),
+                tls_ca=str(pki.rogue_ca),
+                service_token=replica_token("r-bad"),
+                **node,
             ),
-            SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service, **node),
+            SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-bad"), **node),
         ):
             with pytest.raises(errors.Unavailable):
                 ReplicaHandle(loop, model_dir, manager.address, "r-bad", security=bad, join_timeout_s=0.5)
