@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 UNREGISTER_ATTEMPTS = 3
+# A Redis stream entry id, as WatchEvents' after_id: "<ms>" or "<ms>-<seq>".
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Catalog:
         self.placement = placement
         self.flags_profile = profile_from_flags(config)
         self.fetches = 0  # FetchAdapterWeights streams served (observability)
+        self.watchers = 0  # WatchEvents streams open now (at most config.max_watchers)
         self._profiles: dict[tuple[str, str], Profile] = {}
 
     async def register_dir(
@@ -127,7 +131,12 @@ class Catalog:
             tenant,
             dict(metadata),
         )
-        status = await self.registry.register(adapter_id, fields)
+        status, owner = await self.registry.register(adapter_id, fields)
+        if status == Registered.TENANT:
+            raise errors.AlreadyExists(
+                f"adapter {adapter_id!r} is already registered for tenant {owner or '(none)'!r}, not "
+                f"{tenant or '(none)'!r}; unregister it first or register these files under another id"
+            )
         if status == Registered.ALIAS:
             raise errors.AlreadyExists(
                 f"{adapter_id!r} is an alias; adapters and aliases share one namespace"
@@ -228,12 +237,30 @@ class Catalog:
             )
 
     async def events(self, after_id: str, adapter_id: str = "", replica_id: str = "") -> AsyncIterator[Event]:
-        """WatchEvents: events after `after_id` ('' = from now), until the caller stops."""
-        position = after_id or await self.registry.last_event_id()
-        while True:
-            for event in await self.registry.read_events(position):
-                position = event.event_id
-                if (not adapter_id or event.adapter_id == adapter_id) and (
-                    not replica_id or event.replica_id == replica_id
-                ):
-                    yield event
+        """WatchEvents: events after `after_id` ('' = from now), until the caller stops.
+
+        InvalidArgument for an `after_id` that is not an event id; ResourceExhausted while
+        `max_watchers` streams are already open.
+        """
+        if after_id and not EVENT_ID_RE.fullmatch(after_id):
+            raise errors.InvalidArgument(
+                f"after_id {after_id[:64]!r} is not an event id: use the `id` of an event "
+                "(e.g. 1700000000000-0), 0 for the whole stream, or leave it empty for new events"
+            )
+        if self.watchers >= self.config.max_watchers:
+            raise errors.ResourceExhausted(
+                f"{self.watchers} WatchEvents streams are open (max_watchers={self.config.max_watchers}); "
+                "close one or retry later"
+            )
+        self.watchers += 1
+        try:
+            position = after_id or await self.registry.last_event_id()
+            while True:
+                for event in await self.registry.read_events(position):
+                    position = event.event_id
+                    if (not adapter_id or event.adapter_id == adapter_id) and (
+                        not replica_id or event.replica_id == replica_id
+                    ):
+                        yield event
+        finally:
+            self.watchers -= 1

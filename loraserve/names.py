@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-# An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
+# An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces. `\Z`, not
+# `$`: `$` also matches before a trailing newline, which would let "acme\n" pass for an id.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}\Z")
 # Request header naming the tenant routing rules match on (set from the token when auth is on).
 TENANT_HEADER = "x-tenant"
 # Request header whose value an alias's variant choice sticks to.
