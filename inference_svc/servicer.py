@@ -21,6 +21,7 @@ from inference_svc.sampling import SamplingParams
 from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
 from loraserve.adapter_paths import resolve_adapter_dir
+from loraserve.names import ID_RE
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -111,8 +112,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def _adapter_id(adapter_id: str) -> str:
-    if not adapter_id:
-        raise errors.InvalidRequest("adapter_id", "must be non-empty")
+    if not ID_RE.fullmatch(adapter_id):
+        raise errors.InvalidRequest("adapter_id", f"{adapter_id[:200]!r} must match {ID_RE.pattern}")
     return adapter_id
 
 
@@ -147,6 +148,8 @@ def _template_kwargs(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise errors.InvalidRequest("messages.chat_template_kwargs", f"not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise errors.InvalidRequest("messages.chat_template_kwargs", "JSON nests too deeply") from e
     if not isinstance(value, dict):
         raise errors.InvalidRequest("messages.chat_template_kwargs", "must be a JSON object")
     return value
