@@ -122,14 +122,14 @@ def header_length(data: bytes, file_size: int, where: str, limits: HeaderLimits)
     if len(data) < 8:
         raise errors.CorruptSafetensors(f"{where}: file is {file_size} bytes, too short for a header")
     (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > file_size:
+        raise errors.CorruptSafetensors(
+            f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
+        )
     if n > limits.max_bytes:
         raise errors.TooManyTensors(
             f"{where}: header is {n} bytes; an adapter of this model lists at most "
             f"{limits.max_tensors} tensors, so its header is at most {limits.max_bytes} bytes"
-        )
-    if 8 + n > file_size:
-        raise errors.CorruptSafetensors(
-            f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
         )
     return n
 

@@ -1,6 +1,7 @@
 """Every status code of the contract, triggered by a real request; and the health service."""
 
 import re
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
