@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from adapter_svc import errors
@@ -236,8 +236,16 @@ class Catalog:
                 f"the stored copy of adapter {adapter_id!r} is corrupt: {problem}; register it again"
             )
 
-    async def events(self, after_id: str, adapter_id: str = "", replica_id: str = "") -> AsyncIterator[Event]:
-        """WatchEvents: events after `after_id` ('' = from now), until the caller stops.
+    async def events(
+        self,
+        after_id: str,
+        adapter_id: str = "",
+        replica_id: str = "",
+        ended: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Event]:
+        """WatchEvents: events after `after_id` ('' = from now), until the caller stops or
+        `ended()` (the call is over: a cancellation lost inside a Redis command cannot keep a
+        watcher, and its place among `max_watchers`, alive).
 
         InvalidArgument for an `after_id` that is not an event id; ResourceExhausted while
         `max_watchers` streams are already open.
@@ -255,7 +263,7 @@ class Catalog:
         self.watchers += 1
         try:
             position = after_id or await self.registry.last_event_id()
-            while True:
+            while not ended():
                 for event in await self.registry.read_events(position):
                     position = event.event_id
                     if (not adapter_id or event.adapter_id == adapter_id) and (

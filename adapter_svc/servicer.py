@@ -240,7 +240,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     # events
 
     async def WatchEvents(self, request, context):
-        async for e in self.catalog.events(request.after_id, request.adapter_id, request.replica_id):
+        async for e in self.catalog.events(
+            request.after_id, request.adapter_id, request.replica_id, ended=context.done
+        ):
             yield pb.AdapterEvent(
                 id=e.event_id,
                 type=e.type,
