@@ -5,6 +5,7 @@ with authentication on, sent again through the real services, each asserting the
 |---|---|
 | 1 tiny temperatures abort the step | test_four_tenants_stream_right_tokens_through_every_attack |
 | 2 7.5 MB prompt tokenized on the engine thread | test_four_tenants_..., test_a_prompt_too_long_to_fit_is_refused_before_tokenizing |
+| 2 (input sizes on the engine thread) | test_stop_conditions_are_bounded |
 | 3 tensor-count bomb | test_four_tenants_..., test_tensor_bombs_are_refused_from_the_header_length_and_count |
 | 4 ReDoS through rank_pattern / alpha_pattern | test_four_tenants_..., test_pattern_keys_are_matched_in_linear_time_or_refused |
 | 5 WatchEvents exhausts the Redis pool | test_150_watchers_leave_every_other_rpc_working |
@@ -277,6 +278,24 @@ def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(stack):
         assert threads and all(name.startswith("tokenize") for name in threads), threads
     finally:
         replica.on_engine(lambda engine: delattr(tokenizer, "encode"))
+
+
+def test_stop_conditions_are_bounded(stack):
+    """Stop strings and ids are checked for every token on the engine thread: a request with
+    thousands of them would slow every step of every tenant, so they are bounded up front."""
+    replica = stack["replica"]
+    for params, fragment in (
+        (dict(stop=[f"s{i}" for i in range(5000)]), "stop: 5000 stop strings; at most 16"),
+        (dict(stop=["z" * 10_000]), "stop: stop strings must be 1..256 characters"),
+        (dict(stop_token_ids=[1] * 5000), "stop_token_ids: 5000 ids; at most 256"),
+    ):
+        req = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=PROMPT), params=inference_pb2.SamplingParams(**params)
+        )
+        code, details = code_of(
+            lambda req=req: list(replica.stub.Generate(req, timeout=TIMEOUT_S, metadata=md("acme")))
+        )
+        assert code == INVALID and details == fragment, details
 
 
 def test_tensor_bombs_are_refused_from_the_header_length_and_count(stack):
