@@ -51,11 +51,13 @@ MAX_CONFIG_BYTES = 1024 * 1024
 HEADER_BYTES_PER_TENSOR = 1024
 HEADER_METADATA_BYTES = 64 * 1024
 TENSOR_ENTRY_SLACK = 2  # header entries allowed per LoRA tensor (see HeaderLimits.for_model)
-# rank_pattern / alpha_pattern: at most this many keys, each at most this long, each compiled
-# by RE2 within this much memory.
+# rank_pattern / alpha_pattern: at most this many keys, each at most this long and all together
+# at most this long (matching costs about modules x total key length: per-module keys of an
+# 80-layer model take ~20 KiB), each compiled by RE2 within this much memory (one at a time).
 MAX_PATTERN_KEYS = 1024
 MAX_PATTERN_CHARS = 1024
-PATTERN_MAX_MEM = 8 * 1024 * 1024
+MAX_PATTERN_TOTAL_CHARS = 32 * 1024
+PATTERN_MAX_MEM = 1024 * 1024
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight (fullmatch)
 TENSOR_KEY_RE = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
@@ -255,9 +257,11 @@ def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
             raise errors.AdapterConfigInvalid(f"{where}: {key} must be an object of pattern -> value")
-        if len(pattern) > MAX_PATTERN_KEYS:
+        total = sum(len(k) for k in pattern)
+        if len(pattern) > MAX_PATTERN_KEYS or total > MAX_PATTERN_TOTAL_CHARS:
             raise errors.AdapterConfigInvalid(
-                f"{where}: {key} has {len(pattern)} keys; at most {MAX_PATTERN_KEYS}"
+                f"{where}: {key} has {len(pattern)} keys of {total} characters; at most "
+                f"{MAX_PATTERN_KEYS} keys of {MAX_PATTERN_TOTAL_CHARS} characters in all"
             )
         for regex in pattern:
             _module_pattern(regex, f"{where}: {key}")
@@ -301,7 +305,7 @@ def _compile_pattern(key: str, where: str):
     options.log_errors = False
     options.max_mem = PATTERN_MAX_MEM
     try:
-        return re2.compile(rf"(.*\.)?({key})$", options)
+        return re2.compile(rf"(.*\.)?({key})$".encode(), options)  # bytes: matched without re-encoding
     except re2.error as e:
         detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else e
         raise errors.AdapterConfigInvalid(
@@ -310,12 +314,23 @@ def _compile_pattern(key: str, where: str):
         ) from e
 
 
-def _pattern_value(patterns: dict, module_name: str, default, where: str = ""):
-    """PEFT's rule: the first pattern key that matches the end of the module's dotted name."""
+def _pattern_values(patterns: dict, module_names: list[str], where: str) -> dict:
+    """PEFT's rule for every module at once: {dotted name: the value of the first key that matches
+    the end of the name}; names no key matches are absent. Each key is compiled once."""
+    found: dict = {}
+    encoded = [(name, name.encode()) for name in module_names]
     for key, value in patterns.items():
-        if _module_pattern(key, where).match(module_name):
-            return value
-    return default
+        pattern = _module_pattern(key, where)
+        for name, raw in encoded:
+            if name not in found and pattern.match(raw):
+                found[name] = value
+    return found
+
+
+def _module_name(layer: int, module: str) -> str:
+    """The module's dotted name in the model, which pattern keys are matched against."""
+    block = "mlp" if module in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}"
 
 
 def build_manifest(
@@ -360,16 +375,19 @@ def build_manifest(
     if not found:
         raise errors.AdapterConfigInvalid(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
     ranks, scales = {}, {}
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
     for (layer, module), pair in sorted(found.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
-        block = "mlp" if module in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
-        name = f"model.layers.{layer}.{block}.{module}"
-        r = _pattern_value(rank_pattern, name, cfg["r"], f"{where}: rank_pattern")
-        alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"], f"{where}: alpha_pattern")
+    names = {key: _module_name(*key) for key in sorted(found)}
+    rank_of = _pattern_values(cfg.get("rank_pattern") or {}, list(names.values()), f"{where}: rank_pattern")
+    alpha_of = _pattern_values(
+        cfg.get("alpha_pattern") or {}, list(names.values()), f"{where}: alpha_pattern"
+    )
+    for (layer, module), pair in sorted(found.items()):
+        name = names[(layer, module)]
+        r = rank_of.get(name, cfg["r"])
+        alpha = alpha_of.get(name, cfg["lora_alpha"])
         fan_in, fan_out = shapes[module]
         a, b = pair["lora_A"], pair["lora_B"]
         if a.shape != (r, fan_in) or b.shape != (fan_out, r):

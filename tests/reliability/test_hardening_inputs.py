@@ -349,8 +349,15 @@ def test_pattern_keys_are_matched_in_linear_time_or_refused(stack):
         (r"(q)\1", "not a regular expression RE2 accepts"),
         (r"(?=q_proj)q", "not a regular expression RE2 accepts"),
         ("a" * 2000, "at most 1024"),
+        (
+            tuple(f"{i:04d}" + "b" * 996 for i in range(40)),
+            "keys of 40000 characters; at most 1024 keys of 32768",
+        ),
     ):
-        bad = write_variant(root / f"bad-{abs(hash(key))}", stack["template"], rank_pattern={key: 4})
+        keys = key if isinstance(key, tuple) else (key,)
+        bad = write_variant(
+            root / f"bad-{abs(hash(key))}", stack["template"], rank_pattern=dict.fromkeys(keys, 4)
+        )
         code, details = code_of(register, manager.stub, bad.name, bad, call_metadata=admin)
         assert code == INVALID and fragment in details, details
         request = inference_pb2.LoadAdapterRequest(adapter_id=bad.name, path=str(bad))
