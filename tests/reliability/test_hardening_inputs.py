@@ -371,8 +371,9 @@ def test_pattern_keys_are_matched_in_linear_time_or_refused(stack):
 def test_150_watchers_leave_every_other_rpc_working(loop, stack, model_dir):
     """150 WatchEvents streams against a manager (max_watchers=120, Redis RPC pool of 20): 120
     are served from the watchers' own pool and see new events, 30 are RESOURCE_EXHAUSTED naming
-    the limit, and every other RPC keeps working meanwhile (before, ~110 watchers took the one
-    pool and every RPC failed UNAVAILABLE)."""
+    the limit, and every other RPC keeps working meanwhile, the heartbeats of a replica included:
+    it stays UP in the same epoch (before, ~110 watchers took the one pool, every RPC failed
+    UNAVAILABLE and replicas were marked DOWN)."""
     tmp, root, tokens = stack["tmp"], stack["root"], stack["tokens"]
     config = manager_config(
         stack["redis"].url,
@@ -386,8 +387,10 @@ def test_150_watchers_leave_every_other_rpc_working(loop, stack, model_dir):
     security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
     manager = ManagerHandle(loop, config, security)
     admin = tokens.md("admin")
-    calls, firsts = [], []
+    calls, firsts, replica = [], [], None
     try:
+        replica = ReplicaHandle(loop, model_dir, manager.address, "r-watch", security=security)
+        joined = replica_state(manager, admin, "r-watch")
         calls = [manager.stub.WatchEvents(pb.WatchEventsRequest(), metadata=admin) for _ in range(150)]
         wait_for(lambda: manager.manager.catalog.watchers == 120, "120 watchers admitted", interval=0.1)
         readers = [Attack(f"watcher-{i}", lambda c=c: next(c).type) for i, c in enumerate(calls)]
@@ -408,10 +411,23 @@ def test_150_watchers_leave_every_other_rpc_working(loop, stack, model_dir):
         refused = [o for o in firsts if o[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
         assert len(served) == 120 and len(refused) == 30, firsts
         assert all("max_watchers=120" in details for _, details in refused)
+        # two more heartbeats land while the 120 watchers still hold their pool
+        beats = {joined.last_heartbeat_ms}
+
+        def two_more_heartbeats() -> bool:
+            beats.add(replica_state(manager, admin, "r-watch").last_heartbeat_ms)
+            return len(beats) >= 3
+
+        wait_for(two_more_heartbeats, "two more heartbeats", interval=0.2)
+        assert manager.manager.catalog.watchers == 120
+        state = replica_state(manager, admin, "r-watch")
+        assert state.status == pb.REPLICA_STATUS_UP and state.epoch == joined.epoch
     finally:
         for c in calls:
             c.cancel()
         wait_for(lambda: manager.manager.catalog.watchers == 0, "the watchers to close")
+        if replica is not None:
+            replica.close()
         manager.close()
 
 
