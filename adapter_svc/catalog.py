@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ BLOB_BUSY_WAIT_S = 30.0
 BLOB_CLAIM_MS = 60 * 1000
 # Blobs examined per collection pass.
 BLOB_GC_BATCH = 100
+# A Redis stream entry id, as WatchEvents' after_id: "<ms>" or "<ms>-<seq>".
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Catalog:
         self.placement = placement
         self.flags_profile = profile_from_flags(config)
         self.fetches = 0  # FetchAdapterWeights streams served (observability)
+        self.watchers = 0  # WatchEvents streams open now (at most config.max_watchers)
         self._profiles: dict[tuple[str, str], Profile] = {}
 
     async def register_dir(
@@ -156,7 +160,12 @@ class Catalog:
             tenant,
             dict(metadata),
         )
-        status = await self.registry.register(adapter_id, fields)
+        status, owner = await self.registry.register(adapter_id, fields)
+        if status == Registered.TENANT:
+            raise errors.AlreadyExists(
+                f"adapter {adapter_id!r} is already registered for tenant {owner or '(none)'!r}, not "
+                f"{tenant or '(none)'!r}; unregister it first or register these files under another id"
+            )
         if status == Registered.ALIAS:
             raise errors.AlreadyExists(
                 f"{adapter_id!r} is an alias; adapters and aliases share one namespace"
@@ -306,13 +315,39 @@ class Catalog:
             except errors.Unavailable as e:  # Redis away: the next pass tries again
                 log.warning("stored-copy collection skipped: %s", e)
 
-    async def events(self, after_id: str, adapter_id: str = "", replica_id: str = "") -> AsyncIterator[Event]:
-        """WatchEvents: events after `after_id` ('' = from now), until the caller stops."""
-        position = after_id or await self.registry.last_event_id()
-        while True:
-            for event in await self.registry.read_events(position):
-                position = event.event_id
-                if (not adapter_id or event.adapter_id == adapter_id) and (
-                    not replica_id or event.replica_id == replica_id
-                ):
-                    yield event
+    async def events(
+        self,
+        after_id: str,
+        adapter_id: str = "",
+        replica_id: str = "",
+        ended: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Event]:
+        """WatchEvents: events after `after_id` ('' = from now), until the caller stops or
+        `ended()` (the call is over: a cancellation lost inside a Redis command cannot keep a
+        watcher, and its place among `max_watchers`, alive).
+
+        InvalidArgument for an `after_id` that is not an event id; ResourceExhausted while
+        `max_watchers` streams are already open.
+        """
+        if after_id and not EVENT_ID_RE.fullmatch(after_id):
+            raise errors.InvalidArgument(
+                f"after_id {after_id[:64]!r} is not an event id: use the `id` of an event "
+                "(e.g. 1700000000000-0), 0 for the whole stream, or leave it empty for new events"
+            )
+        if self.watchers >= self.config.max_watchers:
+            raise errors.ResourceExhausted(
+                f"{self.watchers} WatchEvents streams are open (max_watchers={self.config.max_watchers}); "
+                "close one or retry later"
+            )
+        self.watchers += 1
+        try:
+            position = after_id or await self.registry.last_event_id()
+            while not ended():
+                for event in await self.registry.read_events(position):
+                    position = event.event_id
+                    if (not adapter_id or event.adapter_id == adapter_id) and (
+                        not replica_id or event.replica_id == replica_id
+                    ):
+                        yield event
+        finally:
+            self.watchers -= 1

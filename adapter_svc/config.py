@@ -13,7 +13,7 @@ from pathlib import Path
 from loraserve.engine_limits import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT, TARGET_MODULE_NAMES
 from loraserve.env_config import require
 
-CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class ManagerConfig:
     blob_gc_grace_s: float = 300.0
     # Events kept in the event stream (older ones are trimmed, approximately).
     events_maxlen: int = 100_000
+    # Concurrent WatchEvents streams; one more is refused with RESOURCE_EXHAUSTED. Watchers read
+    # Redis through a pool of this many connections of their own, apart from the RPCs' pool.
+    max_watchers: int = 64
+    # Connections in the Redis pool serving every other RPC and the background tasks.
+    redis_max_connections: int = 100
     # Largest ListAdapters page.
     max_page_size: int = 1000
     # How long a replica may take to fetch and load an adapter before its reservation lapses.
@@ -126,6 +131,13 @@ class ManagerConfig:
             "must be in 4096..4194304 (gRPC messages stay under 4 MiB)",
         )
         require(self.events_maxlen >= 100, "events_maxlen", self.events_maxlen, "must be >= 100")
+        require(self.max_watchers >= 1, "max_watchers", self.max_watchers, "must be >= 1")
+        require(
+            self.redis_max_connections >= 8,
+            "redis_max_connections",
+            self.redis_max_connections,
+            "must be >= 8",
+        )
         require(self.max_page_size >= 1, "max_page_size", self.max_page_size, "must be >= 1")
         require(self.load_timeout_s > 0, "load_timeout_s", self.load_timeout_s, "must be > 0")
         require(

@@ -166,6 +166,7 @@ class Registered(enum.Enum):
     OK = "ok"
     SAME = "same"  # identical content already registered under that id: a no-op
     EXISTS = "exists"  # the id is taken by other content
+    TENANT = "tenant"  # the same content is registered under that id for another tenant
     ALIAS = "alias"  # the id is an alias name
 
 

@@ -44,8 +44,9 @@ LIST_SCAN_BUDGET = 5000
 EVENTS_BLOCK_MS = 1000
 
 
-def connect(config: ManagerConfig) -> redis.Redis:
-    """A client that retries on connection loss with exponential backoff (jittered)."""
+def connect(config: ManagerConfig, max_connections: int | None = None) -> redis.Redis:
+    """A client that retries on connection loss with exponential backoff (jittered), with a pool
+    of at most `max_connections` (default `config.redis_max_connections`)."""
     retry = Retry(
         ExponentialWithJitterBackoff(base=config.redis_backoff_base_s, cap=config.redis_backoff_cap_s),
         config.redis_retries,
@@ -58,14 +59,23 @@ def connect(config: ManagerConfig) -> redis.Redis:
         socket_timeout=10,
         socket_connect_timeout=2,
         health_check_interval=10,
+        max_connections=max_connections or config.redis_max_connections,
     )
 
 
 class Registry:
-    """Typed access to one cluster's keys."""
+    """Typed access to one cluster's keys.
 
-    def __init__(self, client: redis.Redis, cluster: str, events_maxlen: int):
+    `watch_client` serves the event stream's blocking reads (WatchEvents) from a pool of its own,
+    so that watchers, however many, never take the connections every other call needs; None =
+    `client`.
+    """
+
+    def __init__(
+        self, client: redis.Redis, cluster: str, events_maxlen: int, watch_client: redis.Redis | None = None
+    ):
         self.client = client
+        self.watch_client = watch_client or client
         self.keys = Keys(cluster)
         self.scripts = Scripts(client)
         self._common = [self.keys.prefix, events_maxlen]
@@ -82,9 +92,10 @@ class Registry:
 
     # --- registry -----------------------------------------------------------------------------
 
-    async def register(self, adapter_id: str, fields: dict[str, str]) -> Registered:
-        (status,) = await self._call(self.scripts.register, adapter_id, json.dumps(fields))
-        return Registered(status)
+    async def register(self, adapter_id: str, fields: dict[str, str]) -> tuple[Registered, str]:
+        """(REGISTER's answer, the registered tenant when it is TENANT, else "")."""
+        status, *owner = await self._call(self.scripts.register, adapter_id, json.dumps(fields))
+        return Registered(status), owner[0] if owner else ""
 
     async def get(self, adapter_id: str) -> AdapterRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -428,12 +439,14 @@ class Registry:
     # --- events -------------------------------------------------------------------------------
 
     async def last_event_id(self) -> str:
-        last = await self.client.xrevrange(self.keys.events, count=1)
+        last = await self.watch_client.xrevrange(self.keys.events, count=1)
         return last[0][0] if last else "0-0"
 
     async def read_events(self, after_id: str, count: int = 100) -> list[Event]:
         """Events after `after_id`, waiting up to EVENTS_BLOCK_MS for the first."""
-        found = await self.client.xread({self.keys.events: after_id}, count=count, block=EVENTS_BLOCK_MS)
+        found = await self.watch_client.xread(
+            {self.keys.events: after_id}, count=count, block=EVENTS_BLOCK_MS
+        )
         events = []
         for _, entries in found or []:
             for event_id, f in entries:

@@ -134,7 +134,8 @@ end
 )
 
 # ARGV[3] adapter id, ARGV[4] JSON object of the record's string fields.
-# -> {'ok'} | {'same'} (identical content already registered) | {'exists'} | {'alias'}
+# -> {'ok'} | {'same'} (identical content already registered for the same tenant) | {'exists'}
+#    | {'tenant', registered tenant} (identical content, another tenant) | {'alias'}
 REGISTER = (
     PRELUDE
     + """
@@ -142,10 +143,11 @@ local id = ARGV[3]
 local rec = cjson.decode(ARGV[4])
 if redis.call('HEXISTS', k_aliases(), id) == 1 then return {'alias'} end
 local key = k_adapter(id)
-local cur = redis.call('HMGET', key, 'sha256', 'config_sha256')
+local cur = redis.call('HMGET', key, 'sha256', 'config_sha256', 'tenant')
 if cur[1] then
-  if cur[1] == rec.sha256 and cur[2] == rec.config_sha256 then return {'same'} end
-  return {'exists'}
+  if cur[1] ~= rec.sha256 or cur[2] ~= rec.config_sha256 then return {'exists'} end
+  if (cur[3] or '') ~= rec.tenant then return {'tenant', cur[3] or ''} end
+  return {'same'}
 end
 local b = blob_of(rec.sha256, rec.config_sha256)
 redis.call('SADD', k_blob_refs(b), id)

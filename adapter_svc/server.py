@@ -25,7 +25,7 @@ from adapter_svc.registry import Registry, connect
 from adapter_svc.replica_client import ReplicaClient
 from adapter_svc.servicer import AdapterServicer
 from loraserve.auth import MANAGER_POLICY
-from loraserve.grpc_errors import ErrorInterceptor
+from loraserve.grpc_errors import DecodeGuard, ErrorInterceptor
 from loraserve.security import SecurityConfig, check_exposure
 from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
@@ -60,7 +60,9 @@ class ManagerServer:
         self.security = security or SecurityConfig()
         check_exposure("the adapter manager", config.host, self.security)
         self.redis = connect(config)
-        self.registry = Registry(self.redis, config.cluster, config.events_maxlen)
+        # WatchEvents' blocking reads get a pool of their own (at most max_watchers at once)
+        self.watch_redis = connect(config, max_connections=config.max_watchers)
+        self.registry = Registry(self.redis, config.cluster, config.events_maxlen, self.watch_redis)
         self.manager = AdapterManager(
             config,
             self.registry,
@@ -78,7 +80,8 @@ class ManagerServer:
             MANAGER_POLICY, self._tenant_of, errors.AdapterNotFound, self.metrics.on_auth_refusal
         )
         self._server = grpc.aio.server(
-            interceptors=[*auth, ErrorInterceptor(status_for, message_for), telemetry], options=SERVER_OPTIONS
+            interceptors=[DecodeGuard(), *auth, ErrorInterceptor(status_for, message_for), telemetry],
+            options=SERVER_OPTIONS,
         )
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.manager), self._server)
         add_health_and_reflection(self._server, self.health, SERVICE_NAME)
@@ -120,6 +123,7 @@ class ManagerServer:
         await self._server.stop(grace_s)
         await self.manager.close()
         await self.redis.aclose()
+        await self.watch_redis.aclose()
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None

@@ -35,12 +35,14 @@ def state_proto(state: str) -> int:
 
 
 def state_name(value: int) -> str:
-    """'' for UNSPECIFIED (no filter), else the registry's state name."""
-    return (
-        ""
-        if value == pb.ADAPTER_STATE_UNSPECIFIED
-        else pb.AdapterState.Name(value).removeprefix("ADAPTER_STATE_")
-    )
+    """'' for UNSPECIFIED (no filter), else the registry's state name; InvalidArgument for a
+    number that is no AdapterState (proto3 enums are open: any int32 arrives)."""
+    if value == pb.ADAPTER_STATE_UNSPECIFIED:
+        return ""
+    if value not in pb.AdapterState.values():
+        names = [n.removeprefix("ADAPTER_STATE_") for n in pb.AdapterState.keys()[1:]]
+        raise errors.InvalidArgument(f"state {value} is not an adapter state: one of {names} (or unset)")
+    return pb.AdapterState.Name(value).removeprefix("ADAPTER_STATE_")
 
 
 def adapter_proto(r: AdapterRecord) -> pb.RegisteredAdapter:
@@ -238,7 +240,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     # events
 
     async def WatchEvents(self, request, context):
-        async for e in self.catalog.events(request.after_id, request.adapter_id, request.replica_id):
+        async for e in self.catalog.events(
+            request.after_id, request.adapter_id, request.replica_id, ended=context.done
+        ):
             yield pb.AdapterEvent(
                 id=e.event_id,
                 type=e.type,

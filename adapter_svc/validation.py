@@ -10,6 +10,7 @@ Nothing here imports torch: the format and the limits come from the shared layer
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,13 @@ MAX_METADATA_VALUE = 4096
 
 def check_id(kind: str, value: str) -> None:
     """InvalidArgument unless `value` is a well-formed id (adapter, replica, tenant, page token)."""
-    if not ID_RE.match(value or ""):
-        raise errors.InvalidArgument(f"{kind} {value!r} must match {ID_RE.pattern}")
+    if not ID_RE.fullmatch(value or ""):
+        raise errors.InvalidArgument(f"{kind} {value[:200]!r} must match {ID_RE.pattern}")
 
 
 def check_labels(tenant: str, metadata: Mapping[str, str]) -> None:
-    """InvalidArgument unless the tenant is an id (or empty) and the metadata is within bounds."""
+    """InvalidArgument unless the tenant is an id (or empty) and the metadata is within bounds:
+    sizes, and no control characters (NUL, ESC of ANSI escapes, newlines) in keys or values."""
     if tenant:
         check_id("tenant", tenant)
     if len(metadata) > MAX_METADATA_ENTRIES:
@@ -45,6 +47,13 @@ def check_labels(tenant: str, metadata: Mapping[str, str]) -> None:
                 f"metadata {key[:40]!r}: keys must be 1..{MAX_METADATA_KEY} characters and values "
                 f"at most {MAX_METADATA_VALUE}"
             )
+        for what, text in (("key", key), ("value", value)):
+            bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+            if bad is not None:
+                raise errors.InvalidArgument(
+                    f"metadata {key[:40]!r}: the {what} holds control character U+{ord(bad):04X}; "
+                    "control characters (NUL, escape sequences, newlines) are not allowed"
+                )
 
 
 @dataclass(frozen=True)

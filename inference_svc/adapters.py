@@ -26,9 +26,11 @@ from loraserve.peft_format import (
     WEIGHTS_FILE,
     AdapterFiles,
     AdapterManifest,
+    HeaderLimits,
     TensorInfo,
     build_manifest,
     check_adapter_config,
+    header_length,
     parse_safetensors_header,
     read_adapter_config,
     weights_path,
@@ -87,6 +89,7 @@ def load_adapter(
     if files is None and not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
     limits = engine.adapter_limits
+    header_limits = HeaderLimits.for_model(model)
     cfg = read_adapter_config(path, files)
     check_adapter_config(cfg, limits, str(path))
     if files is not None:
@@ -94,15 +97,18 @@ def load_adapter(
     else:
         weights_file = weights_path(path, limits)
         data = bytearray(weights_file.stat().st_size)
-        with weights_file.open("rb") as f:  # the one read of the weights
-            f.readinto(data)
+        with weights_file.open("rb") as f, memoryview(data) as view:  # the one read of the weights
+            got = f.readinto(view[:8])
+            if weights_file.name == WEIGHTS_FILE:  # the header's length is bounded before the read
+                header_length(bytes(view[:got]), len(data), str(weights_file), header_limits)
+            f.readinto(view[got:])
     sha = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())  # hashlib releases the GIL
     section = None
     if weights_file.name == PICKLE_WEIGHTS_FILE:
         state = _load_pickle(weights_file)
         tensors = _pickle_tensor_infos(state)
     else:
-        tensors = parse_safetensors_header(data, len(data), str(weights_file))
+        tensors = parse_safetensors_header(data, len(data), str(weights_file), header_limits)
         section = _data_section(data, tensors)
         state = _tensors_from_bytes(data, tensors, section)
     manifest = build_manifest(path, cfg, tensors, len(data), model, limits)
@@ -114,7 +120,7 @@ def load_adapter(
         )
     by_name = {}
     for name, tensor in state.items():
-        m = TENSOR_KEY_RE.match(name)
+        m = TENSOR_KEY_RE.fullmatch(name)
         by_name[(int(m["layer"]), m["module"], m["kind"])] = tensor
     weights = {}
     for key, scale in manifest.module_scales.items():

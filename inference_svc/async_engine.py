@@ -8,6 +8,10 @@ that routes them to per-request asyncio queues, which the Generate streams read.
 each request's lifecycle; `_streams` here is only where a request's outputs go, and whether a step
 ran comes from the step's record (`LLMEngine.run_step`).
 
+Prompts are never tokenized on the engine thread: `generate` encodes a prompt on a small pool of
+tokenizer threads (the engine's `PromptEncoder`, which refuses text too long to fit before
+tokenizing and releases the GIL while it does), then queues the ids; a huge prompt stalls no step.
+
 Adapter files are never read on the engine thread: the engine's loader thread reads them, and its
 completion posts a no-op command so a waiting engine thread wakes and installs the result.
 `load_adapter` awaits a read here, on the event loop, then installs it with a command.
@@ -31,6 +35,7 @@ from inference_svc import errors
 from inference_svc.adapter_cache import ResidentAdapter
 from inference_svc.engine import EngineStep, LLMEngine, RequestEvent, RequestOutput
 from inference_svc.sampling import SamplingParams
+from inference_svc.tokenizer import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ Command = tuple[Callable[[LLMEngine], object], "concurrent.futures.Future | None
 # Seconds the engine thread waits for a command when requests are queued but none could be
 # scheduled and no adapter read is in flight to wake it; avoids spinning on empty steps.
 BLOCKED_POLL_S = 0.005
+
+# Threads that tokenize prompts (tokenizers releases the GIL, so they run in parallel).
+TOKENIZER_THREADS = 4
 
 STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
 _STOP = object()
@@ -85,6 +93,8 @@ class AsyncEngine:
         self._no_streams: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._encoder: PromptEncoder | None = None  # the engine's, set once it is built
+        self._tokenizers = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS, "tokenize")
         self.state = STARTING
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -130,6 +140,7 @@ class AsyncEngine:
         self.state = STOPPED
         self._inbox.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def accepting(self) -> bool:
@@ -203,7 +214,8 @@ class AsyncEngine:
         self._no_streams.clear()
         finished = False  # True once the engine itself has retired the request
         try:
-            await self.call(lambda engine: engine.add_request(request_id, prompt, params, adapter_id))
+            ids = await asyncio.wrap_future(self._tokenizers.submit(self._encoder.encode, prompt))
+            await self.call(lambda engine: engine.add_request(request_id, ids, params, adapter_id))
             while not finished:
                 arrived = [await outputs.get()]
                 while not outputs.empty():
@@ -235,6 +247,7 @@ class AsyncEngine:
             built.set_exception(e)
             return
         engine.adapters.loader.on_done = lambda: self._inbox.put((_wake_up, None))
+        self._encoder = engine.prompt_encoder
         built.set_result(None)
         try:
             self._serve(engine)

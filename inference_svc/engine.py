@@ -35,7 +35,7 @@ from inference_svc.memory_plan import MemoryPlan, compute_plan, dtype_name
 from inference_svc.model import CausalLM
 from inference_svc.sampling import SampledToken, SamplingParams, sample
 from inference_svc.scheduler import Scheduler, Sequence, StepRecord
-from inference_svc.tokenizer import IncrementalDecoder, Prompt, encode_prompt, load_tokenizer
+from inference_svc.tokenizer import IncrementalDecoder, Prompt, PromptEncoder, load_tokenizer
 from loraserve.model_summary import ModelConfig
 from loraserve.peft_format import AdapterFiles, AdapterManifest
 
@@ -153,6 +153,8 @@ class LLMEngine:
             max_blocks_per_table=-(-self.max_model_len // config.kv_block_size),
             padding=self._uses_cuda_graphs(),
         )
+        # prompts -> ids, refusing text that cannot fit; thread-safe (AsyncEngine runs it off this thread)
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self._max_prompt_tokens())
         self.inputs = StepInputs(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.device, config.max_loras
         )
@@ -240,7 +242,7 @@ class LLMEngine:
         if adapter_id is not None and not self.adapters.knows(adapter_id):
             raise errors.AdapterNotFound(adapter_id)
         params.validate(self.model_config.vocab_size)
-        ids = encode_prompt(self.tokenizer, prompt)
+        ids = self.prompt_encoder.encode(prompt)  # token ids pass through as they are
         self._check_prompt(ids, params)
         if adapter_id is not None:
             self.adapters.check_slot_reachable(adapter_id)
@@ -265,12 +267,18 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._event("queued", seq)
 
+    def _max_prompt_tokens(self) -> int:
+        """The most tokens any prompt may have: the sequence limit less one generated token, and
+        max_prompt_tokens."""
+        longest = min(self.max_model_len, self.kv.num_blocks * self.kv.block_size) - 1
+        if self.config.max_prompt_tokens is not None:
+            longest = min(longest, self.config.max_prompt_tokens)
+        return longest
+
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """Length limits first (cheap), then each id's range (linear, but in a bounded prompt)."""
         if not ids:
             raise errors.InvalidRequest("prompt", "must contain at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise errors.InvalidRequest("token_ids", f"ids must be in 0..{vocab - 1}")
         if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
             raise errors.PromptTooLong(
                 "prompt", f"{len(ids)} tokens exceed max_prompt_tokens ({self.config.max_prompt_tokens})"
@@ -287,6 +295,9 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"sequence limit ({limit} tokens)",
             )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise errors.InvalidRequest("token_ids", f"ids must be in 0..{vocab - 1}")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now, freeing its KV blocks and slot reference. False if unknown."""

@@ -21,6 +21,11 @@ from inference_svc.errors import InvalidRequest
 MAX_LOGPROBS = 20
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): no logits / 1e-40
 MAX_PENALTY = 2.0  # frequency and presence penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+# Stop conditions are checked for every generated token on the engine thread: bounded, so that one
+# request cannot make every step slow for the whole batch.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,14 @@ class SamplingParams:
                 raise InvalidRequest(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
         if not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequest("logprobs", f"must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise InvalidRequest("stop", "stop strings must be non-empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest("stop", f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS}")
+        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidRequest("stop", f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                "stop_token_ids", f"{len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}"
+            )
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequest("stop_token_ids", f"{bad} outside the vocabulary 0..{vocab_size - 1}")

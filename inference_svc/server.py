@@ -30,7 +30,7 @@ from inference_svc.ownership import ManagerOwnership, static_owners
 from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
 from loraserve.auth import INFERENCE_POLICY
-from loraserve.grpc_errors import ErrorInterceptor
+from loraserve.grpc_errors import DecodeGuard, ErrorInterceptor
 from loraserve.security import SecurityConfig, check_exposure
 from loraserve.serving import add_health_and_reflection, run_until_signalled
 from loraserve.telemetry import MetricsServer, TelemetryInterceptor
@@ -146,7 +146,13 @@ class InferenceServer:
             self.limiter = TenantConcurrencyLimiter(config.max_concurrent_per_tenant)
         limits = [self.limiter] if self.limiter is not None else []
         self._server = grpc.aio.server(
-            interceptors=[*auth, *limits, ErrorInterceptor(status_for), TelemetryInterceptor(status_for)],
+            interceptors=[
+                DecodeGuard(),
+                *auth,
+                *limits,
+                ErrorInterceptor(status_for),
+                TelemetryInterceptor(status_for),
+            ],
             options=SERVER_OPTIONS,
         )
         # the checkpoint's sampling defaults, read now: requests are converted off the engine thread

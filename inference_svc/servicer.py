@@ -22,6 +22,7 @@ from inference_svc.sampling import SamplingParams
 from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
 from loraserve.adapter_paths import resolve_adapter_dir
+from loraserve.names import ID_RE
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -139,8 +140,8 @@ def request_id_from(request_id: str) -> str:
 
 
 def _adapter_id(adapter_id: str) -> str:
-    if not adapter_id:
-        raise errors.InvalidRequest("adapter_id", "must be non-empty")
+    if not ID_RE.fullmatch(adapter_id):
+        raise errors.InvalidRequest("adapter_id", f"{adapter_id[:200]!r} must match {ID_RE.pattern}")
     return adapter_id
 
 
@@ -175,6 +176,8 @@ def _template_kwargs(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise errors.InvalidRequest("messages.chat_template_kwargs", f"not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise errors.InvalidRequest("messages.chat_template_kwargs", "JSON nests too deeply") from e
     if not isinstance(value, dict):
         raise errors.InvalidRequest("messages.chat_template_kwargs", "must be a JSON object")
     return value

@@ -6,6 +6,11 @@ post-processor of `tokenizer.json` adds (a BOS, for Llama and Mistral), unless
 `update_post_processor`). A request may turn special tokens off. Chat prompts are rendered with
 the checkpoint's chat template (`loraserve.chat_template`) and then encoded without special tokens
 by default, as `apply_chat_template(tokenize=True)` does: the template writes them itself.
+
+`PromptEncoder` is what serving uses: it refuses text that cannot fit the prompt limit before
+tokenizing it (no token is longer than the tokenizer's longest vocabulary entry, so text longer
+than `max tokens x that many characters` cannot fit), and it tokenizes with the GIL released, so
+a long prompt is encoded off the engine thread without stalling the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_svc.errors import PromptTooLong
 from inference_svc.generation_config import read_json_object
 from loraserve.chat_template import pick_template, render_chat
 from loraserve.errors import ChatTemplateError, InvalidModel
@@ -78,9 +84,12 @@ class Tokenizer:
             self._tok.post_processor = processors.TemplateProcessing(**self._template())
         eos_id = self.token_id(self.config.special_tokens.get("eos_token"))
         self.eos_token_ids: tuple[int, ...] = () if eos_id is None else (eos_id,)
+        # characters the longest vocabulary entry (added tokens included) stands for, at most
+        self.max_token_chars = max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it runs (encode holds it: other threads would stall)
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -110,6 +119,7 @@ class ByteTokenizer:
 
     vocab_size = 256
     eos_token_ids: tuple[int, ...] = ()
+    max_token_chars = 1  # a character is at least one byte, so at least one token
 
     def __init__(self, config: TokenizerConfig | None = None):
         self.config = config or TokenizerConfig()
@@ -172,6 +182,38 @@ def chat_text(tokenizer: Tokenizer | ByteTokenizer, prompt: ChatPrompt) -> str:
         tokenizer.config.special_tokens,
         prompt.template_kwargs,
     )
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """A prompt -> its ids, refusing text too long to fit before tokenizing it. Thread-safe (the
+    tokenizer and the limit never change), so the server runs it off the engine thread."""
+
+    tokenizer: Tokenizer | ByteTokenizer
+    max_tokens: int  # the most tokens any prompt may have (max_prompt_tokens, max_model_len)
+
+    @property
+    def max_chars(self) -> int:
+        """Longest text that can encode to `max_tokens` tokens or fewer."""
+        return self.max_tokens * self.tokenizer.max_token_chars
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's ids; PromptTooLong when its text (a chat: once rendered) exceeds `max_chars`."""
+        if isinstance(prompt, list):
+            return list(prompt)  # the engine checks their count and range
+        text = prompt if isinstance(prompt, str) else getattr(prompt, "text", None)
+        if isinstance(prompt, ChatPrompt):
+            text = chat_text(self.tokenizer, prompt)
+        if len(text) > self.max_chars:
+            raise PromptTooLong(
+                "prompt",
+                f"{len(text)} characters cannot fit the prompt limit of {self.max_tokens} tokens "
+                f"(max_prompt_tokens / max_model_len; no token spans more than "
+                f"{self.tokenizer.max_token_chars} characters): send at most {self.max_chars}",
+            )
+        if isinstance(prompt, ChatPrompt):
+            return self.tokenizer.encode(text, prompt.add_special_tokens)
+        return encode_prompt(self.tokenizer, prompt)
 
 
 def encode_prompt(tokenizer: Tokenizer | ByteTokenizer, prompt: Prompt) -> list[int]:

@@ -67,7 +67,7 @@ MANAGER = "manager"
 AUTHORIZATION = "authorization"
 # Methods every caller may use without a token.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 TOKEN_BYTES = 32
 
 # Async lookup of an adapter's owning tenant ("" or None: no tenant / unknown).

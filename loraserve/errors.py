@@ -111,3 +111,8 @@ class UnsupportedTensorDtype(InvalidAdapter):
 
 class PickleWeightsNotAllowed(InvalidAdapter):
     """Only pickle weights (.bin) are present and they were not explicitly allowed."""
+
+
+class TooManyTensors(CorruptSafetensors):
+    """The safetensors header lists (or is long enough to list) more tensors than a LoRA adapter
+    of the base model can have: layers x LoRA-capable modules x 2."""

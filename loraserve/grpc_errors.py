@@ -1,8 +1,14 @@
-"""The one interceptor that turns exceptions into gRPC status codes, for both services.
+"""The interceptors that turn bad requests and exceptions into gRPC status codes, for both services.
 
-Each service passes its own mapping (`status_for`, `message_for`): a typed error ends the call
-with its family's code and message; INTERNAL means a bug, and its traceback is logged. Servicers
-just raise.
+`ErrorInterceptor`: each service passes its own mapping (`status_for`, `message_for`): a typed
+error ends the call with its family's code and message. INTERNAL means a bug: its traceback is
+logged with a reference id, and the client gets only a generic message with that id (exception
+text can carry paths, keys or other tenants' data). Servicers just raise.
+
+`DecodeGuard`: a request that does not parse as its message type (a string field holding invalid
+UTF-8, truncated bytes) is INVALID_ARGUMENT naming the type, instead of the UNKNOWN grpc answers
+when its own deserialization fails. Place it first, before authentication, so that no other
+interceptor ever sees a request that is not a message.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
+HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -33,7 +42,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        for kind in HANDLER_KINDS:
             behavior = getattr(handler, kind)
             if behavior is not None:
                 return handler._replace(**{kind: self._wrap(method, behavior)})
@@ -42,8 +51,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _abort(self, context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
         code = self.status_for(error)
         if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed with an unexpected error", method, exc_info=error)
-            await context.abort(code, f"internal error: {type(error).__name__}: {error}")
+            reference = uuid.uuid4().hex[:12]
+            log.error("%s failed with an unexpected error [ref %s]", method, reference, exc_info=error)
+            await context.abort(
+                code, f"internal error (reference {reference}); the server log has the details"
+            )
         await context.abort(code, self.message_for(error))
 
     def _wrap(self, method: str, behavior: Callable) -> Callable:
@@ -71,3 +83,91 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort(context, method, e)
 
         return wrapper
+
+
+class Undecodable:
+    """What `DecodeGuard`'s deserializer returns for bytes that are not a valid message."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT for a request (or a client-stream message) that does not parse."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        for kind in HANDLER_KINDS:
+            behavior = getattr(handler, kind)
+            if behavior is None:
+                continue
+            if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+                return handler  # a synchronous handler: grpc's own decoding stays
+            return handler._replace(
+                request_deserializer=_tolerant(handler.request_deserializer),
+                **{kind: _guarded(behavior, kind.startswith("stream"))},
+            )
+        return handler
+
+
+def _tolerant(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def tolerant(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            return Undecodable(e)
+
+    return tolerant
+
+
+async def _refuse(context, request: Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request does not parse ({request.error}): string fields must be valid UTF-8",
+    )
+
+
+def _guarded(behavior: Callable, client_streams: bool) -> Callable:
+    if client_streams:
+
+        async def checked(messages: AsyncIterator, context) -> AsyncIterator:
+            async for message in messages:
+                if isinstance(message, Undecodable):
+                    await _refuse(context, message)
+                yield message
+
+        if inspect.isasyncgenfunction(behavior):
+
+            @functools.wraps(behavior)
+            async def stream_in_out(request_iterator, context):
+                async for response in behavior(checked(request_iterator, context), context):
+                    yield response
+
+            return stream_in_out
+
+        @functools.wraps(behavior)
+        async def stream_in(request_iterator, context):
+            return await behavior(checked(request_iterator, context), context)
+
+        return stream_in
+
+    if inspect.isasyncgenfunction(behavior):
+
+        @functools.wraps(behavior)
+        async def stream_out(request, context):
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            async for response in behavior(request, context):
+                yield response
+
+        return stream_out
+
+    @functools.wraps(behavior)
+    async def unary(request, context):
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        return await behavior(request, context)
+
+    return unary

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import uuid
 
-# An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
+# An adapter, alias, replica or tenant id: no ':' (the Redis key separator), no spaces. `\Z`, not
+# `$`: `$` also matches before a trailing newline, which would let "acme\n" pass for an id.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}\Z")
 # The two files of a PEFT adapter directory.
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -4,6 +4,14 @@ Both services validate adapters with this module: `inspect_adapter` reads the co
 safetensors header only and returns an `AdapterManifest` (what the adapter is, matched against a
 base model and an engine's `AdapterLimits`); `non_finite_tensor` scans the weights for NaN/Inf.
 Turning the weights into tensors is the engine's job (`inference_svc.adapters.load_adapter`).
+
+Hostile files are bounded before any work grows with them: the config file by
+`MAX_CONFIG_BYTES`; the safetensors header by `HeaderLimits.for_model` (a LoRA adapter of a model
+has at most layers x LoRA-capable modules x 2 tensors, so the tensor count and the header's size
+follow from the model and are checked from the header's first 8 bytes, before it is parsed);
+JSON nesting by the parser's recursion limit (INVALID_ARGUMENT, not a crash); and
+`rank_pattern` / `alpha_pattern` keys are matched with RE2, in time linear in the module name,
+never by a backtracking engine.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import re2
 
 from loraserve import errors
 from loraserve.engine_limits import TARGET_MODULE_NAMES, AdapterLimits, serves
@@ -35,12 +44,45 @@ _EXPONENT_BITS = {
     "F16": ("<u2", 0x7C00),
     "BF16": ("<u2", 0x7F80),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight
+# Largest adapter_config.json: real ones are a few KiB; the manager sends it to replicas inside one
+# gRPC message (FetchAdapterWeights' header), so it must stay far below the 4 MiB message default.
+MAX_CONFIG_BYTES = 1024 * 1024
+# Header bytes allowed per tensor entry (a PEFT entry is ~150 bytes) and for `__metadata__`.
+HEADER_BYTES_PER_TENSOR = 1024
+HEADER_METADATA_BYTES = 64 * 1024
+TENSOR_ENTRY_SLACK = 2  # header entries allowed per LoRA tensor (see HeaderLimits.for_model)
+# rank_pattern / alpha_pattern: at most this many keys, each at most this long and all together
+# at most this long (matching costs about modules x total key length: per-module keys of an
+# 80-layer model take ~20 KiB), each compiled by RE2 within this much memory (one at a time).
+MAX_PATTERN_KEYS = 1024
+MAX_PATTERN_CHARS = 1024
+MAX_PATTERN_TOTAL_CHARS = 32 * 1024
+PATTERN_MAX_MEM = 1024 * 1024
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.adapter_name].weight (fullmatch)
 TENSOR_KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
-    r"(?:self_attn|mlp)\.(?P<module>\w+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight$"
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<module>\w+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight"
 )
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """What a safetensors header of one model's LoRA adapter may hold."""
+
+    max_tensors: int  # tensor entries
+    max_bytes: int  # header length
+
+    @classmethod
+    def for_model(cls, model: ModelConfig) -> HeaderLimits:
+        """A LoRA adapter has at most layers x LoRA-capable modules x 2 (lora_A, lora_B) tensors;
+        the header may list twice that, so that the DoRA magnitudes and LoRA biases some
+        adapters add are refused by name (`build_manifest`) rather than by count."""
+        max_tensors = model.num_layers * len(model.module_shapes()) * 2 * TENSOR_ENTRY_SLACK
+        return cls(max_tensors, max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_METADATA_BYTES)
+
+
+# For a header read without a model at hand (tools, format tests); services use `for_model`.
+ANY_MODEL_HEADER = HeaderLimits(max_tensors=100_000, max_bytes=100 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -76,23 +118,38 @@ class AdapterFiles:
     weights: bytearray  # adapter_model.safetensors (loaded tensors may view it: never mutate it)
 
 
-def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[TensorInfo, ...]:
-    """Validate a safetensors header (the first 8 + N bytes) against the file's size."""
+def header_length(data: bytes, file_size: int, where: str, limits: HeaderLimits) -> int:
+    """The header length a safetensors file's first 8 bytes announce, checked against `limits`
+    and the file's size before anything else is read."""
     if len(data) < 8:
         raise errors.CorruptSafetensors(f"{where}: file is {file_size} bytes, too short for a header")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+    if 8 + n > file_size:
         raise errors.CorruptSafetensors(
             f"{where}: header length {n} does not fit the {file_size}-byte file (truncated?)"
         )
+    if n > limits.max_bytes:
+        raise errors.TooManyTensors(
+            f"{where}: header is {n} bytes; an adapter of this model lists at most "
+            f"{limits.max_tensors} tensors, so its header is at most {limits.max_bytes} bytes"
+        )
+    return n
+
+
+def parse_safetensors_header(
+    data: bytes, file_size: int, where: str, limits: HeaderLimits = ANY_MODEL_HEADER
+) -> tuple[TensorInfo, ...]:
+    """Validate a safetensors header (the first 8 + N bytes) against the file's size and `limits`."""
+    n = header_length(data, file_size, where, limits)
     if len(data) < 8 + n:
         raise errors.CorruptSafetensors(f"{where}: header is truncated")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.CorruptSafetensors(f"{where}: header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise errors.CorruptSafetensors(f"{where}: header is not a JSON object")
+    header = _json_object(data[8 : 8 + n], f"{where}: header", errors.CorruptSafetensors)
+    count = len(header) - ("__metadata__" in header)
+    if count > limits.max_tensors:
+        raise errors.TooManyTensors(
+            f"{where}: header lists {count} tensors; an adapter of this model may list at most "
+            f"{limits.max_tensors}"
+        )
     data_size = file_size - 8 - n
     tensors, spans = [], []
     for name, info in header.items():
@@ -137,6 +194,19 @@ def parse_safetensors_header(data: bytes, file_size: int, where: str) -> tuple[T
     return tuple(tensors)
 
 
+def _json_object(raw: bytes | str, what: str, error: type[errors.InvalidAdapter]) -> dict:
+    """A JSON object, or `error` naming `what`: invalid JSON, nesting too deep to parse, or not an object."""
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise error(f"{what} nests JSON too deeply to parse") from e
+    if not isinstance(value, dict):
+        raise error(f"{what} is not a JSON object")
+    return value
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -146,16 +216,18 @@ def _is_number(value) -> bool:
 
 
 def read_adapter_config(path: Path, files: AdapterFiles | None = None) -> dict:
+    """The adapter's config as a dict; AdapterConfigInvalid for JSON that is invalid, too deep,
+    not an object, or larger than MAX_CONFIG_BYTES."""
     cfg_path = path / CONFIG_FILE
     if files is None and not cfg_path.is_file():
         raise errors.AdapterFilesMissing(f"{path}: {CONFIG_FILE} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text() if files is None else files.config_json.decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.AdapterConfigInvalid(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise errors.AdapterConfigInvalid(f"{cfg_path}: not a JSON object")
-    return cfg
+    size = cfg_path.stat().st_size if files is None else len(files.config_json)
+    if size > MAX_CONFIG_BYTES:
+        raise errors.AdapterConfigInvalid(
+            f"{cfg_path}: {size} bytes; {CONFIG_FILE} may be at most {MAX_CONFIG_BYTES} bytes"
+        )
+    raw = cfg_path.read_bytes() if files is None else files.config_json
+    return _json_object(raw, str(cfg_path), errors.AdapterConfigInvalid)
 
 
 def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
@@ -185,11 +257,14 @@ def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
             raise errors.AdapterConfigInvalid(f"{where}: {key} must be an object of pattern -> value")
+        total = sum(len(k) for k in pattern)
+        if len(pattern) > MAX_PATTERN_KEYS or total > MAX_PATTERN_TOTAL_CHARS:
+            raise errors.AdapterConfigInvalid(
+                f"{where}: {key} has {len(pattern)} keys of {total} characters; at most "
+                f"{MAX_PATTERN_KEYS} keys of {MAX_PATTERN_TOTAL_CHARS} characters in all"
+            )
         for regex in pattern:
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise errors.AdapterConfigInvalid(f"{where}: {key} key {regex!r} is not a regex ({e})") from e
+            _module_pattern(regex, f"{where}: {key}")
     if not all(_is_number(a) for a in (cfg.get("alpha_pattern") or {}).values()):
         raise errors.AdapterConfigInvalid(f"{where}: alpha_pattern values must be finite numbers")
     ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
@@ -214,12 +289,48 @@ def check_adapter_config(cfg: dict, limits: AdapterLimits, where: str) -> None:
             )
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module's dotted name."""
+def _module_pattern(key: str, where: str):
+    """PEFT's pattern for a rank/alpha key, `(.*\\.)?(key)$`, compiled by RE2 (linear-time
+    matching: no backtracking to exploit); AdapterConfigInvalid when RE2 cannot compile it
+    (backreferences, lookaround, too large) or the key is longer than MAX_PATTERN_CHARS."""
+    if len(key) > MAX_PATTERN_CHARS:
+        raise errors.AdapterConfigInvalid(
+            f"{where} key {key[:40]!r}... is {len(key)} characters; at most {MAX_PATTERN_CHARS}"
+        )
+    return _compile_pattern(key, where)
+
+
+def _compile_pattern(key: str, where: str):
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = PATTERN_MAX_MEM
+    try:
+        return re2.compile(rf"(.*\.)?({key})$".encode(), options)  # bytes: matched without re-encoding
+    except re2.error as e:
+        detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else e
+        raise errors.AdapterConfigInvalid(
+            f"{where} key {key!r} is not a regular expression RE2 accepts ({detail}); "
+            "backreferences and lookaround are not supported"
+        ) from e
+
+
+def _pattern_values(patterns: dict, module_names: list[str], where: str) -> dict:
+    """PEFT's rule for every module at once: {dotted name: the value of the first key that matches
+    the end of the name}; names no key matches are absent. Each key is compiled once."""
+    found: dict = {}
+    encoded = [(name, name.encode()) for name in module_names]
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+        pattern = _module_pattern(key, where)
+        for name, raw in encoded:
+            if name not in found and pattern.match(raw):
+                found[name] = value
+    return found
+
+
+def _module_name(layer: int, module: str) -> str:
+    """The module's dotted name in the model, which pattern keys are matched against."""
+    block = "mlp" if module in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}"
 
 
 def build_manifest(
@@ -239,7 +350,7 @@ def build_manifest(
             raise errors.DoraNotSupported(f"{where}: tensor {t.name!r} is a DoRA magnitude")
         if t.name.endswith(".bias"):
             raise errors.BiasNotSupported(f"{where}: tensor {t.name!r} is a LoRA bias")
-        m = TENSOR_KEY_RE.match(t.name)
+        m = TENSOR_KEY_RE.fullmatch(t.name)
         if m is None:
             raise errors.UnsupportedTargetModule(
                 f"{where}: tensor {t.name!r} does not belong to a LoRA-capable linear layer "
@@ -264,16 +375,19 @@ def build_manifest(
     if not found:
         raise errors.AdapterConfigInvalid(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
     ranks, scales = {}, {}
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
     for (layer, module), pair in sorted(found.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise errors.ShapeMismatch(f"{where}: layer {layer} {module} has no {missing} tensor")
-        block = "mlp" if module in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
-        name = f"model.layers.{layer}.{block}.{module}"
-        r = _pattern_value(rank_pattern, name, cfg["r"])
-        alpha = _pattern_value(alpha_pattern, name, cfg["lora_alpha"])
+    names = {key: _module_name(*key) for key in sorted(found)}
+    rank_of = _pattern_values(cfg.get("rank_pattern") or {}, list(names.values()), f"{where}: rank_pattern")
+    alpha_of = _pattern_values(
+        cfg.get("alpha_pattern") or {}, list(names.values()), f"{where}: alpha_pattern"
+    )
+    for (layer, module), pair in sorted(found.items()):
+        name = names[(layer, module)]
+        r = rank_of.get(name, cfg["r"])
+        alpha = alpha_of.get(name, cfg["lora_alpha"])
         fan_in, fan_out = shapes[module]
         a, b = pair["lora_A"], pair["lora_B"]
         if a.shape != (r, fan_in) or b.shape != (fan_out, r):
@@ -325,11 +439,12 @@ def inspect_adapter(
     reads them (the engine passes its torch reader); without one they are refused.
     """
     path = Path(path)
+    header_limits = HeaderLimits.for_model(model)
     if files is not None:
         cfg = read_adapter_config(path, files)
         check_adapter_config(cfg, limits, str(path))
         where = str(path / WEIGHTS_FILE)
-        tensors = parse_safetensors_header(files.weights, len(files.weights), where)
+        tensors = parse_safetensors_header(files.weights, len(files.weights), where, header_limits)
         return build_manifest(path, cfg, tensors, len(files.weights), model, limits)
     if not path.is_dir():
         raise errors.AdapterFilesMissing(f"{path}: adapter directory does not exist")
@@ -343,10 +458,8 @@ def inspect_adapter(
         return build_manifest(path, cfg, pickle_tensors(weights), size, model, limits)
     with weights.open("rb") as f:
         head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            head += f.read(min(n, MAX_HEADER_BYTES))
-    tensors = parse_safetensors_header(head, size, str(weights))
+        head += f.read(header_length(head, size, str(weights), header_limits))
+    tensors = parse_safetensors_header(head, size, str(weights), header_limits)
     return build_manifest(path, cfg, tensors, size, model, limits)
 
 
