@@ -1,5 +1,7 @@
 """`InferenceService` (loraserve.v1): proto -> engine call -> proto, nothing else.
 
+Generate hands its request to `generation.Generation`, the request path the HTTP API shares.
+
 Errors are raised as the typed errors of `inference_svc.errors`; `loraserve.grpc_errors.ErrorInterceptor`
 turns them into status codes with `errors_grpc.status_for`.
 """
@@ -7,18 +9,15 @@ turns them into status codes with `errors_grpc.status_for`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
+from inference_svc.generation import Generation
 from inference_svc.membership import resident_to_proto
 from inference_svc.replica_agent import ReplicaAgent
-from inference_svc.sampling import SamplingParams
-from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
 from loraserve.adapter_paths import resolve_adapter_dir
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
@@ -53,18 +52,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.engine = engine
         self.adapter_roots = tuple(Path(r).resolve() for r in adapter_roots)
         self.agent = agent
-        self.sampling_defaults = dict(sampling_defaults or {})
+        # the request path both faces share (the HTTP API gets this one from the server)
+        self.generation = Generation(engine, agent, sampling_defaults)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        prompt = prompt_from(request)
-        params = sampling_params_from(request.params, self.sampling_defaults)
-        adapter_id = request.adapter_id
-        if self.agent is not None:
-            adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context))
-            await auth.authorize_adapter(adapter_id)  # routing's choice must be the caller's too
-        stream = self.engine.generate(prompt, params, adapter_id or None, request.request_id or None)
+        params, _, stream = await self.generation.open(request, auth.request_headers(context))
         async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
             async for batch in stream:
                 yield response_from(batch, with_alternatives=params.logprobs > 0)
@@ -114,71 +108,6 @@ def _adapter_id(adapter_id: str) -> str:
     if not adapter_id:
         raise errors.InvalidRequest("adapter_id", "must be non-empty")
     return adapter_id
-
-
-# --- proto -> domain ---------------------------------------------------------------------------
-
-
-def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
-    """The prompt oneof: text, token ids or chat messages (InvalidRequest "prompt" when none is set)."""
-    which = request.WhichOneof("prompt")
-    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
-    if which == "text":
-        return request.text if special is None else TextPrompt(request.text, special)
-    if which == "token_ids":
-        return list(request.token_ids.ids)
-    if which == "messages":
-        chat = request.messages
-        prompt = ChatPrompt(
-            messages=tuple({"role": m.role, "content": m.content} for m in chat.messages),
-            add_generation_prompt=not chat.HasField("add_generation_prompt") or chat.add_generation_prompt,
-            template_kwargs=_template_kwargs(chat.chat_template_kwargs),
-        )
-        if not prompt.messages:
-            raise errors.InvalidRequest("messages", "must contain at least one message")
-        return prompt if special is None else dataclasses.replace(prompt, add_special_tokens=special)
-    raise errors.InvalidRequest("prompt", "set `text`, `token_ids` or `messages`")
-
-
-def _template_kwargs(text: str) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise errors.InvalidRequest("messages.chat_template_kwargs", f"not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest("messages.chat_template_kwargs", "must be a JSON object")
-    return value
-
-
-# SamplingParams fields a request may leave unset (proto3 `optional`)
-DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def sampling_params_from(
-    p: inference_pb2.SamplingParams, checkpoint_defaults: Mapping[str, float | int] | None = None
-) -> SamplingParams:
-    """Proto -> SamplingParams; validation happens in the engine.
-
-    An unset optional field takes the checkpoint's default (generation_config.json) when it has
-    one, else SamplingParams' own; a set field always wins.
-    """
-    defaults = {
-        **{name: getattr(SamplingParams, name) for name in DEFAULTABLE},
-        **(checkpoint_defaults or {}),
-    }
-    resolved = {name: getattr(p, name) if p.HasField(name) else defaults[name] for name in DEFAULTABLE}
-    return SamplingParams(
-        **resolved,
-        frequency_penalty=p.frequency_penalty,
-        presence_penalty=p.presence_penalty,
-        seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop),
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs,
-    )
 
 
 # --- domain -> proto ---------------------------------------------------------------------------

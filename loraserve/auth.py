@@ -209,7 +209,7 @@ MANAGER_POLICY = Policy(
         "RegisterAdapter": _rule(ADMIN),
         "UploadAdapter": _rule(ADMIN),
         "GetAdapter": _rule(ADMIN, SERVICE, TENANT, scope=_scope_get_adapter),
-        "ListAdapters": _rule(ADMIN, TENANT, scope=_scope_list_adapters),
+        "ListAdapters": _rule(ADMIN, SERVICE, TENANT, scope=_scope_list_adapters),  # replicas: /v1/models
         "UnregisterAdapter": _rule(ADMIN),
         "LoadAdapter": _rule(ADMIN),
         "EvictAdapter": _rule(ADMIN),
@@ -264,19 +264,24 @@ def current_principal() -> Principal | None:
     return access.principal if access else None
 
 
-def caller_tenant(context) -> str:
+def caller_tenant(headers) -> str:
     """The tenant a call is made for: the token's tenant, or (authentication off) the x-tenant
-    header; "" for admins, services and anonymous calls."""
+    header among `headers` ((name, value) pairs); "" for admins, services and anonymous calls."""
     access = _ACCESS.get()
     if access is not None:
         return access.principal.tenant
-    return dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
+    return dict(headers or ()).get(TENANT_HEADER, "")
 
 
 def request_headers(context) -> dict[str, str]:
-    """The call's metadata for routing: without the token, and with x-tenant set to the caller's
-    tenant for tenant tokens (a tenant cannot pose as another to match its routing rules)."""
-    headers = {k: v for k, v in (context.invocation_metadata() or ()) if k != AUTHORIZATION}
+    """The gRPC call's metadata for routing (see `routing_headers`)."""
+    return routing_headers(context.invocation_metadata() or ())
+
+
+def routing_headers(pairs) -> dict[str, str]:
+    """A call's (name, value) headers for routing: without the token, and with x-tenant set to the
+    caller's tenant for tenant tokens (a tenant cannot pose as another to match its routing rules)."""
+    headers = {k: v for k, v in pairs if k != AUTHORIZATION}
     principal = current_principal()
     if principal is not None and principal.role == TENANT:
         headers[TENANT_HEADER] = principal.tenant
@@ -297,6 +302,60 @@ async def authorize_adapter(adapter_id: str) -> None:
         await _owned(adapter_id, access.principal, access.tenant_of)
     except Hidden as e:
         raise access.not_found(adapter_id) from e
+
+
+# --- admission, whatever the transport ------------------------------------------------------------
+
+
+class AccessDenied(Exception):
+    """A call is refused before it reaches the service; each transport maps the subclasses."""
+
+
+class Unauthenticated(AccessDenied):
+    """No token, or one the token table does not know (UNAUTHENTICATED, HTTP 401)."""
+
+
+class PermissionDenied(AccessDenied):
+    """The token's role may not make the call (PERMISSION_DENIED, HTTP 403)."""
+
+
+class AccessUnknown(AccessDenied):
+    """An adapter's owner could not be looked up (the manager is away: UNAVAILABLE, HTTP 503)."""
+
+
+async def admit(
+    policy: Policy,
+    method: str,
+    principal: Principal | None,
+    request,
+    tenant_of: TenantOf,
+    not_found: NotFound = AdapterHidden,
+    client_streams: bool = False,
+):
+    """Decide whether `principal` may call `method` ('/pkg.Service/Method') with `request`.
+
+    On success the principal becomes the current call's (`current_principal`, `authorize_adapter`)
+    and the return value is None, or the response a tenant scope answers with instead of the
+    service. Raises Unauthenticated (no principal), PermissionDenied (the role's rule), Hidden (a
+    tenant naming an adapter it does not own) or AccessUnknown (the owner could not be looked up).
+    Tenant scopes look at the request, so they apply to methods with a single request only.
+    """
+    if principal is None:
+        raise Unauthenticated("missing or invalid bearer token")
+    rule = policy.rule(method)
+    if principal.role != ADMIN and (rule is None or principal.role not in rule.roles):
+        name = method.rsplit("/", 1)[-1]
+        who = f"tenant {principal.tenant!r}" if principal.tenant else f"role {principal.role!r}"
+        raise PermissionDenied(f"{who} may not call {name}")
+    _ACCESS.set(Access(principal, tenant_of, not_found))
+    if principal.role == TENANT and rule.scope is not None and not client_streams:
+        try:
+            return await rule.scope(request, principal, tenant_of)
+        except Hidden:
+            raise
+        except Exception as e:  # the owner could not be looked up (the manager is away)
+            raise AccessUnknown(f"cannot check access: {e}") from e
+    return None
 
 
 # --- the interceptor ----------------------------------------------------------------------------
@@ -351,26 +410,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     async def _admit(self, method: str, principal: Principal | None, client_streams: bool, request, context):
-        """Abort the call unless `principal` may make it; -> a response to answer with, or None.
-
-        Tenant scopes look at the request, so they apply to methods with a single request only.
-        """
-        if principal is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        rule = self.policy.rule(method)
-        if principal.role != ADMIN and (rule is None or principal.role not in rule.roles):
-            name = method.rsplit("/", 1)[-1]
-            who = f"tenant {principal.tenant!r}" if principal.tenant else f"role {principal.role!r}"
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who} may not call {name}")
-        _ACCESS.set(Access(principal, self.tenant_of, self.not_found))
-        if principal.role == TENANT and rule.scope is not None and not client_streams:
-            try:
-                return await rule.scope(request, principal, self.tenant_of)
-            except Hidden as e:
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(self.not_found(e.adapter_id)))
-            except Exception as e:  # the owner could not be looked up (the manager is away)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check access: {e}")
-        return None
+        """Abort the call unless `principal` may make it; -> a response to answer with, or None."""
+        try:
+            return await admit(
+                self.policy, method, principal, request, self.tenant_of, self.not_found, client_streams
+            )
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except PermissionDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except Hidden as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(self.not_found(e.adapter_id)))
+        except AccessUnknown as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
 def _wrap_unary(admit, behavior):
