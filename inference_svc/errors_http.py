@@ -47,15 +47,17 @@ def http_error(error: Exception, params: dict[str, str] | None = None) -> tuple[
     """(HTTP status, OpenAI error body) for a raised error.
 
     `params` renames an engine field to the request's parameter that set it (chat's `top_logprobs`
-    is the engine's `logprobs`). Unknown adapters name `model`.
+    is the engine's `logprobs`). Unknown adapters name `model`, chat template failures `messages`.
     """
     status, kind, code = HTTP_BY_STATUS[grpc_status_for(error)]
-    param = None
+    param, message = None, str(error)
     if isinstance(error, errors.InvalidRequest):
         param = (params or {}).get(error.field, error.field)
+        message = param + message.removeprefix(error.field)  # "logprobs: ..." -> "top_logprobs: ..."
     elif isinstance(error, errors.AdapterNotFound | auth.Hidden):
         param = "model"
-    message = str(error)
+    elif isinstance(error, errors.ChatTemplateError):
+        param = "messages"
     if status == 500:
         message = f"internal error: {type(error).__name__}: {error}"
     elif isinstance(error, auth.Hidden):

@@ -353,18 +353,22 @@ class StandaloneServer(ReplicaHandle):
 
 
 def start_server(
-    model_dir: Path, adapters: dict[str, Path], server_overrides: dict | None = None, **engine
+    model_dir: Path,
+    adapters: dict[str, Path],
+    server_overrides: dict | None = None,
+    security: SecurityConfig | None = None,
+    **engine,
 ) -> StandaloneServer:
     """A standalone server with `adapters` preloaded (`STANDALONE_ENGINE` unless overridden);
     `server_overrides` are further ServerConfig fields (`http_port=0`: the HTTP API too)."""
-    overrides = dict(
-        lora_modules=tuple((name, str(path)) for name, path in adapters.items()),
-        adapter_roots=(str(next(iter(adapters.values())).parent),),
-        grace_s=2.0,
+    overrides = {
+        "lora_modules": tuple((name, str(path)) for name, path in adapters.items()),
+        "adapter_roots": (str(next(iter(adapters.values())).parent),),
+        "grace_s": 2.0,
         **(server_overrides or {}),
-    )
+    }
     engine = {**STANDALONE_ENGINE, **engine}
-    return StandaloneServer(model_dir, server_overrides=overrides, **engine)
+    return StandaloneServer(model_dir, server_overrides=overrides, security=security, **engine)
 
 
 def start_stack(
