@@ -4,10 +4,10 @@ at once, and 32 concurrent streaming clients over 8 adapters all get their whole
 import asyncio
 
 import openai
+from conftest import client
 
 from loraserve.v1 import inference_pb2
 
-from conftest import client
 from harness import TIMEOUT_S, wait_for
 
 LONG = dict(max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
