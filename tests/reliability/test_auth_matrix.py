@@ -41,6 +41,7 @@ SERVICE_MAY = {
     ("AdapterService", m)
     for m in (
         "GetAdapter",
+        "ListAdapters",  # a replica's /v1/models lists the registry
         "GetAlias",
         "GetRoutingTable",
         "ResolveAdapter",
