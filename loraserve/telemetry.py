@@ -98,7 +98,10 @@ CALLER_OUTCOMES = frozenset(
 # Codes that mean a bug or lost data: logged at ERROR (the rest at WARNING).
 SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
 
-def log_call(log: logging.Logger, method: str, code: str, seconds: float, quiet: bool = False, **extra) -> None:
+
+def log_call(
+    log: logging.Logger, method: str, code: str, seconds: float, quiet: bool = False, **extra
+) -> None:
     """The one line a finished call gets, at the level its status code (a gRPC code name) calls
     for: ERROR for faults of the server, WARNING for refusals and outages, INFO (DEBUG if `quiet`)
     for the caller's own outcomes. `extra` fields are added to the line (e.g. the HTTP status)."""
