@@ -36,10 +36,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine: the running engine bridge.
         adapter_roots: directories LoadAdapter may register adapters from (standalone mode); empty
             disables loading by path.
-        agent: the adapter manager's agent (managed mode): it resolves aliases and routing rules
-            and fetches adapters the engine does not hold; None = standalone.
-        sampling_defaults: the checkpoint's defaults for unset sampling fields
-            (`GenerationConfig.sampling_defaults`, from generation_config.json).
+        agent, sampling_defaults: those of `generation.Generation`, which Generate runs on
+            (managed mode's agent also fetches adapters LoadAdapter names).
     """
 
     def __init__(

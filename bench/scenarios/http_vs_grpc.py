@@ -5,10 +5,13 @@ the same engine; the clients run in a separate process, as remote clients would,
 stream at once: N streams over A adapters, greedy with `ignore_eos`, so each yields exactly
 `max_tokens` tokens. gRPC: a `grpc.aio` channel streaming `Generate`; HTTP: an `httpx2` client
 (the transport of the `openai` package) streaming `POST /v1/completions` server-sent events with
-token-id prompts, counting tokens from the usage chunk. Runs alternate after a warm-up of each; the
+token-id prompts, counting tokens from the usage chunk. Runs alternate (which face goes first, too)
+after a warm-up of each; the
 result is the ratio of generated tokens/s (HTTP / gRPC) per repeat, and the time to first token of
 each face. On a small machine the client shares the cores with the server, so the ratio includes
-the client's JSON parsing: a lower bound for the server's own.
+the client's JSON parsing: a lower bound for the server's own. Each run's CPU seconds (client
+process; server process, engine included) are reported too, and the ratio of tokens per CPU second,
+which other load on a shared machine does not move as it moves wall-clock throughput.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from dataclasses import dataclass
 import grpc
 
 from bench import assets
-from bench.grpc_vs_offline import LoopThread, percentile, workload
+from bench.grpc_vs_offline import LoopThread, grpc_streams, percentile, workload
 from bench.report import Goal, ScenarioResult, Table
 from inference_svc.config import EngineConfig
 from inference_svc.server import InferenceServer, ServerConfig
 from loraserve.model_summary import ModelConfig
-from loraserve.v1 import inference_pb2, inference_pb2_grpc
+from loraserve.v1 import inference_pb2_grpc
 
 NAME = "http-vs-grpc"
 TITLE = "8. OpenAI-compatible HTTP API vs gRPC: streaming throughput, same workload"
@@ -42,7 +45,7 @@ class Params:
     adapters: int = 8
     max_tokens: int = 64
     rank: int = 8
-    repeats: int = 3
+    repeats: int = 9  # short runs: the median of many steadies a shared machine's figure
     device: str = "cpu"
 
 
@@ -50,24 +53,6 @@ SMOKE = Params(shape="tiny", streams=4, adapters=2, max_tokens=4, rank=4, repeat
 
 
 # --- the client process -------------------------------------------------------------------------
-
-
-async def _grpc_streams(stub, rows, max_tokens: int) -> tuple[float, int, list[float]]:
-    params = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-
-    async def stream(prompt: list[int], adapter: str) -> tuple[int, float]:
-        req = inference_pb2.GenerateRequest(
-            adapter_id=adapter, token_ids=inference_pb2.TokenIds(ids=prompt), params=params
-        )
-        sent, first, tokens = time.perf_counter(), None, 0
-        async for response in stub.Generate(req, timeout=600):
-            first = first or time.perf_counter()
-            tokens += len(response.token_ids)
-        return tokens, first - sent
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(stream(p, a) for p, a in rows))
-    return time.perf_counter() - start, sum(t for t, _ in results), [ttft for _, ttft in results]
 
 
 async def _http_streams(client, url: str, rows, max_tokens: int) -> tuple[float, int, list[float]]:
@@ -81,17 +66,19 @@ async def _http_streams(client, url: str, rows, max_tokens: int) -> tuple[float,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        sent, first, tokens = time.perf_counter(), None, 0
+        sent, first, tokens, pending = time.perf_counter(), None, 0, b""
         async with client.stream("POST", url, json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk["choices"]:
-                    first = first or time.perf_counter()
-                elif chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+            async for data in response.aiter_bytes():  # events split here: no per-line decoding
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:
+                    if event == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(event[6:])
+                    if chunk["choices"]:
+                        first = first or time.perf_counter()
+                    elif chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
         return tokens, first - sent
 
     start = time.perf_counter()
@@ -100,7 +87,7 @@ async def _http_streams(client, url: str, rows, max_tokens: int) -> tuple[float,
 
 
 def client_process(grpc_address: str, http_url: str, conn) -> None:
-    """Runs each (face, rows, max_tokens) job it receives; sends back (seconds, tokens, TTFTs)."""
+    """Runs each (face, rows, max_tokens) job it receives; sends back (seconds, tokens, TTFTs, CPU s)."""
     import httpx2
 
     async def serve_jobs() -> None:
@@ -112,10 +99,12 @@ def client_process(grpc_address: str, http_url: str, conn) -> None:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             while (job := await asyncio.to_thread(conn.recv)) is not None:
                 face, rows, max_tokens = job
+                cpu = time.process_time()
                 if face == "grpc":
-                    conn.send(await _grpc_streams(stub, rows, max_tokens))
+                    done = await grpc_streams(stub, rows, max_tokens)
                 else:
-                    conn.send(await _http_streams(http, f"{http_url}/v1/completions", rows, max_tokens))
+                    done = await _http_streams(http, f"{http_url}/v1/completions", rows, max_tokens)
+                conn.send((*done, time.process_time() - cpu))
 
     asyncio.run(serve_jobs())
 
@@ -157,19 +146,22 @@ def run(ctx, p: Params) -> ScenarioResult:
     client.start()
     bar = ctx.progress(1 + p.repeats, NAME)
 
-    def measure(face: str) -> tuple[float, int, list[float]]:
+    def measure(face: str) -> tuple[float, int, list[float], float, float]:
+        """(seconds, tokens, TTFTs, client CPU s, server CPU s: this process, engine included)."""
+        cpu = time.process_time()
         conn.send((face, rows, p.max_tokens))
-        return conn.recv()
+        return (*conn.recv(), time.process_time() - cpu)
 
     try:
         measure("grpc"), measure("http")  # warm-up: adapters into slots, connections open, kernels primed
         bar.update()
         runs = []
-        for _ in range(p.repeats):
-            grpc_s, grpc_tokens, grpc_ttft = measure("grpc")
-            http_s, http_tokens, http_ttft = measure("http")
-            assert grpc_tokens == http_tokens == p.streams * p.max_tokens, (grpc_tokens, http_tokens)
-            runs.append((grpc_tokens / grpc_s, http_tokens / http_s, grpc_ttft, http_ttft))
+        for i in range(p.repeats):
+            first, second = ("grpc", "http") if i % 2 == 0 else ("http", "grpc")  # neither always first
+            measured = {first: measure(first), second: measure(second)}
+            runs.append(measured)
+            tokens = {face: m[1] for face, m in measured.items()}
+            assert set(tokens.values()) == {p.streams * p.max_tokens}, tokens
             bar.update()
     finally:
         bar.close()
@@ -178,23 +170,46 @@ def run(ctx, p: Params) -> ScenarioResult:
         loop.run(server.stop(grace_s=1.0))
         loop.close()
 
-    ratios = [http / rpc for rpc, http, _, _ in runs]
+    tps = {face: [run[face][1] / run[face][0] for run in runs] for face in ("grpc", "http")}
+    ratios = [http / rpc for rpc, http in zip(tps["grpc"], tps["http"])]
     ratio = statistics.median(ratios)
-    ttft = {face: [t for run in runs for t in run[2 + i]] for i, face in enumerate(("gRPC", "HTTP"))}
+    ttft = {
+        face: [t for run in runs for t in run[key][2]] for face, key in (("gRPC", "grpc"), ("HTTP", "http"))
+    }
+    cpu = {face: [(run[face][3], run[face][4]) for run in runs] for face in ("grpc", "http")}
     result.notes.append(
         f"{p.streams} concurrent streams over {p.adapters} adapters, {p.max_tokens} tokens each, model "
         f"`{p.shape}` on {p.device}, max_loras {p.adapters}; a client process streams Generate (grpc.aio) "
-        "and POST /v1/completions with SSE (httpx2), alternately, after a warm-up of each. Ratio = HTTP "
+        "and POST /v1/completions with SSE (httpx2), alternately (which goes first alternates too), after a "
+        "warm-up of each. Ratio = HTTP "
         "tokens/s / gRPC tokens/s per repeat, median."
     )
+    rows_out = [
+        [
+            i,
+            round(rpc, 1),
+            round(http, 1),
+            round(http / rpc, 3),
+            *(round(c, 2) for c in cpu["grpc"][i]),
+            *(round(c, 2) for c in cpu["http"][i]),
+        ]
+        for i, (rpc, http) in enumerate(zip(tps["grpc"], tps["http"]))
+    ]
     result.tables.append(
         Table(
-            "Streaming throughput per repeat",
-            ["repeat", "gRPC tok/s", "HTTP tok/s", "HTTP / gRPC"],
+            "Streaming throughput per repeat, and the CPU seconds each run took (client process, "
+            "server process with the engine)",
             [
-                [i, round(rpc, 1), round(http, 1), round(http / rpc, 3)]
-                for i, (rpc, http, _, _) in enumerate(runs)
+                "repeat",
+                "gRPC tok/s",
+                "HTTP tok/s",
+                "HTTP / gRPC",
+                "gRPC client CPU s",
+                "gRPC server CPU s",
+                "HTTP client CPU s",
+                "HTTP server CPU s",
             ],
+            rows_out,
         )
     )
     result.tables.append(
@@ -207,12 +222,25 @@ def run(ctx, p: Params) -> ScenarioResult:
             ],
         )
     )
+    # The same tokens per CPU second spent, which a busy machine's other load does not move.
+    per_cpu = statistics.median(sum(g) / sum(h) for g, h in zip(cpu["grpc"], cpu["http"]))
+    per_server_cpu = statistics.median(g[1] / h[1] for g, h in zip(cpu["grpc"], cpu["http"]))
+    result.tables.append(
+        Table(
+            "HTTP / gRPC, medians over the repeats",
+            ["tokens/s (wall)", "tokens per CPU s, client + server", "tokens per server CPU s"],
+            [[round(ratio, 3), round(per_cpu, 3), round(per_server_cpu, 3)]],
+        )
+    )
     result.goals.append(Goal("HTTP streaming tokens/s / gRPC streaming tokens/s", ratio, GOAL))
     result.data = {
         "params": p.__dict__,
-        "grpc_tokens_per_s": [round(r[0], 1) for r in runs],
-        "http_tokens_per_s": [round(r[1], 1) for r in runs],
+        "grpc_tokens_per_s": [round(t, 1) for t in tps["grpc"]],
+        "http_tokens_per_s": [round(t, 1) for t in tps["http"]],
+        "cpu_s": {face: [[round(c, 3) for c in pair] for pair in pairs] for face, pairs in cpu.items()},
         "ratio_per_repeat": [round(r, 3) for r in ratios],
         "ratio_median": round(ratio, 3),
+        "per_cpu_ratio_median": round(per_cpu, 3),
+        "per_server_cpu_ratio_median": round(per_server_cpu, 3),
     }
     return result
