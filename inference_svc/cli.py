@@ -221,7 +221,7 @@ def add_serve_parser(sub) -> None:
         "--max-concurrent-per-tenant",
         type=int,
         default=int(env.get(ENV_PREFIX + "MAX_CONCURRENT_PER_TENANT", "0")),
-        help="Generate streams one tenant may have in flight; 0 = no limit "
+        help="Generate streams and HTTP completions one tenant may have in flight; 0 = no limit "
         "(env LORASERVE_MAX_CONCURRENT_PER_TENANT)",
     )
     add_security_flags(serve)

@@ -164,6 +164,9 @@ class HttpApi:
         except Exception as e:
             await cleanup.aclose()
             return call.failed(e)
+        except BaseException:  # cancelled (the server stops): still abort and release
+            await cleanup.aclose()
+            raise
         await cleanup.aclose()
         return call.answer(JSONResponse(answer.whole(), headers=call.headers))
 
@@ -241,6 +244,7 @@ class _Call:
         self.request_id = given or new_request_id()
         REQUEST_ID.set(self.request_id)  # this task's logs, and calls to the manager, carry it
         self.headers = {REQUEST_ID_HEADER: self.request_id}
+        self.outcome = (499, "CANCELLED")  # a stream's (HTTP status, code) until it ends otherwise
 
     def failed(self, error: Exception) -> Response:
         if isinstance(error, ClientGone):
@@ -341,7 +345,6 @@ class _EventStream(StreamingResponse):
         )
         self.cleanup = cleanup
         self.call = call
-        call.outcome = (499, "CANCELLED")
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -96,7 +96,8 @@ class ServerConfig:
     adapter_cache_dir: str | None = None
     # Port of the Prometheus endpoint (http://host:port/metrics, same host as gRPC); 0 = off.
     metrics_port: int = 0
-    # Generate streams one tenant may have in flight (RESOURCE_EXHAUSTED beyond); 0 = no limit.
+    # Streams (gRPC Generate and HTTP completions together) one tenant may have in flight
+    # (RESOURCE_EXHAUSTED, HTTP 429, beyond); 0 = no limit.
     max_concurrent_per_tenant: int = 0
     # Port of the OpenAI-compatible HTTP API (same host, TLS and tokens as gRPC); None = off, 0 = any free.
     http_port: int | None = None
