@@ -80,12 +80,15 @@ def resolved(manager, alias: str, key: str, tokens) -> str:
     return manager.stub.ResolveAdapter(request, timeout=TIMEOUT_S, metadata=tokens.md("admin")).adapter_id
 
 
-def grpc_ids(replica, adapter_id: str, tokens) -> list[int]:
+def grpc_ids(replica, adapter_id: str, tokens, chat: bool = False) -> list[int]:
     req = inference_pb2.GenerateRequest(
         adapter_id=adapter_id,
-        text="hello",
         params=inference_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
     )
+    if chat:
+        req.messages.messages.add(role="user", content="hello")
+    else:
+        req.text = "hello"
     responses = replica.stub.Generate(req, timeout=TIMEOUT_S, metadata=tokens.md("admin"))
     return [t for r in responses for t in r.token_ids]
 
@@ -109,6 +112,16 @@ def test_alias_resolves_sticky_by_user_as_over_grpc(cluster):
             chunks = list(answer) if stream else [answer]
             ids = [int(t.split(":")[1]) for c in chunks for t in c.choices[0].logprobs.tokens]
             assert ids == want, (variant, user, stream)
+            chat = acme.chat.completions.create(
+                model="acme-bot",
+                messages=[{"role": "user", "content": "hello"}],
+                user=user,
+                stream=stream,
+                **{**GREEDY, "logprobs": True},
+            )
+            chunks = list(chat) if stream else [chat]
+            ids = [int(e.token.split(":")[1]) for c in chunks for e in c.choices[0].logprobs.content]
+            assert ids == grpc_ids(replica, variant, tokens, chat=True), (variant, user, stream)
     assert grpc_ids(replica, "ad-0", tokens) != grpc_ids(replica, "ad-1", tokens)  # so the check above bites
 
 
