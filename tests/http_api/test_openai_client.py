@@ -1,6 +1,11 @@
 """The official `openai` client against a running replica: models, completions and chat
 completions for the base model and an adapter, streaming and not, with logprobs; the tokens are
-the ones gRPC Generate streams for the same request and seed."""
+the ones gRPC Generate streams for the same request and seed. The README's examples run too."""
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import client
@@ -137,3 +142,24 @@ def test_token_id_prompts_stop_strings_and_text_logprobs(served):
     stopped = api.completions.create(prompt=[5, 6, 7, 8], stop=[stop], **greedy)
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == text[: text.index(stop)]
+
+
+def test_the_readme_examples_work(served, capsys):
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## OpenAI-compatible HTTP API") :]
+    section = section[: section.index("\n## ", 1)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(code.replace("http://localhost:8000/v1", served.http_url), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("['tiny', 'demo-0'") and "completion_tokens=8" in out
+    (shell,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    curls = [line for line in shell.replace("\\\n", " ").splitlines() if line.startswith("curl ")]
+    assert len(curls) == 3
+    for line in curls:
+        done = subprocess.run(
+            shlex.split(line.replace("localhost:8000", served.http_url.removesuffix("/v1"))),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+        assert done.returncode == 0 and done.stdout.strip() and '"error"' not in done.stdout, done.stdout
