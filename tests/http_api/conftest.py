@@ -1,7 +1,6 @@
 import sys
 from pathlib import Path
 
-import openai
 import pytest
 
 from harness import start_server, write_model_and_adapters
@@ -23,8 +22,3 @@ def served(http_model):
     server = start_server(*http_model, server_overrides={"http_port": 0, "served_model_name": "tiny"})
     yield server
     server.close()
-
-
-def client(server, api_key: str = "unused", **kwargs) -> openai.OpenAI:
-    """The official client on `server`'s HTTP API, without retries (a refusal must surface)."""
-    return openai.OpenAI(base_url=server.http_url, api_key=api_key, max_retries=0, timeout=60, **kwargs)

@@ -11,7 +11,6 @@ import threading
 import httpx2
 import openai
 import pytest
-from conftest import client
 
 from loraserve.security import SecurityConfig
 from loraserve.telemetry import JsonFormatter
@@ -19,6 +18,7 @@ from loraserve.v1 import inference_pb2
 
 from credentials import make_pki, write_tokens
 from harness import TIMEOUT_S, start_server, wait_for
+from http_clients import client
 
 OWNERS = {"demo-0": "acme", "demo-1": "globex"}
 LONG = dict(max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})

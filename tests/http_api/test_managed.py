@@ -4,7 +4,6 @@ same sticky rule as gRPC, `user` being the request key."""
 
 import openai
 import pytest
-from conftest import client
 
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
@@ -12,6 +11,7 @@ from loraserve.v1 import inference_pb2
 
 from credentials import write_tokens
 from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, manager_config, register
+from http_clients import client
 
 TENANTS = {"ad-0": "acme", "ad-1": "acme", "ad-2": "globex", "ad-3": ""}
 ALIASES = {"acme-bot": ("ad-0", "ad-1"), "mixed": ("ad-1", "ad-2")}

@@ -8,12 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import client
 
 from inference_svc.tokenizer import ChatPrompt
 from loraserve.v1 import inference_pb2
 
 from harness import TIMEOUT_S, request
+from http_clients import client
 
 MAX_TOKENS = 6
 SAMPLED = dict(temperature=0.9, top_p=0.95, seed=1234)  # sampled, yet reproducible by the seed

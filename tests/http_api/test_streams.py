@@ -4,11 +4,11 @@ at once, and 32 concurrent streaming clients over 8 adapters all get their whole
 import asyncio
 
 import openai
-from conftest import client
 
 from loraserve.v1 import inference_pb2
 
 from harness import TIMEOUT_S, wait_for
+from http_clients import client
 
 LONG = dict(max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
 
