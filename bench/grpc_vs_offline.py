@@ -53,7 +53,7 @@ def run_offline(engine: LLMEngine, rows, params: SamplingParams) -> tuple[float,
     return time.perf_counter() - start, sum(len(c.token_ids) for c in done)
 
 
-async def _streams(stub, rows, max_tokens: int) -> tuple[float, int, list[float]]:
+async def grpc_streams(stub, rows, max_tokens: int) -> tuple[float, int, list[float]]:
     """All streams at once; returns (wall seconds, tokens, time to first token per stream)."""
     params = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
@@ -79,7 +79,7 @@ def client_process(address: str, conn) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             while (job := await asyncio.to_thread(conn.recv)) is not None:
-                conn.send(await _streams(stub, *job))
+                conn.send(await grpc_streams(stub, *job))
 
     asyncio.run(serve_jobs())
 

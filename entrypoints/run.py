@@ -12,8 +12,9 @@ base model in flight at once, prints the endpoints and commands to try, and serv
 (SIGINT, SIGTERM or SIGHUP). Shutdown stops the replica, the manager and Redis in that order, each
 with SIGTERM (and, as a last resort, SIGKILL for the process group), so nothing is left running.
 
-Ports: the replica gets N (default 50051), the manager N+1, Redis N+2, the replica's metrics N+3 and
-the manager's N+4; a port in use is replaced by the next free one above them. Flags this command
+Ports: the replica gets N (default 50051), the manager N+1, Redis N+2, the replica's metrics N+3,
+the manager's N+4 and the replica's OpenAI-compatible HTTP API N+5; a port in use is replaced by the
+next free one above them. Flags this command
 does not know (e.g. `--max-loras 8`) are passed to the inference replica.
 """
 
@@ -40,7 +41,7 @@ from loraserve.healthcheck import check
 from loraserve.telemetry import REQUEST_ID_HEADER
 
 DEFAULT_PORT_BASE = 50051
-NUM_PORTS = 5  # replica, manager, redis, replica metrics, manager metrics
+NUM_PORTS = 6  # replica, manager, redis, replica metrics, manager metrics, replica HTTP API
 NUM_DEMO_ADAPTERS = 4
 START_TIMEOUT_S = 300.0  # a large model on a slow disk takes a while
 STOP_TIMEOUT_S = 20.0
@@ -224,13 +225,16 @@ class Endpoints:
     redis_url: str
     replica_metrics: str
     manager_metrics: str
+    http: str  # base URL of the OpenAI-compatible API, ending in /v1
 
 
 def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints, Path, Path]:
     if shutil.which("redis-server") is None:
         raise StartupFailed("redis-server is not installed: `apt-get install redis-server` (or `make run`)")
     model_dir, adapter_root = demo_files(stack.run_dir, args.model, args.num_adapters)
-    replica_port, manager_port, redis_port, replica_metrics, manager_metrics = pick_ports(args.port_base)
+    replica_port, manager_port, redis_port, replica_metrics, manager_metrics, http_port = pick_ports(
+        args.port_base
+    )
     host = "127.0.0.1"
     ends = Endpoints(
         replica=f"{host}:{replica_port}",
@@ -238,6 +242,7 @@ def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints
         redis_url=f"redis://{host}:{redis_port}/0",
         replica_metrics=f"http://{host}:{replica_metrics}/metrics",
         manager_metrics=f"http://{host}:{manager_metrics}/metrics",
+        http=f"http://{host}:{http_port}/v1",
     )
     redis_dir = stack.run_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +264,7 @@ def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints
     stack.spawn(
         "inference",
         [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_dir), "--host", host]
-        + ["--port", str(replica_port), "--metrics-port", str(replica_metrics)]
+        + ["--port", str(replica_port), "--metrics-port", str(replica_metrics), "--http-port", str(http_port)]
         + ["--adapter-manager", ends.manager, "--replica-id", REPLICA_ID, "--grace-s", "3"]
         + ["--adapter-cache-dir", str(stack.run_dir / "adapter-cache"), *replica_flags],
     )
@@ -340,15 +345,21 @@ def run_demo(replica: str, adapters: list[str]) -> None:
 def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving: bool) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     cli = "loraserve" if shutil.which("loraserve") else f"{sys.executable} -m entrypoints"
+    adapter = adapters[1 % len(adapters)] if adapters else ""
     generate = (
-        f'{{"adapter_id": "{adapters[1 % len(adapters)] if adapters else ""}", "text": "Hello", '
-        '"params": {"max_tokens": 8, "temperature": 0}}'
+        f'{{"adapter_id": "{adapter}", "text": "Hello", "params": {{"max_tokens": 8, "temperature": 0}}}}'
+    )
+    completion = f'{{"model": "{adapter}", "prompt": "Hello", "max_tokens": 8, "temperature": 0}}'
+    chat = (
+        f'{{"model": "{adapter}", "messages": [{{"role": "user", "content": "Hello"}}], '
+        '"max_tokens": 8, "stream": true}'
     )
     pids = ", ".join(f"{c.name} {c.proc.pid}" for c in stack.children)
     lines = [
         "",
         f"loraserve is up (run directory {stack.run_dir}):",
         f"  inference  {ends.replica:<22} loraserve.v1.InferenceService, health, reflection",
+        f"  openai     {ends.http:<22} OpenAI-compatible HTTP API: /models, /completions, /chat/completions",
         f"  manager    {ends.manager:<22} loraserve.v1.AdapterService, health, reflection",
         f"  redis      {ends.redis_url:<22} append-only file in {stack.run_dir / 'redis'}",
         f"  metrics    {ends.replica_metrics} (inference)  {ends.manager_metrics} (manager)",
@@ -360,15 +371,32 @@ def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving:
         f"  {grpcurl} -plaintext {ends.replica} loraserve.v1.InferenceService/ListResidentAdapters",
         f"  {grpcurl} -plaintext -d '{{\"page_size\": 10}}' {ends.manager} loraserve.v1.AdapterService/ListAdapters",
         f"  {grpcurl} -plaintext {ends.manager} loraserve.v1.AdapterService/GetClusterState",
+        f"  curl -s {ends.http}/models",
+        f"  curl -s {ends.http}/completions -H 'content-type: application/json' -d {shlex.quote(completion)}",
+        f"  curl -sN {ends.http}/chat/completions -H 'content-type: application/json' -d {shlex.quote(chat)}",
         f"  export LORASERVE_ADAPTER_MANAGER={ends.manager} LORASERVE_REPLICA={ends.replica}",
         f"  {cli} status",
         f"  {cli} generate --adapter {adapters[0] if adapters else ''} 'Hello there'",
         f"  {cli} generate --chat --system 'Answer briefly.' 'Hello there'",
         f"  {cli} events --after 0",
         "",
+        "From Python, with the openai client (pip install openai):",
+        *(f"  {line}" for line in openai_snippet(ends.http, adapter).splitlines()),
+        "",
         "Serving until Ctrl-C." if serving else "--no-serve: shutting down.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def openai_snippet(base_url: str, adapter: str) -> str:
+    """A few lines of Python with the official client: a completion, then a streamed chat reply."""
+    return f"""from openai import OpenAI
+client = OpenAI(base_url="{base_url}", api_key="unused")
+print(client.completions.create(model="{adapter}", prompt="Hello", max_tokens=8).choices[0].text)
+for chunk in client.chat.completions.create(
+        model="{adapter}", messages=[{{"role": "user", "content": "Hello"}}], max_tokens=8, stream=True):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()"""
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -391,7 +419,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--port-base",
         type=int,
         default=int(os.environ.get("LORASERVE_PORT_BASE", DEFAULT_PORT_BASE)),
-        help="first of the five ports (replica, manager, redis, replica metrics, manager metrics); "
+        help="first of the six ports (replica, manager, redis, replica metrics, manager metrics, replica "
+        "HTTP API); "
         "taken ones are skipped (env LORASERVE_PORT_BASE; default %(default)s)",
     )
     parser.add_argument(

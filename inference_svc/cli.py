@@ -126,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_cache_dir=args.adapter_cache_dir,
         metrics_port=args.metrics_port,
         max_concurrent_per_tenant=args.max_concurrent_per_tenant,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
     )
     config.engine.check_runtime()  # a device or compiler this machine lacks: refused before anything starts
     asyncio.run(serve(config, security_config_from(args)))
@@ -197,6 +199,22 @@ def add_serve_parser(sub) -> None:
         default=int(env.get(ENV_PREFIX + "METRICS_PORT", "0")),
         help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env LORASERVE_METRICS_PORT)",
     )
+    http_port = env.get(ENV_PREFIX + "HTTP_PORT")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=int(http_port) if http_port else None,
+        help="serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) "
+        "on this port, same host, TLS and tokens as gRPC; unset = off, 0 = any free port "
+        "(env LORASERVE_HTTP_PORT)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=env.get(ENV_PREFIX + "SERVED_MODEL_NAME", ""),
+        metavar="NAME",
+        help="the base model's `model` name in the HTTP API (default: the model directory's name; "
+        "env LORASERVE_SERVED_MODEL_NAME)",
+    )
     serve.add_argument(
         "--log-level", default="info", help="debug, info, warning, error (JSON lines on stderr)"
     )
@@ -204,7 +222,7 @@ def add_serve_parser(sub) -> None:
         "--max-concurrent-per-tenant",
         type=int,
         default=int(env.get(ENV_PREFIX + "MAX_CONCURRENT_PER_TENANT", "0")),
-        help="Generate streams one tenant may have in flight; 0 = no limit "
+        help="Generate streams and HTTP completions one tenant may have in flight; 0 = no limit "
         "(env LORASERVE_MAX_CONCURRENT_PER_TENANT)",
     )
     add_security_flags(serve)

@@ -1,5 +1,8 @@
 """Bootstrap of the inference gRPC server: `serve(config)` and the `InferenceServer` it runs.
 
+With `http_port` set, the OpenAI-compatible HTTP API (`inference_svc.http_api`, uvicorn) runs on the
+same event loop over the same request path; it starts listening with gRPC and stops after the drain.
+
 The server listens before the model is loaded so that health checks answer at once:
 NOT_SERVING while the engine is built and the start-up adapters are loaded, SERVING when ready,
 NOT_SERVING again from the moment shutdown begins. Shutdown (SIGTERM/SIGINT) refuses new
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -23,12 +27,14 @@ from inference_svc.async_engine import AsyncEngine
 from inference_svc.config import EngineConfig
 from inference_svc.errors_grpc import status_for
 from inference_svc.generation_config import GenerationConfig
+from inference_svc.http_api import HttpApi, HttpServer
 from inference_svc.limits import TenantConcurrencyLimiter
 from inference_svc.manager_client import ManagerClient
 from inference_svc.metrics import EngineMetrics
 from inference_svc.ownership import ManagerOwnership, static_owners
 from inference_svc.replica_agent import ReplicaAgent
 from inference_svc.servicer import SERVICE_NAME, InferenceServicer
+from inference_svc.tokenizer import load_tokenizer
 from loraserve.auth import INFERENCE_POLICY
 from loraserve.grpc_errors import DecodeGuard, ErrorInterceptor
 from loraserve.security import SecurityConfig, check_exposure
@@ -90,8 +96,13 @@ class ServerConfig:
     adapter_cache_dir: str | None = None
     # Port of the Prometheus endpoint (http://host:port/metrics, same host as gRPC); 0 = off.
     metrics_port: int = 0
-    # Generate streams one tenant may have in flight (RESOURCE_EXHAUSTED beyond); 0 = no limit.
+    # Streams (gRPC Generate and HTTP completions together) one tenant may have in flight
+    # (RESOURCE_EXHAUSTED, HTTP 429, beyond); 0 = no limit.
     max_concurrent_per_tenant: int = 0
+    # Port of the OpenAI-compatible HTTP API (same host, TLS and tokens as gRPC); None = off, 0 = any free.
+    http_port: int | None = None
+    # The base model's name in the HTTP API (`model`, /v1/models); "" = the model directory's name.
+    served_model_name: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -102,6 +113,8 @@ class ServerConfig:
             )
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port ({self.http_port}) must be in 0..65535 (or unset: off)")
         if self.grace_s < 0:
             raise ValueError(f"grace_s ({self.grace_s}) must be >= 0")
         ids = [name for name, _ in self.lora_modules]
@@ -157,10 +170,29 @@ class InferenceServer:
         )
         # the checkpoint's sampling defaults, read now: requests are converted off the engine thread
         defaults = GenerationConfig.from_dir(config.model).sampling_defaults
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.engine, config.adapter_roots, self.agent, defaults), self._server
-        )
+        servicer = InferenceServicer(self.engine, config.adapter_roots, self.agent, defaults)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, self._server)
         add_health_and_reflection(self._server, self.health, SERVICE_NAME)
+        self.http: HttpServer | None = None
+        if config.http_port is not None:
+            self.http = self._http_server(servicer.generation)
+
+    def _http_server(self, generation) -> HttpServer:
+        """The OpenAI-compatible face: the servicer's request path, the same auth, limits and TLS."""
+        tokenizer = load_tokenizer(self.config.model)
+        api = HttpApi(
+            generation,
+            self.engine,
+            model_name=self.config.served_model_name or Path(self.config.model).resolve().name,
+            token_text=lambda token_id: tokenizer.decode([token_id]),
+            security=self.security,
+            tenant_of=self.ownership,
+            limiter=self.limiter,
+            manager=self.manager,
+            routing=(lambda: self.agent.routing) if self.agent is not None else None,
+            on_refusal=self.metrics.on_auth_refusal,
+        )
+        return HttpServer(api.app(), self.config.host, self.config.http_port, self.security)
 
     def _ownership(self):
         """Who owns each adapter: the manager's registry, or the token file's `adapters` map."""
@@ -206,6 +238,9 @@ class InferenceServer:
         await self._server.start()
         log.info("listening on %s:%d (NOT_SERVING until the engine is ready)", self.config.host, self.port)
         try:
+            if self.http is not None:
+                await self.http.start()
+                log.info("OpenAI-compatible HTTP API on %s/v1", self.http.url)
             if self.config.metrics_port:
                 self.metrics_server = MetricsServer(
                     self.metrics.registry,
@@ -224,6 +259,7 @@ class InferenceServer:
                 member.replica_id = member.replica_id or member.advertise_address
                 await self.agent.start()
         except BaseException:
+            await self._stop_http()
             await self._server.stop(0)
             await self.engine.stop()
             self._close_metrics()
@@ -242,11 +278,16 @@ class InferenceServer:
         aborted = await self.engine.drain(grace_s - margin)
         if aborted:
             log.warning("grace period over: aborted %d in-flight requests", aborted)
+        await self._stop_http()
         await self._server.stop(margin)
         await self.engine.stop()
         self._close_metrics()
         await self._close_manager()
         log.info("stopped")
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
 
     async def _close_manager(self) -> None:
         if self.manager is not None:

@@ -1,5 +1,7 @@
 """`InferenceService` (loraserve.v1): proto -> engine call -> proto, nothing else.
 
+Generate hands its request to `generation.Generation`, the request path the HTTP API shares.
+
 Errors are raised as the typed errors of `inference_svc.errors`; `loraserve.grpc_errors.ErrorInterceptor`
 turns them into status codes with `errors_grpc.status_for`.
 """
@@ -7,29 +9,21 @@ turns them into status codes with `errors_grpc.status_for`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from inference_svc import errors
 from inference_svc.async_engine import AsyncEngine
 from inference_svc.engine import RequestOutput
+from inference_svc.generation import Generation
 from inference_svc.membership import resident_to_proto
 from inference_svc.replica_agent import ReplicaAgent
-from inference_svc.sampling import SamplingParams
-from inference_svc.tokenizer import ChatPrompt, Prompt, TextPrompt
 from loraserve import auth
 from loraserve.adapter_paths import resolve_adapter_dir
 from loraserve.names import ID_RE
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-# What a refusal names when the base model was asked for and a routing rule chose an adapter.
-ROUTED = "(chosen by a routing rule)"
-# Longest request_id accepted (it is echoed in every response and logged).
-MAX_REQUEST_ID_CHARS = 128
 FINISH_REASONS = {
     "length": inference_pb2.FINISH_REASON_LENGTH,
     "stop": inference_pb2.FINISH_REASON_STOP,
@@ -43,10 +37,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine: the running engine bridge.
         adapter_roots: directories LoadAdapter may register adapters from (standalone mode); empty
             disables loading by path.
-        agent: the adapter manager's agent (managed mode): it resolves aliases and routing rules
-            and fetches adapters the engine does not hold; None = standalone.
-        sampling_defaults: the checkpoint's defaults for unset sampling fields
-            (`GenerationConfig.sampling_defaults`, from generation_config.json).
+        agent, sampling_defaults: those of `generation.Generation`, which Generate runs on
+            (managed mode's agent also fetches adapters LoadAdapter names).
     """
 
     def __init__(
@@ -59,31 +51,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.engine = engine
         self.adapter_roots = tuple(Path(r).resolve() for r in adapter_roots)
         self.agent = agent
-        self.sampling_defaults = dict(sampling_defaults or {})
+        # the request path both faces share (the HTTP API gets this one from the server)
+        self.generation = Generation(engine, agent, sampling_defaults)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        request_id = request_id_from(request.request_id)
-        prompt = prompt_from(request)
-        params = sampling_params_from(request.params, self.sampling_defaults)
-        adapter_id = request.adapter_id
-        if self.agent is not None:
-            # routing's choice must be the caller's too, checked before anything is fetched; a
-            # refusal names only what the caller asked for, never the rule's target
-            requested = request.adapter_id or ROUTED
-
-            async def authorize(concrete: str) -> None:
-                await auth.authorize_adapter(concrete, requested)
-
-            adapter_id = await self.agent.resolve(adapter_id, auth.request_headers(context), authorize)
-        # request ids are per tenant: one tenant can neither see nor take another's in-flight ids
-        stream = self.engine.generate(
-            prompt, params, adapter_id or None, request_id, namespace=auth.caller_tenant(context)
-        )
-        async with contextlib.aclosing(stream):  # leaving early (cancel, deadline) aborts the request
-            async for batch in stream:
-                yield response_from(batch, with_alternatives=params.logprobs > 0, request_id=request_id)
+        opened = await self.generation.open(request, auth.request_headers(context))
+        alternatives = opened.params.logprobs > 0
+        async with contextlib.aclosing(opened.stream):  # leaving early (cancel, deadline) aborts the request
+            async for batch in opened.stream:
+                yield response_from(batch, with_alternatives=alternatives, request_id=opened.request_id)
 
     async def GetEngineInfo(self, request, context) -> inference_pb2.GetEngineInfoResponse:
         return engine_info_to_proto(await self.engine.call(lambda engine: engine.info()))
@@ -126,90 +104,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return resolve_adapter_dir(path, self.adapter_roots)
 
 
-def request_id_from(request_id: str) -> str:
-    """The client's request id, or a new one; InvalidRequest beyond MAX_REQUEST_ID_CHARS or for
-    control characters (ids are echoed and logged)."""
-    if not request_id:
-        return uuid.uuid4().hex
-    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-        raise errors.InvalidRequest(
-            "request_id",
-            f"must be at most {MAX_REQUEST_ID_CHARS} printable characters (got {len(request_id)})",
-        )
-    return request_id
-
-
 def _adapter_id(adapter_id: str) -> str:
     if not ID_RE.fullmatch(adapter_id):
         raise errors.InvalidRequest("adapter_id", f"{adapter_id[:200]!r} must match {ID_RE.pattern}")
     return adapter_id
-
-
-# --- proto -> domain ---------------------------------------------------------------------------
-
-
-def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
-    """The prompt oneof: text, token ids or chat messages (InvalidRequest "prompt" when none is set)."""
-    which = request.WhichOneof("prompt")
-    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
-    if which == "text":
-        return request.text if special is None else TextPrompt(request.text, special)
-    if which == "token_ids":
-        return list(request.token_ids.ids)
-    if which == "messages":
-        chat = request.messages
-        prompt = ChatPrompt(
-            messages=tuple({"role": m.role, "content": m.content} for m in chat.messages),
-            add_generation_prompt=not chat.HasField("add_generation_prompt") or chat.add_generation_prompt,
-            template_kwargs=_template_kwargs(chat.chat_template_kwargs),
-        )
-        if not prompt.messages:
-            raise errors.InvalidRequest("messages", "must contain at least one message")
-        return prompt if special is None else dataclasses.replace(prompt, add_special_tokens=special)
-    raise errors.InvalidRequest("prompt", "set `text`, `token_ids` or `messages`")
-
-
-def _template_kwargs(text: str) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise errors.InvalidRequest("messages.chat_template_kwargs", f"not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise errors.InvalidRequest("messages.chat_template_kwargs", "JSON nests too deeply") from e
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest("messages.chat_template_kwargs", "must be a JSON object")
-    return value
-
-
-# SamplingParams fields a request may leave unset (proto3 `optional`)
-DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def sampling_params_from(
-    p: inference_pb2.SamplingParams, checkpoint_defaults: Mapping[str, float | int] | None = None
-) -> SamplingParams:
-    """Proto -> SamplingParams; validation happens in the engine.
-
-    An unset optional field takes the checkpoint's default (generation_config.json) when it has
-    one, else SamplingParams' own; a set field always wins.
-    """
-    defaults = {
-        **{name: getattr(SamplingParams, name) for name in DEFAULTABLE},
-        **(checkpoint_defaults or {}),
-    }
-    resolved = {name: getattr(p, name) if p.HasField(name) else defaults[name] for name in DEFAULTABLE}
-    return SamplingParams(
-        **resolved,
-        frequency_penalty=p.frequency_penalty,
-        presence_penalty=p.presence_penalty,
-        seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop),
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs,
-    )
 
 
 # --- domain -> proto ---------------------------------------------------------------------------

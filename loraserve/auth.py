@@ -260,7 +260,7 @@ MANAGER_POLICY = Policy(
         "RegisterAdapter": _rule(ADMIN),
         "UploadAdapter": _rule(ADMIN),
         "GetAdapter": _rule(ADMIN, SERVICE, TENANT, scope=_scope_get_adapter),
-        "ListAdapters": _rule(ADMIN, TENANT, scope=_scope_list_adapters),
+        "ListAdapters": _rule(ADMIN, SERVICE, TENANT, scope=_scope_list_adapters),  # replicas: /v1/models
         "UnregisterAdapter": _rule(ADMIN),
         "LoadAdapter": _rule(ADMIN),
         "EvictAdapter": _rule(ADMIN),
@@ -316,19 +316,24 @@ def current_principal() -> Principal | None:
     return access.principal if access else None
 
 
-def caller_tenant(context) -> str:
+def caller_tenant(headers) -> str:
     """The tenant a call is made for: the token's tenant, or (authentication off) the x-tenant
-    header; "" for admins, services and anonymous calls."""
+    header among `headers` ((name, value) pairs); "" for admins, services and anonymous calls."""
     access = _ACCESS.get()
     if access is not None:
         return access.principal.tenant
-    return dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
+    return dict(headers or ()).get(TENANT_HEADER, "")
 
 
 def request_headers(context) -> dict[str, str]:
-    """The call's metadata for routing: without the token, and with x-tenant set to the caller's
-    tenant for tenant tokens (a tenant cannot pose as another to match its routing rules)."""
-    headers = {k: v for k, v in (context.invocation_metadata() or ()) if k != AUTHORIZATION}
+    """The gRPC call's metadata for routing (see `routing_headers`)."""
+    return routing_headers(context.invocation_metadata() or ())
+
+
+def routing_headers(pairs) -> dict[str, str]:
+    """A call's (name, value) headers for routing: without the token, and with x-tenant set to the
+    caller's tenant for tenant tokens (a tenant cannot pose as another to match its routing rules)."""
+    headers = {k: v for k, v in pairs if k != AUTHORIZATION}
     principal = current_principal()
     if principal is not None and principal.role == TENANT:
         headers[TENANT_HEADER] = principal.tenant
@@ -352,6 +357,90 @@ async def authorize_adapter(adapter_id: str, requested: str | None = None) -> No
     except Hidden as e:
         access.refused("not_owner")
         raise access.not_found(adapter_id if requested is None else requested) from e
+
+
+# --- admission, whatever the transport ------------------------------------------------------------
+
+
+class AccessDenied(Exception):
+    """A call is refused before it reaches the service; each transport maps the subclasses."""
+
+
+class Unauthenticated(AccessDenied):
+    """No token, or one the token table does not know (UNAUTHENTICATED, HTTP 401)."""
+
+
+class PermissionDenied(AccessDenied):
+    """The token's role may not make the call (PERMISSION_DENIED, HTTP 403)."""
+
+
+class AccessUnknown(AccessDenied):
+    """An adapter's owner could not be looked up (the manager is away: UNAVAILABLE, HTTP 503)."""
+
+
+async def admit(
+    policy: Policy,
+    method: str,
+    principal: Principal | None,
+    request,
+    tenant_of: TenantOf,
+    not_found: NotFound = AdapterHidden,
+    client_streams: bool = False,
+    *,
+    has_token: bool = True,
+    refused: Callable[[str], None] | None = None,
+):
+    """Decide whether `principal` may call `method` ('/pkg.Service/Method') with `request`.
+
+    On success the principal becomes the current call's (`current_principal`, `authorize_adapter`)
+    and the return value is None, or the response a tenant scope answers with instead of the
+    service. Raises Unauthenticated (no principal), PermissionDenied (the role's rule, or a
+    replica-bound service token naming another replica), Hidden (a tenant naming an adapter it does
+    not own) or AccessUnknown (the owner could not be looked up). `refused(reason)` is told of each
+    refusal first (the audit record; `has_token` tells a wrong token from none). Tenant scopes and
+    replica bindings look at the request, so they apply to methods with a single request only.
+    """
+    report = refused or _ignore_refusal
+    if principal is None:
+        report("unknown_token" if has_token else "no_token")
+        raise Unauthenticated("missing or invalid bearer token")
+    rule = policy.rule(method)
+    name = method.rsplit("/", 1)[-1]
+    if principal.role != ADMIN and (rule is None or principal.role not in rule.roles):
+        who = f"tenant {principal.tenant!r}" if principal.tenant else f"role {principal.role!r}"
+        report("role")
+        raise PermissionDenied(f"{who} may not call {name}")
+    if principal.role == SERVICE and rule.as_replica and not client_streams:
+        claimed = getattr(request, "replica_id", "")
+        if not principal.replica or claimed != principal.replica:
+            report("other_replica")
+            raise PermissionDenied(_replica_refusal(principal, name, claimed))
+    _ACCESS.set(Access(principal, tenant_of, not_found, report))
+    if principal.role == TENANT and rule.scope is not None and not client_streams:
+        try:
+            return await rule.scope(request, principal, tenant_of)
+        except Hidden:
+            report("not_owner")
+            raise
+        except Exception as e:  # the owner could not be looked up (the manager is away)
+            raise AccessUnknown(f"cannot check access: {e}") from e
+    return None
+
+
+def _ignore_refusal(reason: str) -> None:
+    pass
+
+
+def audit_refusal(
+    method: str, principal: Principal | None, peer: str, reason: str, on_refusal: OnRefusal | None = None
+) -> None:
+    """The audit record of one refusal, whatever the transport: a log line (the token's name, never
+    the token) and `on_refusal(method name, reason)` (the service's counter)."""
+    name = method.rsplit("/", 1)[-1]
+    who = principal.name if principal is not None else "-"
+    log.warning("auth refused: method=%s peer=%s token=%s reason=%s", name, peer, who, reason)
+    if on_refusal is not None:
+        on_refusal(name, reason)
 
 
 # --- the interceptor ----------------------------------------------------------------------------
@@ -412,13 +501,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _refused(self, method: str, principal: Principal | None, context, reason: str) -> None:
-        """The audit record of one refusal: a log line (no secret in it) and the counter."""
-        name = method.rsplit("/", 1)[-1]
-        who = principal.name if principal is not None else "-"
         peer = context.peer() if context is not None else "-"
-        log.warning("auth refused: method=%s peer=%s token=%s reason=%s", name, peer, who, reason)
-        if self.on_refusal is not None:
-            self.on_refusal(name, reason)
+        audit_refusal(method, principal, peer, reason, self.on_refusal)
 
     async def _admit(
         self,
@@ -429,38 +513,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         request,
         context,
     ):
-        """Abort the call unless `principal` may make it; -> a response to answer with, or None.
-
-        Tenant scopes and replica bindings look at the request, so they apply to methods with a
-        single request only (every method they are set for has one).
-        """
-        if principal is None:
-            self._refused(method, None, context, "unknown_token" if has_token else "no_token")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        rule = self.policy.rule(method)
-        name = method.rsplit("/", 1)[-1]
-        if principal.role != ADMIN and (rule is None or principal.role not in rule.roles):
-            who = f"tenant {principal.tenant!r}" if principal.tenant else f"role {principal.role!r}"
-            self._refused(method, principal, context, "role")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who} may not call {name}")
-        if principal.role == SERVICE and rule.as_replica and not client_streams:
-            claimed = getattr(request, "replica_id", "")
-            if not principal.replica or claimed != principal.replica:
-                self._refused(method, principal, context, "other_replica")
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED, _replica_refusal(principal, name, claimed)
-                )
+        """Abort the call unless `principal` may make it (`admit`); -> a response to answer with, or None."""
         refused = functools.partial(self._refused, method, principal, context)
-        _ACCESS.set(Access(principal, self.tenant_of, self.not_found, refused))
-        if principal.role == TENANT and rule.scope is not None and not client_streams:
-            try:
-                return await rule.scope(request, principal, self.tenant_of)
-            except Hidden as e:
-                refused("not_owner")
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(self.not_found(e.adapter_id)))
-            except Exception as e:  # the owner could not be looked up (the manager is away)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check access: {e}")
-        return None
+        try:
+            return await admit(
+                self.policy,
+                method,
+                principal,
+                request,
+                self.tenant_of,
+                self.not_found,
+                client_streams,
+                has_token=has_token,
+                refused=refused,
+            )
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except PermissionDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except Hidden as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(self.not_found(e.adapter_id)))
+        except AccessUnknown as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
 def _replica_refusal(principal: Principal, method: str, claimed: str) -> str:

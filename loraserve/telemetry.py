@@ -100,6 +100,30 @@ CALLER_OUTCOMES = frozenset(
 # Codes that mean a bug or lost data: logged at ERROR (the rest at WARNING).
 SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
 
+
+def log_call(
+    log: logging.Logger, method: str, code: str, seconds: float, quiet: bool = False, **extra
+) -> None:
+    """The one line a finished call gets, at the level its status code (a gRPC code name) calls
+    for: ERROR for faults of the server, WARNING for refusals and outages, INFO (DEBUG if `quiet`)
+    for the caller's own outcomes. `extra` fields are added to the line (e.g. the HTTP status)."""
+    if code in SERVER_FAULTS:
+        level = logging.ERROR
+    elif code not in CALLER_OUTCOMES:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG if quiet else logging.INFO
+    shown = extra.get("status", code)
+    log.log(
+        level,
+        "%s %s %.1f ms",
+        method,
+        shown,
+        seconds * 1000,
+        extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 3), **extra},
+    )
+
+
 # (method, status code name, seconds, the exception the handler raised or None)
 RpcObserver = Callable[[str, str, float, BaseException | None], None]
 
@@ -185,20 +209,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             self.observe(method, code, seconds, observed)
         except Exception:  # metrics must never fail a call
             self.log.exception("recording metrics for %s failed", method)
-        if code in SERVER_FAULTS:
-            level = logging.ERROR
-        elif code not in CALLER_OUTCOMES:
-            level = logging.WARNING
-        else:
-            level = logging.DEBUG if quiet else logging.INFO
-        self.log.log(
-            level,
-            "%s %s %.1f ms",
-            method,
-            code,
-            seconds * 1000,
-            extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 3)},
-        )
+        log_call(self.log, method, code, seconds, quiet)
 
     def _code(self, context, error: BaseException | None) -> str:
         if error is None:

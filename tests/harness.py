@@ -312,6 +312,12 @@ class ReplicaHandle:
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (`server_overrides={"http_port": 0}` turns it on)."""
+        assert self.server.http is not None, "started without http_port"
+        return f"{self.server.http.url}/v1"
+
     def generate(self, adapter_id: str, max_tokens: int = 2, metadata=(), **fields) -> list:
         """Generate greedily from "hello"; -> every response of the stream."""
         req = request("hello", adapter_id, max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -346,15 +352,23 @@ class StandaloneServer(ReplicaHandle):
             self.loop.close()
 
 
-def start_server(model_dir: Path, adapters: dict[str, Path], **engine) -> StandaloneServer:
-    """A standalone server with `adapters` preloaded (`STANDALONE_ENGINE` unless overridden)."""
-    overrides = dict(
-        lora_modules=tuple((name, str(path)) for name, path in adapters.items()),
-        adapter_roots=(str(next(iter(adapters.values())).parent),),
-        grace_s=2.0,
-    )
+def start_server(
+    model_dir: Path,
+    adapters: dict[str, Path],
+    server_overrides: dict | None = None,
+    security: SecurityConfig | None = None,
+    **engine,
+) -> StandaloneServer:
+    """A standalone server with `adapters` preloaded (`STANDALONE_ENGINE` unless overridden);
+    `server_overrides` are further ServerConfig fields (`http_port=0`: the HTTP API too)."""
+    overrides = {
+        "lora_modules": tuple((name, str(path)) for name, path in adapters.items()),
+        "adapter_roots": (str(next(iter(adapters.values())).parent),),
+        "grace_s": 2.0,
+        **(server_overrides or {}),
+    }
     engine = {**STANDALONE_ENGINE, **engine}
-    return StandaloneServer(model_dir, server_overrides=overrides, **engine)
+    return StandaloneServer(model_dir, server_overrides=overrides, security=security, **engine)
 
 
 def start_stack(

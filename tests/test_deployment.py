@@ -41,6 +41,16 @@ def test_compose_file_validates(profiles):
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
+@pytest.mark.parametrize("service", ["inference-cpu", "inference-gpu"])
+def test_replicas_publish_grpc_http_and_metrics_ports(service):
+    replica = compose_config(service.split("-")[1])["services"][service]
+    targets = {
+        int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1]) for p in replica["ports"]
+    }
+    assert targets == {50051, 8000, 9091}
+    assert "--http-port 8000" in " ".join(replica["command"])  # the OpenAI-compatible API listens there
+
+
 def test_redis_keeps_an_append_only_file_on_a_named_volume():
     redis = compose_config()["services"]["redis"]
     assert "--appendonly" in redis["command"] and "yes" in redis["command"]

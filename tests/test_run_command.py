@@ -1,6 +1,6 @@
 """The README's run command (`python -m entrypoints.run`, what `make run` runs), as a user meets it:
 started as a subprocess on a tiny model and private ports, waited for, driven with the grpcurl
-lines and the CLI commands it prints, then stopped with Ctrl-C (SIGINT), after which no process
+lines, curl lines, openai snippet and CLI commands it prints, then stopped with Ctrl-C (SIGINT), after which no process
 and no port may be left behind. The tests run in file order; the last one sends the SIGINT."""
 
 import json
@@ -80,7 +80,7 @@ class RunCommand:
         return [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(self.field_lines()))]
 
     def field_lines(self) -> list[str]:
-        names = ("inference", "manager", "redis", "metrics")
+        names = ("inference", "openai", "manager", "redis", "metrics")
         return [line for line in self.lines if line.split()[:1] and line.split()[0] in names]
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess:
@@ -169,6 +169,24 @@ def test_the_printed_grpcurl_lines_work(stack):
     assert '"local-0"' in outputs["GetClusterState"] and "REPLICA_STATUS_UP" in outputs["GetClusterState"]
 
 
+def test_the_printed_curl_lines_and_openai_snippet_work(stack, capsys):
+    lines = [line.strip() for line in stack.lines if line.strip().startswith("curl ")]
+    assert len(lines) == 3
+    models, completion, chat = (
+        subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=60) for line in lines
+    )
+    listed = [m["id"] for m in json.loads(models.stdout)["data"]]
+    assert listed[0] == "model" and set(ADAPTERS) <= set(listed[1:])  # base model: its directory's name
+    answer = json.loads(completion.stdout)
+    assert answer["model"] == "demo-1" and answer["usage"]["completion_tokens"] == 8
+    events = [line.removeprefix("data: ") for line in chat.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    start = stack.lines.index("From Python, with the openai client (pip install openai):") + 1
+    snippet = "\n".join(line[2:] for line in stack.lines[start : stack.lines.index("", start)])
+    exec(compile(snippet, "entrypoints.run", "exec"), {})  # a completion, then a streamed chat reply
+    assert capsys.readouterr().out.strip()
+
+
 def test_the_cli_drives_the_stack(stack):
     adapter_root = next((stack.run_dir / "demo" / "adapters").iterdir())
     done = stack.cli("register", "extra-0", str(adapter_root / "demo-0"))
@@ -246,7 +264,7 @@ def test_the_metrics_endpoints_count_what_ran(stack):
 def test_ctrl_c_leaves_no_process_and_no_port_behind(stack):
     pids, pgid = stack.pids()
     ports = stack.ports()
-    assert len(pids) == 3 and len(set(ports)) == 5
+    assert len(pids) == 3 and len(set(ports)) == 6
     assert all(_listening(port) for port in ports)
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(60) == 0, stack.output

@@ -13,9 +13,9 @@ import pytest
 
 from inference_svc.demo_model import TINY_SHAPE, write_demo_model
 from inference_svc.errors_grpc import status_for
+from inference_svc.generation import sampling_params_from
 from inference_svc.generation_config import GenerationConfig
 from inference_svc.sampling import SamplingParams
-from inference_svc.servicer import sampling_params_from
 from inference_svc.tokenizer import ChatPrompt, TextPrompt, encode_prompt, load_tokenizer
 from loraserve.errors import ChatTemplateError, InvalidModel
 from loraserve.v1 import inference_pb2

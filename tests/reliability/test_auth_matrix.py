@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from inference_svc import errors
-from inference_svc.servicer import ROUTED
+from inference_svc.generation import ROUTED
 from loraserve.auth import token_metadata
 from loraserve.errors import unknown_adapter_message
 from loraserve.security import SecurityConfig
@@ -42,7 +42,14 @@ TENANT_MAY = {
 # credential (or an admin), never a service token.
 SERVICE_MAY = {
     ("AdapterService", m)
-    for m in ("GetAdapter", "GetAlias", "GetRoutingTable", "ResolveAdapter", "FetchAdapterWeights")
+    for m in (
+        "GetAdapter",
+        "ListAdapters",
+        "GetAlias",
+        "GetRoutingTable",
+        "ResolveAdapter",
+        "FetchAdapterWeights",
+    )
 }
 AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 

@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 from inference_svc import errors
-from inference_svc.servicer import MAX_REQUEST_ID_CHARS, ROUTED
+from inference_svc.generation import ROUTED
 from loraserve.auth import token_metadata
 from loraserve.security import SecurityConfig
+from loraserve.telemetry import MAX_REQUEST_ID_CHARS
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
