@@ -1,7 +1,8 @@
 """`python -m loraserve.healthcheck HOST:PORT [SERVICE]`: exit 0 iff the gRPC health service says
 SERVING. Used by the compose healthchecks and the Kubernetes probes, so it needs nothing but
 grpcio-health-checking. `--tls-ca PEM` (env LORASERVE_TLS_CA) checks a server that serves TLS;
-`--tls-server-name` is the name its certificate carries when HOST is not it (127.0.0.1 in a probe)."""
+`--tls-server-name` (env LORASERVE_TLS_SERVER_NAME) is the name its certificate carries when HOST
+is not it (127.0.0.1 in a probe)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("service", nargs="?", default="", help="service name ('' = the whole server)")
     parser.add_argument("--timeout-s", type=float, default=3.0)
     parser.add_argument("--tls-ca", default=os.environ.get("LORASERVE_TLS_CA"), help="CA of a TLS server")
-    parser.add_argument("--tls-server-name", default="", help="name in the server's certificate")
+    parser.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("LORASERVE_TLS_SERVER_NAME", ""),
+        help="name in the server's certificate (env LORASERVE_TLS_SERVER_NAME)",
+    )
     args = parser.parse_args(argv)
     try:
         status = check(args.target, args.service, args.timeout_s, args.tls_ca, args.tls_server_name)

@@ -34,14 +34,24 @@ import sys
 from pathlib import Path
 
 from loraserve.auth import hash_token, new_token
+from loraserve.names import ID_RE
 
 REPLICA_PREFIX = "replica-"
 DEFAULT_NAME = "loraserve.internal"
 CERT_DAYS = 825
 
 
-def init(server: Path, client: Path, replicas: int, tenants: list[str], name: str, hosts: list[str]) -> bool:
-    """Write the stack's secrets unless they exist; -> True if written now."""
+def init(
+    server: Path,
+    client: Path,
+    replicas: int,
+    tenants: list[str],
+    name: str,
+    hosts: list[str],
+    replica_ids: list[str] | None = None,
+) -> bool:
+    """Write the stack's secrets unless they exist; -> True if written now. `replica_ids` names
+    the replica identities instead of replica-1..`replicas` (e.g. a StatefulSet's pod names)."""
     if (server / "tokens.json").exists():
         return False
     for directory in (server / "tokens", server / "tls", server / "claims", client):
@@ -57,8 +67,7 @@ def init(server: Path, client: Path, replicas: int, tenants: list[str], name: st
     token(client / "metrics.token", name="prometheus", role="metrics")
     for tenant in tenants:
         token(client / f"tenant-{tenant}.token", name=tenant, role="tenant", tenant=tenant)
-    for i in range(1, replicas + 1):
-        replica = f"{REPLICA_PREFIX}{i}"
+    for replica in replica_ids or [f"{REPLICA_PREFIX}{i}" for i in range(1, replicas + 1)]:
         token(server / "tokens" / replica, name=replica, role="service", replica=replica)
     ca, cert, key = _certificates(name, hosts)
     _write(server / "tls" / "ca.crt", ca, 0o644)
@@ -167,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     first.add_argument("--server-dir", type=Path, required=True, help="what the services mount")
     first.add_argument("--client-dir", type=Path, required=True, help="the operator's tokens and CA")
     first.add_argument("--replicas", type=int, default=8, help="replica identities (replica-1..N)")
+    first.add_argument(
+        "--replica-ids", default="", help="comma-separated replica ids instead of replica-1..N (pod names)"
+    )
     first.add_argument("--tenant", action="append", default=[], help="a tenant token to make (repeat)")
     first.add_argument("--name", default=DEFAULT_NAME, help="the name services verify each other by")
     first.add_argument(
@@ -183,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.replicas < 1:
                 raise ValueError(f"--replicas ({args.replicas}) must be >= 1")
             hosts = [h for h in args.hosts.split(",") if h]
-            written = init(args.server_dir, args.client_dir, args.replicas, args.tenant, args.name, hosts)
+            ids = [i for i in args.replica_ids.split(",") if i]
+            for replica_id in ids:
+                if not ID_RE.match(replica_id):
+                    raise ValueError(f"--replica-ids: {replica_id!r} is not an id ({ID_RE.pattern})")
+            written = init(
+                args.server_dir, args.client_dir, args.replicas, args.tenant, args.name, hosts, ids
+            )
             print(f"secrets {'written to' if written else 'kept in'} {args.server_dir} and {args.client_dir}")
         else:
             command = args.command[1:] if args.command[:1] == ["--"] else args.command

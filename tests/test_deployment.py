@@ -45,9 +45,11 @@ def test_compose_file_validates(profiles):
 def test_replicas_publish_grpc_http_and_metrics_ports(service):
     replica = compose_config(service.split("-")[1])["services"][service]
     targets = {
-        int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1]) for p in replica["ports"]
+        int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1].split("/")[0])
+        for p in replica["ports"]
     }
     assert targets == {50051, 8000, 9091}
+    assert all(str(p).startswith("127.0.0.1:") for p in replica["ports"] if not isinstance(p, dict))
     assert "--http-port 8000" in " ".join(replica["command"])  # the OpenAI-compatible API listens there
 
 

@@ -17,14 +17,14 @@ import yaml
 
 from adapter_svc.cli import build_parser as manager_parser
 from inference_svc.cli import build_parser as replica_parser
-from loraserve import healthcheck
+from loraserve import healthcheck, keygen
+from loraserve.auth import TokenTable
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = ["cpu", "gpu"]
-COMPONENTS = [(), ("external-redis",), ("secrets-from-files",), ("external-redis", "secrets-from-files")]
-SECRET_FILES = ["tokens.json", "service-token", "tls.crt", "tls.key", "ca.crt"]
+COMPONENTS = [(), ("external-redis",)]
 
 
 def kubectl() -> str:
@@ -35,11 +35,9 @@ def kubectl() -> str:
 
 
 def render(tmp_path: Path, overlay: str, components: tuple[str, ...]) -> list[dict]:
-    """`kubectl kustomize` of `overlay` with `components`, on a copy holding stand-in secret files."""
+    """`kubectl kustomize` of `overlay` with `components`, rendered from a copy of the tree."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, tree)
-    for name in SECRET_FILES:
-        (tree / "components" / "secrets-from-files" / "files" / name).write_text(f"stand-in {name}\n")
     test = tree / "overlays" / "test"
     test.mkdir()
     kustomization = {
@@ -84,9 +82,6 @@ def test_every_rendered_overlay_validates(tmp_path, overlay, components):
             "name": "LORASERVE_REDIS_URL",
             "valueFrom": {"secretKeyRef": {"name": "loraserve-redis", "key": "url"}},
         } in env
-    if "secrets-from-files" in components:
-        assert {("Secret", "loraserve-tokens"), ("Secret", "loraserve-tls")} <= set(kinds)
-        assert set(kinds["Secret", "loraserve-tls"]["data"]) == {"tls.crt", "tls.key", "ca.crt"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -113,17 +108,48 @@ def test_pods_run_valid_commands_of_our_own_command_lines(tmp_path, overlay):
     )
     assert args.adapter_manager.split(":")[0] in {name for kind, name in kinds if kind == "Service"}
 
-    # Probes run the healthcheck module with flags it has, on the TLS the services serve.
+    assert args.http_port == 8000
+
+    # Probes run the healthcheck module (TLS CA and certificate name from the ConfigMap's env).
     for pod, name in ((manager, "adapter-manager"), (replica, "inference")):
         for probe in ("readinessProbe", "livenessProbe"):
             command = pod[probe]["exec"]["command"]
-            line = command[2] if command[0] == "sh" else " ".join(command)
-            words = line.replace("$POD_NAME", "p").replace("$POD_NAMESPACE", "ns").split()
-            assert words[:3] == ["python", "-m", "loraserve.healthcheck"], name
-            assert any(a.startswith("--tls-server-name=") for a in words[4:]), name
+            assert command[:3] == ["python", "-m", "loraserve.healthcheck"], name
             # The flags parse (an unknown flag would exit 2); nothing listens on port 1: exit 1.
-            assert healthcheck.main(["127.0.0.1:1", *words[4:], "--timeout-s", "0.2"]) == 1, name
-    assert config["LORASERVE_TLS_CA"].startswith("/secrets/tls/")
+            assert healthcheck.main(["127.0.0.1:1", *command[4:], "--timeout-s", "0.2"]) == 1, name
+
+    # The Secrets the README makes with keygen hold every file the pods are pointed at, and each
+    # replica pod's token is bound to its own replica id.
+    pods = [f"loraserve-inference-{i}" for i in range(3)]
+    secrets = tmp_path / "secrets"
+    assert (
+        keygen.main(
+            [
+                "init",
+                "--server-dir",
+                str(secrets),
+                "--client-dir",
+                str(tmp_path / "client"),
+                "--replica-ids",
+                ",".join(pods),
+            ]
+        )
+        == 0
+    )
+    mounted = {
+        "/secrets/tokens": {"tokens.json": secrets / "tokens.json"}
+        | {p.name: p for p in (secrets / "tokens").iterdir()}
+    }
+    mounted["/secrets/tls"] = {p.name: p for p in (secrets / "tls").iterdir()}
+    for key in ("LORASERVE_AUTH_TOKENS", "LORASERVE_TLS_CERT", "LORASERVE_TLS_KEY", "LORASERVE_TLS_CA"):
+        folder, _, file = config[key].rpartition("/")
+        assert file in mounted[folder], key
+    table = TokenTable.load(secrets / "tokens.json")
+    for pod in pods:
+        args = replica_parser().parse_args(expand(replica["args"][3:], {**pod_env, "POD_NAME": pod}))
+        folder, _, file = args.service_token_file.rpartition("/")
+        principal = table.authenticate(mounted[folder][file].read_text().strip())
+        assert (principal.role, principal.replica) == ("service", args.replica_id)
 
     if overlay == "gpu":
         limits = replica["resources"]["limits"]
@@ -146,9 +172,10 @@ def test_the_deployment_has_what_it_promises(tmp_path):
         "name": "loraserve-inference",
     }
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "loraserve_num_requests_waiting"
-    # Only the manager and the front door reach the replicas' gRPC port.
+    # Only the manager and the front door reach the replicas' gRPC and HTTP ports.
     policy = kinds["NetworkPolicy", "loraserve-inference"]["spec"]
-    grpc_rule = [r for r in policy["ingress"] if r["ports"] == [{"port": "grpc"}]][0]
+    grpc_rule = [r for r in policy["ingress"] if {"port": "grpc"} in r["ports"]][0]
+    assert grpc_rule["ports"] == [{"port": "grpc"}, {"port": "http"}]
     allowed = {
         peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in grpc_rule["from"]
     }

@@ -12,6 +12,7 @@ import httpx2
 import openai
 import pytest
 
+from loraserve.errors import unknown_adapter_message
 from loraserve.security import SecurityConfig
 from loraserve.telemetry import JsonFormatter
 from loraserve.v1 import inference_pb2
@@ -54,7 +55,7 @@ def test_unknown_model_and_invalid_parameters(served):
     api = client(served)
     error = refusal(lambda: api.completions.create(model="nope", prompt="hi"), openai.NotFoundError, 404)
     assert error == {
-        "message": "adapter 'nope' not found",
+        "message": unknown_adapter_message("nope"),
         "type": "invalid_request_error",
         "param": "model",
         "code": "model_not_found",
@@ -125,7 +126,7 @@ def test_tokens_roles_and_tenants(secured, tokens):
     assert acme.completions.create(model="tiny", **prompt).usage.completion_tokens == 2
     for other in ("demo-1", "demo-2"):  # another tenant's, and nobody's: as if it did not exist
         error = refusal(lambda o=other: acme.completions.create(model=o, **prompt), openai.NotFoundError, 404)
-        assert error["message"] == f"adapter '{other}' not found"
+        assert error["message"] == unknown_adapter_message(other)
     admin = client(secured, api_key=tokens.admin)
     assert len(admin.models.list().data) == 9
     assert admin.completions.create(model="demo-1", **prompt).usage.completion_tokens == 2

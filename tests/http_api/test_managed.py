@@ -9,7 +9,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import write_tokens
+from credentials import replica_token, write_tokens
 from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, manager_config, register
 from http_clients import client
 
@@ -28,7 +28,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
     root = tmp_path_factory.mktemp("managed_http")
     redis_proc = RedisProcess(root / "redis").start()
     tokens = write_tokens(root / "tokens.json")
-    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
+    security = SecurityConfig(auth_tokens=str(tokens.path))
     manager = ManagerHandle(loop, manager_config(redis_proc.url, root, adapter_root, model_dir), security)
     admin = tokens.md("admin")
     for adapter_id, tenant in TENANTS.items():
@@ -42,7 +42,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
         model_dir,
         manager.address,
         "r-http",
-        security=security,
+        security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-http")),
         server_overrides={"http_port": 0, "served_model_name": "tiny"},
     )
     yield manager, replica, tokens

@@ -38,7 +38,18 @@ class Tokens:
 
 
 # Replica ids the security tests use: each gets a service token bound to it (`replica_token`).
-REPLICAS = ("r-auth", "r-tls", "r-bad", "r-intruder", "r-corpus", "r-rogue", "r-victim")
+REPLICAS = (
+    "r-auth",
+    "r-tls",
+    "r-bad",
+    "r-intruder",
+    "r-corpus",
+    "r-rogue",
+    "r-victim",
+    "r-http",
+    "r-hard",
+    "r-watch",
+)
 
 
 def write_tokens(

@@ -33,7 +33,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import tenant_token, write_tokens
+from credentials import replica_token, tenant_token, write_tokens
 from harness import (
     TIMEOUT_S,
     ManagerHandle,
@@ -101,7 +101,7 @@ def stack(loop, tmp_path_factory, model_dir):
     template = write_demo_adapter(tmp / "template", model, rank=8, seed=1)
     redis_proc = RedisProcess(tmp / "redis").start()
     tokens = write_tokens(tmp / "tokens.json", extra_tenants=("initech", "umbrella", "mallory"))
-    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
+    security = SecurityConfig(auth_tokens=str(tokens.path))
     config = manager_config(redis_proc.url, tmp, root, model_dir, replica_ttl_s=REPLICA_TTL_S)
     manager = ManagerHandle(loop, config, security)
     replica = None
@@ -114,7 +114,7 @@ def stack(loop, tmp_path_factory, model_dir):
             model_dir,
             manager.address,
             "r-hard",
-            security=security,
+            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-hard")),
             server_overrides=dict(adapter_roots=(str(root),)),
             max_loras=4,
             max_cpu_loras=8,
@@ -390,12 +390,13 @@ def test_150_watchers_leave_every_other_rpc_working(loop, stack, model_dir):
         max_watchers=120,
         redis_max_connections=20,
     )
-    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=tokens.service)
+    security = SecurityConfig(auth_tokens=str(tokens.path))
     manager = ManagerHandle(loop, config, security)
     admin = tokens.md("admin")
     calls, firsts, replica = [], [], None
     try:
-        replica = ReplicaHandle(loop, model_dir, manager.address, "r-watch", security=security)
+        bound = SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-watch"))
+        replica = ReplicaHandle(loop, model_dir, manager.address, "r-watch", security=bound)
         joined = replica_state(manager, admin, "r-watch")
         calls = [manager.stub.WatchEvents(pb.WatchEventsRequest(), metadata=admin) for _ in range(150)]
         wait_for(lambda: manager.manager.catalog.watchers == 120, "120 watchers admitted", interval=0.1)
