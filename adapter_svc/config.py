@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loraserve.engine_limits import ALL_TARGET_MODULES, MAX_LORA_RANK_LIMIT, TARGET_MODULE_NAMES
 from loraserve.env_config import require
+from loraserve.redis_connect import parse_redis_url
 
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
@@ -20,7 +21,9 @@ CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 class ManagerConfig:
     """Where the manager listens, where its state and bytes live, and its membership timing."""
 
-    # Redis holding the registry and cluster state: redis://[:password@]host:port/db.
+    # Redis holding the registry and cluster state: redis://[:password@]host:port/db (one server),
+    # redis+sentinel://host:port[,host:port...]/SERVICE[/db] (Sentinel) or
+    # redis+cluster://host:port[,host:port...] (Cluster); rediss / redis+sentinels / redis+clusters: TLS.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Cluster name: every key is `loraserve:v1:{cluster}:...`, so one Redis can hold several.
     cluster: str = "default"
@@ -83,12 +86,10 @@ class ManagerConfig:
         require(
             bool(CLUSTER_RE.match(self.cluster)), "cluster", self.cluster, f"must match {CLUSTER_RE.pattern}"
         )
-        require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "redis_url",
-            self.redis_url,
-            "must start with redis://, rediss:// or unix://",
-        )
+        try:
+            parse_redis_url(self.redis_url)
+        except ValueError as e:
+            raise ValueError(f"redis_url: {e}") from None
         require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
         require(self.blob_gc_interval_s >= 0, "blob_gc_interval_s", self.blob_gc_interval_s, "must be >= 0")
         require(self.blob_gc_grace_s >= 0, "blob_gc_grace_s", self.blob_gc_grace_s, "must be >= 0")

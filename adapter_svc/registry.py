@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from adapter_svc import errors
 from adapter_svc.blobs import blob_name
@@ -37,6 +34,7 @@ from adapter_svc.records import (
     Resident,
 )
 from adapter_svc.scripts import Scripts
+from loraserve import redis_connect
 
 # Index entries one ListAdapters call examines at most (filters may skip many of them).
 LIST_SCAN_BUDGET = 5000
@@ -45,26 +43,24 @@ EVENTS_BLOCK_MS = 1000
 
 
 def connect(config: ManagerConfig, max_connections: int | None = None) -> redis.Redis:
-    """A client that retries on connection loss with exponential backoff (jittered), with a pool
-    of at most `max_connections` (default `config.redis_max_connections`)."""
-    retry = Retry(
-        ExponentialWithJitterBackoff(base=config.redis_backoff_base_s, cap=config.redis_backoff_cap_s),
-        config.redis_retries,
-        supported_errors=(ConnectionError, TimeoutError, BusyLoadingError),
-    )
-    return redis.from_url(
+    """A client of `config.redis_url` (one server, Sentinel or Cluster: `loraserve.redis_connect`)
+    that retries through connection loss and failovers with jittered exponential backoff, with a
+    pool of at most `max_connections` (default `config.redis_max_connections`)."""
+    return redis_connect.connect(
         config.redis_url,
-        decode_responses=True,
-        retry=retry,
-        socket_timeout=10,
-        socket_connect_timeout=2,
-        health_check_interval=10,
+        retries=config.redis_retries,
+        backoff_base_s=config.redis_backoff_base_s,
+        backoff_cap_s=config.redis_backoff_cap_s,
         max_connections=max_connections or config.redis_max_connections,
     )
 
 
 class Registry:
     """Typed access to one cluster's keys.
+
+    Consistent multi-key reads are MULTI/EXEC pipelines of plain `execute_command`s: redis-py's
+    Redis Cluster transactions pass the key list to reply parsers that do not take it, so its
+    typed helpers (hgetall, smembers, zrange ...) fail there.
 
     `watch_client` serves the event stream's blocking reads (WatchEvents) from a pool of its own,
     so that watchers, however many, never take the connections every other call needs; None =
@@ -99,9 +95,9 @@ class Registry:
 
     async def get(self, adapter_id: str) -> AdapterRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.adapter(adapter_id))
-            pipe.hgetall(self.keys.adapter_on(adapter_id))
-            fields, on = await pipe.execute()
+            pipe.execute_command("HGETALL", self.keys.adapter(adapter_id))
+            pipe.execute_command("HGETALL", self.keys.adapter_on(adapter_id))
+            fields, on = map(_hash, await pipe.execute())
         return AdapterRecord.from_fields(fields, on) if fields else None
 
     async def require(self, adapter_id: str, live: bool = False) -> AdapterRecord:
@@ -132,17 +128,17 @@ class Registry:
     async def held_by(self, replica_id: str) -> list[str]:
         """Ids a replica holds or is loading, per the mirror, sorted."""
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrange(self.keys.replica_host(replica_id), 0, -1)
-            pipe.hkeys(self.keys.replica_loading(replica_id))
+            pipe.execute_command("ZRANGE", self.keys.replica_host(replica_id), 0, -1)
+            pipe.execute_command("HKEYS", self.keys.replica_loading(replica_id))
             host, loading = await pipe.execute()
         return sorted(set(host) | set(loading))
 
     async def get_many(self, adapter_ids: list[str]) -> list[AdapterRecord]:
         async with self.client.pipeline(transaction=True) as pipe:
             for adapter_id in adapter_ids:
-                pipe.hgetall(self.keys.adapter(adapter_id))
+                pipe.execute_command("HGETALL", self.keys.adapter(adapter_id))
             found = await pipe.execute()
-        return [AdapterRecord.from_fields(f) for f in found if f]
+        return [AdapterRecord.from_fields(_hash(f)) for f in found if f]
 
     async def unregister_begin(self, adapter_id: str, force: bool) -> tuple[str, ...] | Refused:
         """Mark the adapter `deleting` (no new loads); -> the replicas that hold it, or the refusal
@@ -345,18 +341,21 @@ class Registry:
     async def _replicas(self, replica_ids: list[str]) -> list[ReplicaRecord]:
         async with self.client.pipeline(transaction=True) as pipe:
             for r in replica_ids:
-                pipe.hgetall(self.keys.replica(r))
-                pipe.zrange(self.keys.replica_host(r), 0, -1, desc=True, withscores=True)
-                pipe.hgetall(self.keys.replica_slots(r))
-                pipe.smembers(self.keys.replica_pins(r))
-                pipe.hkeys(self.keys.replica_loading(r))
+                pipe.execute_command("HGETALL", self.keys.replica(r))
+                # flat (member, score) list: see `Registry`'s note on transactions
+                pipe.execute_command("ZRANGE", self.keys.replica_host(r), 0, -1, "REV", "WITHSCORES")
+                pipe.execute_command("HGETALL", self.keys.replica_slots(r))
+                pipe.execute_command("SMEMBERS", self.keys.replica_pins(r))
+                pipe.execute_command("HKEYS", self.keys.replica_loading(r))
             found = await pipe.execute()
         out = []
         for n, r in enumerate(replica_ids):
             meta, host, slots, pins, loading = found[5 * n : 5 * n + 5]
+            meta, slots, pins = _hash(meta), _hash(slots), set(pins)
             if not meta:
                 continue
-            residents = tuple(Resident(a, int(slots.get(a, -1)), a in pins, int(score)) for a, score in host)
+            pairs = _pairs(host)
+            residents = tuple(Resident(a, int(slots.get(a, -1)), a in pins, int(float(s))) for a, s in pairs)
             out.append(
                 ReplicaRecord(
                     replica_id=r,
@@ -411,10 +410,11 @@ class Registry:
     async def routing(self) -> tuple[int, dict[str, list], list[dict]]:
         """(version, {alias: [[adapter id, weight], ...]}, [rule dict, ...]), read atomically."""
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.get(self.keys.routing_version)
-            pipe.hgetall(self.keys.aliases)
-            pipe.get(self.keys.rules)
+            pipe.execute_command("GET", self.keys.routing_version)
+            pipe.execute_command("HGETALL", self.keys.aliases)
+            pipe.execute_command("GET", self.keys.rules)
             version, aliases, rules = await pipe.execute()
+            aliases = _hash(aliases)
         return (
             int(version or 0),
             {name: json.loads(v) for name, v in aliases.items()},
@@ -470,3 +470,15 @@ def _refused(answer: list) -> Refused:
 def _lua_list(items: list) -> str:
     """JSON for a Lua script: an empty list must be `[]` (cjson would otherwise see `{}`)."""
     return json.dumps(items)
+
+
+def _hash(reply) -> dict:
+    """A HGETALL reply as a dict (a Cluster transaction returns the flat field, value list)."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[0::2], reply[1::2]))
+
+
+def _pairs(reply) -> list[tuple[str, float]]:
+    """A ZRANGE ... WITHSCORES reply as (member, score) pairs, flat or already paired."""
+    if reply and isinstance(reply[0], list | tuple):
+        return [(member, float(score)) for member, score in reply]
+    return [(member, float(score)) for member, score in zip(reply[0::2], reply[1::2])]

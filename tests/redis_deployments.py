@@ -14,11 +14,12 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from harness import CLUSTER, TIMEOUT_S, Keys, free_port, wait_for
+from harness import CLUSTER, TIMEOUT_S, Keys, RedisProcess, free_port, wait_for
 
 SERVICE = "loraserve"
 
@@ -202,3 +203,10 @@ class ClusterDeployment:
             proc.kill()
             proc.wait(TIMEOUT_S)
         self.procs.clear()
+
+
+def single_redis_only(redis_proc) -> None:
+    """For tests that stop and restart the one redis-server process (Sentinel and Cluster
+    failovers have their own tests)."""
+    if not isinstance(redis_proc, RedisProcess):
+        pytest.skip("restarts the single redis-server; test_redis_failover.py covers Sentinel and Cluster")

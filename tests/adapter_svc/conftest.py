@@ -1,14 +1,38 @@
 import pytest
 
 from harness import ManagerHandle, RedisProcess, ReplicaHandle, manager_config
+from redis_deployments import ClusterDeployment, SentinelDeployment
+
+# The control plane's suite runs on each Redis deployment it supports, through one code path.
+DEPLOYMENTS = ["single", "sentinel", "cluster"]
 
 
-@pytest.fixture
-def redis_proc(tmp_path):
-    """A private redis-server (no persistence) on a free port, killed after the test."""
-    proc = RedisProcess(tmp_path / "redis").start()
-    yield proc
-    proc.stop()
+@pytest.fixture(scope="session")
+def sentinel_deployment(tmp_path_factory):
+    deployment = SentinelDeployment(tmp_path_factory.mktemp("sentinel")).start()
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_deployment(tmp_path_factory):
+    deployment = ClusterDeployment(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def redis_proc(request, tmp_path):
+    """The test's Redis: a private redis-server (no persistence) on a free port, killed after the
+    test; or the session's Sentinel set or six-node Cluster, emptied for the test."""
+    if request.param == "single":
+        proc = RedisProcess(tmp_path / "redis").start()
+        yield proc
+        proc.stop()
+        return
+    deployment = request.getfixturevalue(f"{request.param}_deployment")
+    deployment.flush()
+    yield deployment
 
 
 @pytest.fixture

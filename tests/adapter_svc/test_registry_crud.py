@@ -18,6 +18,7 @@ from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
 
 from harness import TIMEOUT_S, ManagerHandle, code_of, manager_config, register, wait_for, write_model
+from redis_deployments import single_redis_only
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -244,6 +245,7 @@ def test_without_a_validation_context_registration_is_refused(
 
 
 def test_redis_outage_answers_unavailable_and_recovers(manager, redis_proc, adapters):
+    single_redis_only(redis_proc)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     register(manager.stub, "ad-0", adapters["ad-0"])
     redis_proc.kill()

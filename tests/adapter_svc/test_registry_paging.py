@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import redis
+
 from adapter_svc import scripts
 from adapter_svc.records import record_fields
 from loraserve.v1 import adapter_pb2 as pb
@@ -17,6 +19,8 @@ TENANTS = 7
 def bulk_register(redis_proc, template: pb.RegisteredAdapter, count: int) -> list[str]:
     """Register `count` records through the REGISTER script in pipelines (what 10k RPCs would do)."""
     r = redis_proc.client()
+    if isinstance(r, redis.RedisCluster):  # no scripts in Cluster pipelines: pipeline to the slot's primary
+        r = redis.Redis(host="127.0.0.1", port=redis_proc.primary_port(), decode_responses=True)
     script = r.register_script(scripts.REGISTER)
     ids = [f"bulk-{i:05d}" for i in range(count)]
     for start in range(0, count, 1000):
