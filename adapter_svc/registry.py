@@ -18,7 +18,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
-from adapter_svc.keys import Keys
+from loraserve.cluster_keys import Keys
 from adapter_svc.records import (
     STATES,
     AdapterRecord,
@@ -28,6 +28,7 @@ from adapter_svc.records import (
     Exhausted,
     HeartbeatAnswer,
     JoinAnswer,
+    Load,
     Refusal,
     Refused,
     Registered,
@@ -181,9 +182,15 @@ class Registry:
         return JoinAnswer(int(epoch), int(version), tuple(drop))
 
     async def heartbeat(
-        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, ttl_ms: int
+        self,
+        replica_id: str,
+        epoch: int,
+        snapshot: list[Resident],
+        snapshot_seq: int,
+        ttl_ms: int,
+        load: Load = Load(),
     ) -> HeartbeatAnswer:
-        """Renew the replica's membership and reconcile its pins and mirror."""
+        """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
         out = await self._call(
             self.scripts.heartbeat,
             replica_id,
@@ -191,6 +198,7 @@ class Registry:
             _lua_list([r.as_lua() for r in snapshot]),
             snapshot_seq,
             ttl_ms,
+            *load.as_args(),
         )
         if out[0] == "rejoin":
             return HeartbeatAnswer(rejoin=True)

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_svc.config import ManagerConfig
-from adapter_svc.keys import Keys
+from loraserve.cluster_keys import Keys
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
