@@ -49,7 +49,9 @@ class Door:
         )
         self.manager = ManagerHandle(loop, config)
         self.replicas = [
-            ReplicaProcess(model_dir, self.manager.address, f"r-{i}", free_port(), root / f"r-{i}.log", free_port())
+            ReplicaProcess(
+                model_dir, self.manager.address, f"r-{i}", free_port(), root / f"r-{i}.log", free_port()
+            )
             for i in range(3)
         ]
         for adapter_id, path in adapters.items():
@@ -84,7 +86,9 @@ class Door:
         for r in self.replicas:
             if r.proc.poll() is not None:
                 continue
-            listed = r.stub.ListResidentAdapters(inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S)
+            listed = r.stub.ListResidentAdapters(
+                inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S
+            )
             if any(a.adapter_id == adapter_id for a in listed.adapters):
                 out.append(r.replica_id)
         return out
@@ -119,12 +123,16 @@ def test_every_request_for_one_adapter_lands_on_its_holder(door):
         assert door.generate("ad-0")
     holders = door.holders("ad-0")
     assert len(holders) == 1, f"a0 was loaded on {holders}: requests did not stick to one replica"
-    served = wait_for(lambda: (s := door.served("ad-0")) and sum(s.values()) == 6 and s, "six a0 requests counted")
+    served = wait_for(
+        lambda: (s := door.served("ad-0")) and sum(s.values()) == 6 and s, "six a0 requests counted"
+    )
     assert served[holders[0]] == 6, served
     picks = scrape(door.picker.metrics_url)
-    assert total(picks, "loraserve:picker_picks_total", reason="slot") + total(
-        picks, "loraserve:picker_picks_total", reason="host"
-    ) >= 5
+    assert (
+        total(picks, "loraserve:picker_picks_total", reason="slot")
+        + total(picks, "loraserve:picker_picks_total", reason="host")
+        >= 5
+    )
 
 
 def test_a_second_adapter_goes_elsewhere_while_the_first_is_busy(door):
@@ -132,16 +140,25 @@ def test_a_second_adapter_goes_elsewhere_while_the_first_is_busy(door):
     stream = door.stub.Generate(long_request("ad-0"), timeout=TIMEOUT_S)
     next(stream)  # running now, on its holder
     try:
+        in_flight = scrape(door.picker.metrics_url)
+        assert total(in_flight, "loraserve:picker_in_flight", replica=holder) == 1
         assert door.generate("ad-1")
         assert door.holders("ad-1") and holder not in door.holders("ad-1")
     finally:
         stream.cancel()
+    # The picker counts a request in flight until its stream ends, cancelled or not.
+    wait_for(
+        lambda: total(scrape(door.picker.metrics_url), "loraserve:picker_in_flight") == 0,
+        "the picker to see every stream end",
+    )
 
 
 def test_aliases_resolve_at_the_door_as_at_a_replica(door):
     door.manager.stub.SetAlias(
         pb.SetAliasRequest(
-            alias=pb.Alias(name="mix", variants=[pb.AliasVariant(adapter_id=a, weight=1) for a in ("ad-2", "ad-3")])
+            alias=pb.Alias(
+                name="mix", variants=[pb.AliasVariant(adapter_id=a, weight=1) for a in ("ad-2", "ad-3")]
+            )
         ),
         timeout=TIMEOUT_S,
     )
@@ -152,7 +169,9 @@ def test_aliases_resolve_at_the_door_as_at_a_replica(door):
         before = door.served(expected)
         assert door.generate("mix", metadata=((REQUEST_KEY_HEADER, key),))
         (holder,) = door.holders(expected)
-        wait_for(lambda: door.served(expected)[holder] == before[holder] + 1, f"{expected} served on {holder}")
+        wait_for(
+            lambda: door.served(expected)[holder] == before[holder] + 1, f"{expected} served on {holder}"
+        )
     # Without a key the door draws the variant and the replica serves that same one.
     for _ in range(4):
         assert door.generate("mix")
@@ -174,10 +193,7 @@ def test_traffic_continues_without_the_picker_and_picks_resume_with_it(door):
     door.picker.kill()
     for adapter_id in ("ad-0", "ad-1", "ad-4", "ad-0"):
         assert door.generate(adapter_id)
-    stats = door.envoy.stats()
-    assert stats.get("http.door_grpc.ext_proc.picker.failure_mode_allowed", 0) + stats.get(
-        "http.door_grpc.picker.failure_mode_allowed", 0
-    ) > 0, {k: v for k, v in stats.items() if "ext_proc" in k or "picker" in k}
+    assert door.envoy.stats()["http.door_grpc.ext_proc.picker.failure_mode_allowed"] >= 4
     door.picker = door.start_picker()
     for _ in range(3):
         assert door.generate("ad-0")
@@ -217,6 +233,7 @@ def test_a_replica_killed_under_load_fails_no_request_that_had_not_started(door)
         t.join(TIMEOUT_S)
     not_started = [f for f in failures if not f[1]]
     assert not not_started, f"requests that had not started failed: {not_started}"
-    assert all(f[2] == grpc.StatusCode.UNAVAILABLE for f in failures), failures
+    # A started stream is cut: Envoy resets it (HTTP/2 RST_STREAM, which gRPC reports as INTERNAL).
+    assert all(f[2] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL) for f in failures), failures
     assert door.generate("ad-0")
     assert door.holders("ad-0"), "a0 is served by a surviving replica"
