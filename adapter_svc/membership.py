@@ -75,7 +75,7 @@ class Membership:
         return Joined(answer.epoch, interval_ms, answer.drop, answer.routing_version)
 
     async def heartbeat(
-        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, load: Load = Load()
+        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, load: Load = Load.IDLE
     ) -> HeartbeatAnswer:
         return await self.registry.heartbeat(replica_id, epoch, snapshot, snapshot_seq, self.ttl_ms, load)
 

@@ -254,6 +254,9 @@ class Load:
         return [self.waiting, self.running, f"{self.kv_free:.4f}", "1" if self.draining else "0"]
 
 
+Load.IDLE = Load()  # what a heartbeat without a load reports
+
+
 @dataclass(frozen=True)
 class HeartbeatAnswer:
     """HEARTBEAT's answer; `rejoin` alone when the replica must join again."""

@@ -18,7 +18,6 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
-from loraserve.cluster_keys import Keys
 from adapter_svc.records import (
     STATES,
     AdapterRecord,
@@ -37,6 +36,7 @@ from adapter_svc.records import (
     Resident,
 )
 from adapter_svc.scripts import Scripts
+from loraserve.cluster_keys import Keys
 
 # Index entries one ListAdapters call examines at most (filters may skip many of them).
 LIST_SCAN_BUDGET = 5000
@@ -188,7 +188,7 @@ class Registry:
         snapshot: list[Resident],
         snapshot_seq: int,
         ttl_ms: int,
-        load: Load = Load(),
+        load: Load = Load.IDLE,
     ) -> HeartbeatAnswer:
         """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
         out = await self._call(

@@ -34,13 +34,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_svc.config import ManagerConfig
-from loraserve.cluster_keys import Keys
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
 from inference_svc.sampling import SamplingParams
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve.cluster_keys import Keys
 from loraserve.model_summary import ModelConfig
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb

@@ -12,6 +12,12 @@ import time
 
 import grpc
 import pytest
+
+from loraserve.front_door import GRPC_CLUSTER, FrontDoorConfig
+from loraserve.names import DESTINATION_HEADER, REQUEST_KEY_HEADER
+from loraserve.v1 import adapter_pb2 as pb
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
+
 from harness import (
     TIMEOUT_S,
     EnvoyProcess,
@@ -28,11 +34,6 @@ from harness import (
     total,
     wait_for,
 )
-
-from loraserve.front_door import GRPC_CLUSTER, FrontDoorConfig
-from loraserve.names import DESTINATION_HEADER, REQUEST_KEY_HEADER
-from loraserve.v1 import adapter_pb2 as pb
-from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
 HEALTH_INTERVAL_S = 0.5
@@ -170,7 +171,8 @@ def test_aliases_resolve_at_the_door_as_at_a_replica(door):
         assert door.generate("mix", metadata=((REQUEST_KEY_HEADER, key),))
         (holder,) = door.holders(expected)
         wait_for(
-            lambda: door.served(expected)[holder] == before[holder] + 1, f"{expected} served on {holder}"
+            lambda e=expected, h=holder, n=before[holder] + 1: door.served(e)[h] == n,
+            f"{expected} on {holder}",
         )
     # Without a key the door draws the variant and the replica serves that same one.
     for _ in range(4):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from harness import envoy_binary
 
 from loraserve.front_door import FrontDoorConfig, envoy_config, main, render
 from loraserve.names import DESTINATION_HEADER
+
+from harness import envoy_binary
 
 REPLICAS = ("127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063")
 HTTP = ("127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003")
