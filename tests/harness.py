@@ -502,7 +502,7 @@ class EnvoyProcess:
     waits until its admin interface says LIVE."""
 
     def __init__(self, config, directory: Path):
-        from loraserve.front_door import render
+        from loraserve.front_door import envoy_binary, render
 
         directory.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -551,12 +551,6 @@ class EnvoyProcess:
             self.proc.terminate()
             self.proc.wait(TIMEOUT_S)
         self._log_file.close()
-
-
-def envoy_binary() -> str:
-    """The `envoy` console script next to this Python, else on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    return str(beside) if beside.exists() else "envoy"
 
 
 # --- RPCs -----------------------------------------------------------------------------------------

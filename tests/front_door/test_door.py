@@ -7,8 +7,12 @@ killed under load.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -36,6 +40,13 @@ from harness import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+def grpcurl_binary() -> str:
+    beside = Path(sys.executable).parent / "grpcurl"
+    return str(beside) if beside.exists() else (shutil.which("grpcurl") or "grpcurl")
+
+
 HEALTH_INTERVAL_S = 0.5
 
 
@@ -179,6 +190,19 @@ def test_aliases_resolve_at_the_door_as_at_a_replica(door):
         assert door.generate("mix")
     for variant in ("ad-2", "ad-3"):
         assert len(door.holders(variant)) <= 1, f"{variant} on {door.holders(variant)}"
+
+
+def test_calls_without_an_adapter_pass_the_door_too(door):
+    listed = door.stub.ListResidentAdapters(inference_pb2.ListResidentAdaptersRequest(), timeout=TIMEOUT_S)
+    assert listed is not None
+    # Reflection is a bidirectional stream: the door must not wait for its request body to end.
+    done = subprocess.run(
+        [grpcurl_binary(), "-plaintext", "-max-time", "20", door.envoy.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "loraserve.v1.InferenceService" in done.stdout, done.stderr
 
 
 def test_a_client_sent_destination_is_ignored(door):

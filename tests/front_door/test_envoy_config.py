@@ -6,10 +6,8 @@ import subprocess
 
 import pytest
 
-from loraserve.front_door import FrontDoorConfig, envoy_config, main, render
+from loraserve.front_door import FrontDoorConfig, envoy_binary, envoy_config, main, render
 from loraserve.names import DESTINATION_HEADER
-
-from harness import envoy_binary
 
 REPLICAS = ("127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063")
 HTTP = ("127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003")
@@ -63,6 +61,22 @@ def test_the_destination_header_is_stripped_before_the_picker_sets_it():
         ]
         assert ext_proc["failure_mode_allow"] is True
         assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+
+
+def test_only_requests_that_name_an_adapter_in_their_body_ask_the_picker():
+    config = envoy_config(CASES["picker+http"])
+    for listener in config["static_resources"]["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+        picked = [r["match"]["path"] for r in routes[:-1]]
+        assert picked in (
+            ["/loraserve.v1.InferenceService/Generate"],
+            ["/v1/completions", "/v1/chat/completions"],
+        )
+        assert all("typed_per_filter_config" not in r for r in routes[:-1])
+        rest = routes[-1]
+        assert rest["match"] == {"prefix": "/"}
+        assert rest["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
 
 
 def test_streams_have_no_timeout_and_retries_only_before_a_response():
