@@ -125,3 +125,22 @@ def test_the_command_prints_a_config_or_one_line_of_error(capsys):
     assert main(["--replica", "nohost"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_the_compose_door_command_generates_a_valid_config(tmp_path, capsys):
+    import re
+    import shlex
+    from pathlib import Path
+
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    (flags,) = re.findall(r"python -m loraserve\.front_door (.*?) > /tmp/envoy\.yaml", compose, flags=re.S)
+    assert main(shlex.split(flags)) == 0
+    path = tmp_path / "envoy.yaml"
+    path.write_text(capsys.readouterr().out)
+    done = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
