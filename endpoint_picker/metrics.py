@@ -1,9 +1,8 @@
 """Prometheus metrics of the endpoint picker.
 
-Envoy keeps the door's own counters (admin `/stats/prometheus`): retries are
-`envoy_cluster_upstream_rq_retry{envoy_cluster_name="replicas_grpc"}`, requests routed without the
-picker (fail open) `envoy_http_picker_failure_mode_allowed` (the ext_proc filter's stat prefix is
-`picker`).
+Envoy keeps the door's own counters (admin `/stats`): retries are
+`cluster.replicas_grpc.upstream_rq_retry`, requests routed without the picker (fail open)
+`http.door_grpc.ext_proc.picker.failure_mode_allowed`.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from loraserve.env_config import add_config_flags, config_from, require
 from loraserve.names import ADAPTER_HEADER, DESTINATION_HEADER
 
 ENV_PREFIX = "LORASERVE_DOOR_"
+# Flags given once per value.
+REPEATED = {"replicas": "--replica", "replica_http": "--replica-http"}
 INFERENCE_SERVICE = "loraserve.v1.InferenceService"
 MODES = ("picker", "maglev", "round_robin")
 # Cluster names; the picker's `--http-endpoint` mapping and Envoy's stats use them.
@@ -326,13 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loraserve.front_door", description=__doc__.splitlines()[0]
     )
-    add_config_flags(
-        parser,
-        FrontDoorConfig,
-        ENV_PREFIX,
-        "front door",
-        {"replicas": "--replica", "replica_http": "--replica-http"},
-    )
+    add_config_flags(parser, FrontDoorConfig, ENV_PREFIX, "front door", REPEATED)
     args = parser.parse_args(argv)
     try:
         config = config_from(FrontDoorConfig, args, ENV_PREFIX)
