@@ -15,10 +15,19 @@ from types import ModuleType
 
 from tqdm import tqdm
 
-from bench.scenarios import control_plane, long_context, overhead, scale, step_build, swap, vs_peft
+from bench.scenarios import (
+    control_plane,
+    front_door,
+    long_context,
+    overhead,
+    scale,
+    step_build,
+    swap,
+    vs_peft,
+)
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (overhead, vs_peft, scale, swap, control_plane, step_build, long_context)
+    m.NAME: m for m in (overhead, vs_peft, scale, swap, control_plane, step_build, long_context, front_door)
 }
 
 
