@@ -52,6 +52,7 @@ RECENT_S = 5.0
 class Request:
     headers: dict[str, str]
     replica_id: str = ""
+    adapter_id: str = ""
 
 
 def requested_adapter(headers: dict[str, str], body: bytes) -> str:
@@ -118,7 +119,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.limits = limits
         self.metrics = metrics
         self.http_by_grpc = dict(http_by_grpc or {})
-        self.in_flight: Counter[str] = Counter()
+        self.in_flight: Counter[str] = Counter()  # replica id -> requests in flight
+        self.adapter_in_flight: Counter[tuple[str, str]] = Counter()  # (replica id, adapter) -> same
         self.recent: dict[str, tuple[str, float]] = {}  # adapter id -> (replica id, when sent)
         self.resolver = Resolver()
 
@@ -151,6 +153,10 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             if request.replica_id:
                 self.in_flight[request.replica_id] -= 1
                 self.metrics.in_flight(request.replica_id, self.in_flight[request.replica_id])
+                key = (request.replica_id, request.adapter_id)
+                self.adapter_in_flight[key] -= 1
+                if self.adapter_in_flight[key] <= 0:
+                    del self.adapter_in_flight[key]
 
     async def _decide(self, request: Request, body: bytes) -> ep.CommonResponse:
         started = time.perf_counter()
@@ -167,14 +173,17 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         adapter = resolution.adapter_id
         if adapter:
             sets.append(_set(ADAPTER_HEADER, adapter))
-        chosen = pick(self._with_recent(view.replicas, adapter), adapter, self.in_flight, self.limits)
+        replicas = self._with_recent(view.replicas, adapter)
+        queued = {r.replica_id: self.adapter_in_flight.get((r.replica_id, adapter), 0) for r in replicas}
+        chosen = pick(replicas, adapter, self.in_flight, self.limits, queued)
         if chosen is None:
             self.metrics.fallback("no_replica")
         else:
             destination = self._destination(chosen, headers.get(":path", ""))
             if destination:
                 sets.append(_set(DESTINATION_HEADER, destination))
-                request.replica_id = chosen.replicas[0].replica_id
+                request.replica_id, request.adapter_id = chosen.replicas[0].replica_id, adapter
+                self.adapter_in_flight[request.replica_id, adapter] += 1
                 if adapter:
                     self.recent[adapter] = (request.replica_id, time.monotonic())
                 self.in_flight[request.replica_id] += 1

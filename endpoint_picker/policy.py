@@ -8,9 +8,10 @@ Order of preference (GAIE's LoRA-affinity scorer, ModelMesh's copies-by-load):
 Replicas that are down or draining are never chosen; those at `queue_threshold` requests only
 when every replica is. Among holders of the adapter the order is a stable hash of (adapter,
 replica), not their load, so requests concentrate on one copy while it keeps up: when every holder
-has `spread_threshold` requests in flight and fewer than `max_copies` hold it, the next request
-goes to a new replica ("spread"), which loads it; when demand falls, the first holder takes all
-requests again and the other copies age out of their caches. Ties break by the same stable hash.
+has `spread_threshold` requests *for this adapter* in flight and fewer than `max_copies` hold it,
+the next request goes to a new replica ("spread"), which loads it; when demand falls, the first
+holder takes all requests again and the other copies age out of their caches. Ties break by the
+same stable hash.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def pick(
     adapter_id: str,
     in_flight: Mapping[str, int],
     limits: Thresholds,
+    adapter_in_flight: Mapping[str, int] | None = None,
 ) -> Pick | None:
     """The replicas to try for a request for `adapter_id` ("" = the base model), best first;
-    None when no replica is up."""
+    None when no replica is up. `in_flight`: requests in flight per replica id;
+    `adapter_in_flight`: those for `adapter_id` alone, per replica id."""
     live = [r for r in replicas if r.up and not r.draining]
     if not live:
         return None
@@ -86,6 +89,7 @@ def pick(
     candidates = under or live
     load = {r.replica_id: busy(r, in_flight) for r in candidates}
     order = {r.replica_id: rank(adapter_id, r.replica_id) for r in candidates}
+    queued = {r.replica_id: (adapter_in_flight or {}).get(r.replica_id, 0) for r in candidates}
 
     def tier(r: ReplicaView) -> int:
         if adapter_id and adapter_id in r.slots:
@@ -96,8 +100,8 @@ def pick(
 
     def key(r: ReplicaView) -> tuple:
         t = tier(r)
-        if t <= 1:  # holders: a stable order while they keep up, then the least busy
-            return (t, load[r.replica_id] >= limits.spread_threshold, order[r.replica_id])
+        if t <= 1:  # holders: a stable order while they keep up with the adapter's requests
+            return (t, queued[r.replica_id] >= limits.spread_threshold, order[r.replica_id])
         return (t, load[r.replica_id], order[r.replica_id])
 
     ranked = sorted(candidates, key=key)
@@ -107,7 +111,7 @@ def pick(
         return Pick(tuple(ranked + rest), BASE)
     holders = [r for r in ranked if tier(r) <= 1]
     others = [r for r in ranked if tier(r) > 1]
-    all_busy = holders and all(load[r.replica_id] >= limits.spread_threshold for r in holders)
+    all_busy = holders and all(queued[r.replica_id] >= limits.spread_threshold for r in holders)
     if all_busy and others and len(holders) < limits.max_copies:
         return Pick(tuple(others + holders + rest), SPREAD)
     first = ranked[0]

@@ -44,11 +44,11 @@ class Params:
     alpha: float = 0.3  # S-LoRA's skewed popularity
     max_loras: int = 4
     max_cpu_loras: int = 16
-    num_requests: int = 200
-    rate: float = 3.0  # what three CPU replicas on two shared cores keep up with
+    num_requests: int = 480
+    rate: float = 4.0  # what three CPU replicas on two shared cores keep up with
     cv: float = 1.0
-    input_len: tuple[int, ...] = (8, 64)
-    output_len: tuple[int, ...] = (4, 16)
+    input_len: tuple[int, ...] = (8, 32)
+    output_len: tuple[int, ...] = (2, 8)
     latency_samples: int = 40
     seed: int = 0
 

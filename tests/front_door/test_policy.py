@@ -68,11 +68,13 @@ def test_down_and_draining_replicas_are_never_chosen_and_overloaded_ones_last():
 
 def test_a_hot_adapter_gains_copies_up_to_the_bound_and_concentrates_again():
     r1, r2, r3 = replica("r1", slots=("a",)), replica("r2"), replica("r3")
-    assert ids(pick([r1, r2, r3], "a", {"r1": 1}, LIMITS))[0] == "r1"
-    p = pick([r1, r2, r3], "a", {"r1": 2}, LIMITS)
+    assert ids(pick([r1, r2, r3], "a", {"r1": 1}, LIMITS, {"r1": 1}))[0] == "r1"
+    # A replica busy with other adapters keeps the adapter: only its own queue spreads it.
+    assert ids(pick([r1, r2, r3], "a", {"r1": 6}, LIMITS, {"r1": 0}))[0] == "r1"
+    p = pick([r1, r2, r3], "a", {"r1": 2}, LIMITS, {"r1": 2})
     assert p.reason == SPREAD and ids(p)[0] in ("r2", "r3")
     r2 = replica("r2", slots=("a",))  # the copy loaded
-    p = pick([r1, r2, r3], "a", {"r1": 2, "r2": 2}, LIMITS)
+    p = pick([r1, r2, r3], "a", {"r1": 2, "r2": 2}, LIMITS, {"r1": 2, "r2": 2})
     assert p.reason == SLOT and ids(p)[0] in ("r1", "r2")  # max_copies reached: no third copy
     # Demand falls: every request goes to the first holder in the adapter's stable order again.
     first = {ids(pick([r1, r2, r3], "a", {}, LIMITS))[0] for _ in range(5)}
