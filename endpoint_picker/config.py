@@ -30,8 +30,8 @@ class PickerConfig:
     cache_ttl_s: float = 0.1
     # A replica with this many requests in flight or queued is skipped while another is under it.
     queue_threshold: int = 32
-    # Requests in flight on every holder of an adapter beyond which its next request goes to a
-    # replica that does not hold it yet (a hot adapter gains a copy).
+    # Requests for one adapter in flight on each of its holders from which its next request goes
+    # to a replica that does not hold it yet (a hot adapter gains a copy).
     spread_threshold: int = 4
     # Most replicas one adapter is spread to by load (its copies shrink back as demand falls).
     max_copies: int = 2
