@@ -1,7 +1,8 @@
 """Envoy's ext_proc protocol: read each request's adapter, pick its replica, set the header.
 
-Envoy opens one `Process` stream per request and sends, in order, the request headers, the whole
-request body (BUFFERED mode) and, at the end, the response trailers. The picker answers the
+Envoy opens one `Process` stream per request and sends the request headers and then, without
+waiting for their answer, the whole request body (BUFFERED mode); it holds the stream open until
+the request is over (so its end is when the request ends). The picker answers the
 headers with "continue", reads the adapter id from the body (a gRPC-framed `GenerateRequest`, or
 the `model` of an OpenAI-style JSON body; the `x-adapter-id` header when the body names none),
 resolves aliases and routing rules with `loraserve.routing` exactly as a replica does, and answers

@@ -218,6 +218,7 @@ def _ext_proc(config: FrontDoorConfig) -> dict:
                 "timeout": _seconds(config.picker_timeout_s),
             },
             "failure_mode_allow": True,  # picker down: route by the Maglev hash
+            "send_body_without_waiting_for_header_response": True,
             "message_timeout": _seconds(config.picker_timeout_s),
             "stat_prefix": "picker",
             "processing_mode": {
@@ -226,8 +227,7 @@ def _ext_proc(config: FrontDoorConfig) -> dict:
                 "request_trailer_mode": "SKIP",
                 "response_header_mode": "SKIP",
                 "response_body_mode": "NONE",
-                # The picker counts a request in flight until its trailers pass.
-                "response_trailer_mode": "SEND",
+                "response_trailer_mode": "SKIP",
             },
         },
     }
