@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
 from adapter_svc.placement import Placement
-from adapter_svc.records import HOLDING_STATES, Change, HeartbeatAnswer, Resident
+from adapter_svc.records import HOLDING_STATES, Change, HeartbeatAnswer, Load, Resident
 from adapter_svc.registry import Registry
 from adapter_svc.validation import check_id
 from loraserve.engine_limits import AdapterLimits
@@ -79,9 +79,9 @@ class Membership:
         return Joined(answer.epoch, interval_ms, answer.drop, answer.routing_version)
 
     async def heartbeat(
-        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int
+        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, load: Load = Load.IDLE
     ) -> HeartbeatAnswer:
-        return await self.registry.heartbeat(replica_id, epoch, snapshot, snapshot_seq, self.ttl_ms)
+        return await self.registry.heartbeat(replica_id, epoch, snapshot, snapshot_seq, self.ttl_ms, load)
 
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
         """ReportResidency; False when the replica must rejoin."""

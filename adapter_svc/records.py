@@ -245,6 +245,22 @@ class JoinAnswer:
 
 
 @dataclass(frozen=True)
+class Load:
+    """A replica's load as its heartbeat reports it (stored for the front door's picker)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_free: float = 1.0  # free fraction of the KV cache
+    draining: bool = False
+
+    def as_args(self) -> list:
+        return [self.waiting, self.running, f"{self.kv_free:.4f}", "1" if self.draining else "0"]
+
+
+Load.IDLE = Load()  # what a heartbeat without a load reports
+
+
+@dataclass(frozen=True)
 class HeartbeatAnswer:
     """HEARTBEAT's answer; `rejoin` alone when the replica must join again."""
 

@@ -16,7 +16,6 @@ import redis.asyncio as redis
 from adapter_svc import errors
 from adapter_svc.blobs import blob_name
 from adapter_svc.config import ManagerConfig
-from adapter_svc.keys import Keys
 from adapter_svc.records import (
     STATES,
     AdapterRecord,
@@ -26,6 +25,7 @@ from adapter_svc.records import (
     Exhausted,
     HeartbeatAnswer,
     JoinAnswer,
+    Load,
     Refusal,
     Refused,
     Registered,
@@ -35,6 +35,7 @@ from adapter_svc.records import (
 )
 from adapter_svc.scripts import Scripts
 from loraserve import redis_connect
+from loraserve.cluster_keys import Keys
 
 # Index entries one ListAdapters call examines at most (filters may skip many of them).
 LIST_SCAN_BUDGET = 5000
@@ -242,9 +243,15 @@ class Registry:
         return JoinAnswer(int(epoch), int(version), tuple(drop))
 
     async def heartbeat(
-        self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, ttl_ms: int
+        self,
+        replica_id: str,
+        epoch: int,
+        snapshot: list[Resident],
+        snapshot_seq: int,
+        ttl_ms: int,
+        load: Load = Load.IDLE,
     ) -> HeartbeatAnswer:
-        """Renew the replica's membership and reconcile its pins and mirror."""
+        """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
         out = await self._call(
             self.scripts.heartbeat,
             replica_id,
@@ -252,6 +259,7 @@ class Registry:
             _lua_list([r.as_lua() for r in snapshot]),
             snapshot_seq,
             ttl_ms,
+            *load.as_args(),
         )
         if out[0] == "rejoin":
             return HeartbeatAnswer(rejoin=True)

@@ -3,7 +3,7 @@
 Contract shared by every script:
   KEYS[1]  the key the script is routed by (a key it touches; all keys share the cluster's hash tag)
   ARGV[1]  the key prefix (`keys.prefix(cluster)`); other keys are derived from it by the Lua
-           mirrors of `keys.py` (`keys.LUA_KEY_FUNCTIONS`), so one module still defines the layout
+           mirrors of `loraserve/cluster_keys.py` (`cluster_keys.LUA_KEY_FUNCTIONS`), so one module still defines the layout
   ARGV[2]  the event stream's approximate maximum length
 Script-specific ARGV start at 3 and are listed above each script. Times come from Redis `TIME`, so
 every manager (and the replica TTLs) share one clock. Each script appends one stream event per
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
-from adapter_svc.keys import LUA_KEY_FUNCTIONS
+from loraserve.cluster_keys import LUA_KEY_FUNCTIONS
 
 PRELUDE = (
     """
@@ -337,8 +337,8 @@ return {epoch, tonumber(redis.call('GET', k_routing_version()) or '0'), drop}
 )
 
 # ARGV[3] replica id, ARGV[4] epoch, ARGV[5] snapshot JSON (as JOIN), ARGV[6] snapshot seq,
-# ARGV[7] membership TTL (ms).
-# Renews the TTL. When the snapshot is at the mirror's seq, refreshes last-use times and pins (which
+# ARGV[7] membership TTL (ms), ARGV[8..11] load: waiting, running, KV free fraction, draining ('1'/'0').
+# Renews the TTL and stores the load (`LOAD_FIELDS`). When the snapshot is at the mirror's seq, refreshes last-use times and pins (which
 # no change reports) and, if the mirror drifted, replaces it. Answers which local pins the cluster no longer holds, and which
 # held adapters the registry does not know with those bytes.
 # -> {'rejoin'} | {'ok', routing_version, {unpin id...}, {pin id...}, {drop id...}}
@@ -350,7 +350,8 @@ local ok, st = replica_ok(r, ARGV[4])
 if not ok then return {'rejoin'} end
 redis.call('SET', k_alive(r), ARGV[4], 'PX', ARGV[7])
 redis.call('ZADD', k_replicas(), NOW, r)
-redis.call('HSET', k_replica(r), 'last_heartbeat', NOW)
+redis.call('HSET', k_replica(r), 'last_heartbeat', NOW, 'waiting', ARGV[8], 'running', ARGV[9],
+  'kv_free', ARGV[10], 'draining', ARGV[11], 'load_at', NOW)
 local snap = cjson.decode(ARGV[5])
 local unpin, pin, drop = {}, {}, {}
 for _, e in ipairs(snap) do

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from adapter_svc import errors
 from adapter_svc.catalog import UploadHeader, WeightsInfo
 from adapter_svc.manager import AdapterManager
-from adapter_svc.records import AdapterRecord, Change, ReplicaRecord, Resident
+from adapter_svc.records import AdapterRecord, Change, Load, ReplicaRecord, Resident
 from loraserve.convert import resident_proto, rule_from, rule_proto
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import adapter_pb2_grpc, common_pb2, inference_pb2
@@ -96,6 +96,10 @@ def resident_from(r: common_pb2.ResidentAdapter) -> Resident:
         last_used_ms=r.last_used.ToMilliseconds(),
         sha256=r.sha256,
     )
+
+
+def load_from(load: pb.ReplicaLoad) -> Load:
+    return Load(load.waiting, load.running, min(max(load.kv_free_fraction, 0.0), 1.0), load.draining)
 
 
 def change_from(c: pb.ResidencyChange) -> Change:
@@ -277,6 +281,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             request.epoch,
             [resident_from(r) for r in request.snapshot],
             request.snapshot_seq,
+            load_from(request.load) if request.HasField("load") else Load(),
         )
         return pb.HeartbeatResponse(
             rejoin=answer.rejoin,

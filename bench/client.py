@@ -16,6 +16,7 @@ import grpc
 
 from bench.metrics import RequestResult
 from bench.workload import TraceRequest
+from loraserve.names import ADAPTER_HEADER
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 CONNECT_TIMEOUT_S = 30.0
@@ -36,11 +37,14 @@ def generate_request(r: TraceRequest) -> inference_pb2.GenerateRequest:
     )
 
 
-async def replay(target: str, requests: list[TraceRequest], timeout_s: float = 600.0) -> list[RequestResult]:
+async def replay(
+    target: str, requests: list[TraceRequest], timeout_s: float = 600.0, adapter_header: bool = False
+) -> list[RequestResult]:
     """Send every request at its arrival time; results in trace order.
 
     A failed request is recorded with its status code in `error`, never raised. `timeout_s` is
-    each call's deadline. Raises ConnectionError if nothing answers at `target`.
+    each call's deadline; `adapter_header` also names the adapter in the `x-adapter-id` header
+    (what a front door hashing on it needs). Raises ConnectionError if nothing answers at `target`.
     """
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -56,7 +60,10 @@ async def replay(target: str, requests: list[TraceRequest], timeout_s: float = 6
             await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - start)))
             first, tokens, error = None, 0, None
             try:
-                async for response in stub.Generate(generate_request(r), timeout=timeout_s):
+                metadata = ((ADAPTER_HEADER, r.adapter_id),) if adapter_header and r.adapter_id else ()
+                async for response in stub.Generate(
+                    generate_request(r), timeout=timeout_s, metadata=metadata
+                ):
                     if response.token_ids and first is None:
                         first = time.perf_counter() - start
                     tokens += len(response.token_ids)
@@ -76,9 +83,11 @@ async def replay(target: str, requests: list[TraceRequest], timeout_s: float = 6
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
-def replay_trace(target: str, requests: list[TraceRequest], timeout_s: float = 600.0) -> list[RequestResult]:
+def replay_trace(
+    target: str, requests: list[TraceRequest], timeout_s: float = 600.0, adapter_header: bool = False
+) -> list[RequestResult]:
     """`replay` from synchronous code (its own event loop)."""
-    return asyncio.run(replay(target, requests, timeout_s))
+    return asyncio.run(replay(target, requests, timeout_s, adapter_header))
 
 
 async def engine_info(target: str, timeout_s: float = 30.0) -> inference_pb2.GetEngineInfoResponse:

@@ -5,8 +5,9 @@
 
 Commands: plan, register, unregister, list, pin, unpin, load, evict, generate, status, events.
 Registry and placement commands go to the adapter manager (`--manager`, env
-LORASERVE_ADAPTER_MANAGER, default 127.0.0.1:50052); `generate` goes to an inference replica
-(`--replica`, env LORASERVE_REPLICA, default 127.0.0.1:50051). Every call carries an
+LORASERVE_ADAPTER_MANAGER, default 127.0.0.1:50052); `generate` goes to the front door, which
+picks the replica (`--replica`, env LORASERVE_REPLICA, default 127.0.0.1:50051: the door of
+`make run` and docker compose; a replica's own address works too). Every call carries an
 `x-request-id` (given, or generated), which both services log.
 
 A failure prints one line, `error: CODE: message`, and exits 1 (2 for bad arguments); never a
@@ -466,7 +467,8 @@ def connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--replica",
         default=default(env.get("LORASERVE_REPLICA", DEFAULT_REPLICA)),
         metavar="HOST:PORT",
-        help=f"inference replica for generate (env LORASERVE_REPLICA; default {DEFAULT_REPLICA})",
+        help="the front door (or one inference replica) for generate "
+        f"(env LORASERVE_REPLICA; default {DEFAULT_REPLICA}, the door of `make run`)",
     )
     parser.add_argument(
         "--token",

@@ -8,6 +8,9 @@ README.md and is rebuilt from its source of truth:
   manager-config    ManagerConfig fields, their comments and defaults (adapter_svc/config.py)
   inference-metrics metric specs of an inference replica (inference_svc/metrics.py)
   manager-metrics   metric specs of the adapter manager (adapter_svc/metrics.py)
+  door-config       FrontDoorConfig fields: the Envoy configuration's settings (loraserve/front_door.py)
+  picker-config     PickerConfig fields (endpoint_picker/config.py)
+  picker-metrics    metric specs of the endpoint picker (endpoint_picker/metrics.py)
 
 `--check` changes nothing and exits 1, naming the stale tables, when README.md differs (tests run it).
 """
@@ -97,9 +100,13 @@ def blocks() -> dict[str, str]:
     from adapter_svc import cli as manager_cli
     from adapter_svc import metrics as manager_metrics
     from adapter_svc.config import ManagerConfig
+    from endpoint_picker import cli as picker_cli
+    from endpoint_picker import metrics as picker_metrics
+    from endpoint_picker.config import PickerConfig
     from inference_svc import metrics as inference_metrics
     from inference_svc.cli import ENV_PREFIX, add_serve_parser
     from inference_svc.config import EngineConfig
+    from loraserve import front_door
 
     subparsers = argparse.ArgumentParser().add_subparsers()
     add_serve_parser(subparsers)
@@ -108,12 +115,21 @@ def blocks() -> dict[str, str]:
     def manager_flag(name: str) -> str:
         return manager_cli.REPEATED.get(name, "--" + name.replace("_", "-"))
 
+    def picker_flag(name: str) -> str:
+        return picker_cli.REPEATED.get(name, "--" + name.replace("_", "-"))
+
+    def door_flag(name: str) -> str:
+        return front_door.REPEATED.get(name, "--" + name.replace("_", "-"))
+
     return {
         "engine-config": config_table(EngineConfig, lambda n: "--" + n.replace("_", "-"), ENV_PREFIX),
         "inference-flags": flags_table(serve, {"help", *EngineConfig.__dataclass_fields__}),
         "manager-config": config_table(ManagerConfig, manager_flag, manager_cli.ENV_PREFIX),
         "inference-metrics": metrics_table(inference_metrics.SPECS),
         "manager-metrics": metrics_table(manager_metrics.SPECS),
+        "door-config": config_table(front_door.FrontDoorConfig, door_flag, front_door.ENV_PREFIX),
+        "picker-config": config_table(PickerConfig, picker_flag, picker_cli.ENV_PREFIX),
+        "picker-metrics": metrics_table(picker_metrics.SPECS),
     }
 
 

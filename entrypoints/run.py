@@ -1,21 +1,25 @@
 """`python -m entrypoints.run`: the whole stack on one machine, without Docker (`make run`).
 
-    python -m entrypoints.run [--model DIR] [--port-base N] [--run-dir DIR] [--no-serve] [ENGINE FLAGS]
+    python -m entrypoints.run [--model DIR] [--replicas N] [--port-base N] [--run-dir DIR] [--no-serve]
+                              [ENGINE FLAGS]
 
 Starts, in one process group of its own, with logs in RUN_DIR/logs:
   1. a private redis-server (append-only file in RUN_DIR/redis),
   2. the adapter manager (`python -m adapter_svc serve`),
-  3. one inference replica (`python -m inference_svc serve --adapter-manager ...`) on `--model`, or
-     on a demo model generated into RUN_DIR/demo,
-then registers demo adapters with the manager, runs a short demo with several adapters and the
-base model in flight at once, prints the endpoints and commands to try, and serves until Ctrl-C
-(SIGINT, SIGTERM or SIGHUP). Shutdown stops the replica, the manager and Redis in that order, each
+  3. `--replicas` inference replicas (`python -m inference_svc serve --adapter-manager ...`) on
+     `--model`, or on a demo model generated into RUN_DIR/demo,
+  4. the front door: the endpoint picker (`python -m endpoint_picker serve`) and Envoy, with the
+     configuration `loraserve.front_door` generates (RUN_DIR/envoy.yaml),
+then registers demo adapters with the manager, runs a short demo through the door with several
+adapters and the base model in flight at once, prints the endpoints and commands to try, and serves
+until Ctrl-C (SIGINT, SIGTERM or SIGHUP). Shutdown stops everything in reverse start order, each
 with SIGTERM (and, as a last resort, SIGKILL for the process group), so nothing is left running.
 
-Ports: the replica gets N (default 50051), the manager N+1, Redis N+2, the replica's metrics N+3,
-the manager's N+4 and the replica's OpenAI-compatible HTTP API N+5; a port in use is replaced by the
-next free one above them. Flags this command
-does not know (e.g. `--max-loras 8`) are passed to the inference replica.
+Ports: the door gets N (default 50051), the manager N+1, Redis N+2, the first replica's metrics
+N+3, the manager's N+4, the picker N+5, its metrics N+6, Envoy's admin N+7, the door's
+OpenAI-compatible HTTP API N+8, then each replica's gRPC port, each replica's HTTP API and each
+further replica's metrics; a port in use is replaced by the next free one above.
+Flags this command does not know (e.g. `--max-loras 8`) are passed to every inference replica.
 """
 
 from __future__ import annotations
@@ -41,11 +45,15 @@ from loraserve.healthcheck import check
 from loraserve.telemetry import REQUEST_ID_HEADER
 
 DEFAULT_PORT_BASE = 50051
-NUM_PORTS = 6  # replica, manager, redis, replica metrics, manager metrics, replica HTTP API
+# door, manager, redis, replica metrics, manager metrics, picker, picker metrics, envoy admin, door HTTP
+NUM_PORTS = 9
 NUM_DEMO_ADAPTERS = 4
 START_TIMEOUT_S = 300.0  # a large model on a slow disk takes a while
 STOP_TIMEOUT_S = 20.0
-REPLICA_ID = "local-0"
+REPLICA_ID = "local-{}"  # .format(replica index)
+MAX_REPLICAS = 16
+# The door's health checks here: a killed replica is out of rotation within two of them.
+HEALTH_INTERVAL_S = 1.0
 DEMO_PROMPTS = ("The quick brown fox", "Multi-LoRA serving", "Hello", "Adapters everywhere")
 DEMO_MAX_TOKENS = 12
 
@@ -220,30 +228,44 @@ def model_key(model_dir: Path) -> str:
 
 @dataclass(frozen=True)
 class Endpoints:
-    replica: str
+    door: str
+    replicas: tuple[str, ...]
     manager: str
     redis_url: str
-    replica_metrics: str
+    replica_metrics: tuple[str, ...]
     manager_metrics: str
-    http: str  # base URL of the OpenAI-compatible API, ending in /v1
+    picker: str
+    picker_metrics: str
+    envoy_admin: str
+    http: str  # base URL of the OpenAI-compatible API through the door, ending in /v1
+    replica_http: tuple[str, ...]  # each replica's own HTTP API (host:port)
 
 
 def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints, Path, Path]:
     if shutil.which("redis-server") is None:
         raise StartupFailed("redis-server is not installed: `apt-get install redis-server` (or `make run`)")
     model_dir, adapter_root = demo_files(stack.run_dir, args.model, args.num_adapters)
-    replica_port, manager_port, redis_port, replica_metrics, manager_metrics, http_port = pick_ports(
-        args.port_base
+    n = args.replicas
+    ports = pick_ports(args.port_base, NUM_PORTS + 3 * n - 1)
+    door, manager_port, redis_port, metrics_0, manager_metrics, picker, picker_metrics, admin, door_http = (
+        ports[:9]
     )
+    replica_ports, http_ports, more_metrics = ports[9 : 9 + n], ports[9 + n : 9 + 2 * n], ports[9 + 2 * n :]
     host = "127.0.0.1"
     ends = Endpoints(
-        replica=f"{host}:{replica_port}",
+        door=f"{host}:{door}",
+        replicas=tuple(f"{host}:{p}" for p in replica_ports),
         manager=f"{host}:{manager_port}",
         redis_url=f"redis://{host}:{redis_port}/0",
-        replica_metrics=f"http://{host}:{replica_metrics}/metrics",
+        replica_metrics=tuple(f"http://{host}:{p}/metrics" for p in (metrics_0, *more_metrics)),
         manager_metrics=f"http://{host}:{manager_metrics}/metrics",
-        http=f"http://{host}:{http_port}/v1",
+        picker=f"{host}:{picker}",
+        picker_metrics=f"http://{host}:{picker_metrics}/metrics",
+        envoy_admin=f"http://{host}:{admin}",
+        http=f"http://{host}:{door_http}/v1",
+        replica_http=tuple(f"{host}:{p}" for p in http_ports),
     )
+    cluster = f"local-{model_key(model_dir)}"
     redis_dir = stack.run_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     stack.spawn(
@@ -255,23 +277,69 @@ def start_stack(stack: Stack, args, replica_flags: list[str]) -> tuple[Endpoints
     stack.spawn(
         "manager",
         [sys.executable, "-m", "adapter_svc", "serve", "--redis-url", ends.redis_url]
-        + ["--cluster", f"local-{model_key(model_dir)}", "--host", host, "--port", str(manager_port)]
+        + ["--cluster", cluster, "--host", host, "--port", str(manager_port)]
         + ["--metrics-port", str(manager_metrics), "--adapter-root", str(adapter_root)]
         + ["--store-dir", str(stack.run_dir / "store"), "--model-config", str(model_dir)]
         + ["--shutdown-grace-s", "2"],
     )
     wait_until(lambda: grpc_serving(ends.manager), "starting the adapter manager", stack)
-    stack.spawn(
-        "inference",
-        [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_dir), "--host", host]
-        + ["--port", str(replica_port), "--metrics-port", str(replica_metrics), "--http-port", str(http_port)]
-        + ["--adapter-manager", ends.manager, "--replica-id", REPLICA_ID, "--grace-s", "3"]
-        + ["--adapter-cache-dir", str(stack.run_dir / "adapter-cache"), *replica_flags],
-    )
-    wait_until(
-        lambda: grpc_serving(ends.replica), "starting the inference replica (loading the model)", stack
-    )
+    for i, (address, http, metrics) in enumerate(
+        zip(ends.replicas, ends.replica_http, (metrics_0, *more_metrics))
+    ):
+        stack.spawn(
+            "inference" if n == 1 else f"inference-{i}",
+            [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_dir), "--host", host]
+            + ["--port", address.rsplit(":", 1)[1], "--metrics-port", str(metrics)]
+            + ["--http-port", http.rsplit(":", 1)[1]]
+            + ["--adapter-manager", ends.manager, "--replica-id", REPLICA_ID.format(i), "--grace-s", "3"]
+            + ["--adapter-cache-dir", str(stack.run_dir / f"adapter-cache-{i}"), *replica_flags],
+        )
+    for address in ends.replicas:
+        wait_until(
+            lambda a=address: grpc_serving(a), "starting the inference replicas (loading the model)", stack
+        )
+    start_door(stack, ends, cluster, (door, admin, picker, picker_metrics, door_http))
     return ends, model_dir, adapter_root
+
+
+def start_door(stack: Stack, ends: Endpoints, cluster: str, ports: tuple[int, int, int, int, int]) -> None:
+    """The endpoint picker, then Envoy in front of the replicas (gRPC and HTTP); ready when a call
+    through it works. `ports`: the door's, Envoy admin's, the picker's, the picker's metrics and the
+    door's HTTP API."""
+    from loraserve.front_door import FrontDoorConfig, envoy_binary, render
+
+    door_port, admin_port, picker_port, picker_metrics, http_port = ports
+    http_endpoints = [f"{g}={h}" for g, h in zip(ends.replicas, ends.replica_http)]
+    stack.spawn(
+        "picker",
+        [
+            sys.executable,
+            "-m",
+            "endpoint_picker",
+            "serve",
+            "--redis-url",
+            ends.redis_url,
+            "--cluster",
+            cluster,
+        ]
+        + ["--host", "127.0.0.1", "--port", str(picker_port), "--metrics-port", str(picker_metrics)]
+        + [flag for pair in http_endpoints for flag in ("--http-endpoint", pair)],
+    )
+    wait_until(lambda: grpc_serving(ends.picker), "starting the endpoint picker", stack)
+    config = FrontDoorConfig(
+        host="127.0.0.1",
+        port=door_port,
+        admin_port=admin_port,
+        replicas=ends.replicas,
+        http_port=http_port,
+        replica_http=ends.replica_http,
+        picker=ends.picker,
+        health_interval_s=HEALTH_INTERVAL_S,
+    )
+    path = stack.run_dir / "envoy.yaml"
+    path.write_text(render(config))
+    stack.spawn("envoy", [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"])
+    wait_until(lambda: grpc_serving(ends.door), "starting the front door (Envoy)", stack)
 
 
 def register_demo_adapters(manager: str, adapter_root: Path, count: int) -> list[str]:
@@ -286,7 +354,7 @@ def register_demo_adapters(manager: str, adapter_root: Path, count: int) -> list
     return names
 
 
-def run_demo(replica: str, adapters: list[str]) -> None:
+def run_demo(door: str, adapters: list[str]) -> None:
     """Adapters and the base model at once, each on two prompts; print who served what.
 
     At most `max_cpu_loras` distinct adapters take part (the replica's host cache holds no more at
@@ -294,7 +362,7 @@ def run_demo(replica: str, adapters: list[str]) -> None:
     """
     from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
-    with grpc.insecure_channel(replica) as channel:
+    with grpc.insecure_channel(door) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         info = stub.GetEngineInfo(inference_pb2.GetEngineInfoRequest(), timeout=30)
         mixed = adapters[: info.config.max_cpu_loras]
@@ -355,26 +423,30 @@ def print_endpoints(stack: Stack, ends: Endpoints, adapters: list[str], serving:
         '"max_tokens": 8, "stream": true}'
     )
     pids = ", ".join(f"{c.name} {c.proc.pid}" for c in stack.children)
+    n = len(ends.replicas)
     lines = [
         "",
         f"loraserve is up (run directory {stack.run_dir}):",
-        f"  inference  {ends.replica:<22} loraserve.v1.InferenceService, health, reflection",
-        f"  openai     {ends.http:<22} OpenAI-compatible HTTP API: /models, /completions, /chat/completions",
+        f"  door       {ends.door:<22} loraserve.v1.InferenceService through Envoy to {n} replica(s)",
+        f"  openai     {ends.http:<22} OpenAI-compatible HTTP API through the door: /models, /completions, /chat/completions",
+        f"  inference  {' '.join(ends.replicas):<22} the replicas (direct), health, reflection; HTTP {' '.join(ends.replica_http)}",
         f"  manager    {ends.manager:<22} loraserve.v1.AdapterService, health, reflection",
         f"  redis      {ends.redis_url:<22} append-only file in {stack.run_dir / 'redis'}",
-        f"  metrics    {ends.replica_metrics} (inference)  {ends.manager_metrics} (manager)",
-        f"  logs       {stack.logs}/{{redis,manager,inference}}.log",
+        f"  metrics    {ends.replica_metrics[0]} (inference)  {ends.manager_metrics} (manager)",
+        f"  picker     {ends.picker:<22} endpoint picker (ext_proc), metrics {ends.picker_metrics}",
+        f"  envoy      {ends.envoy_admin:<22} admin: /stats, /clusters (config {stack.run_dir / 'envoy.yaml'})",
+        f"  logs       {stack.logs}/{{redis,manager,inference*,picker,envoy}}.log",
         f"  processes  {pids} (process group {stack.pgid})",
         "",
         "Try:",
-        f"  {grpcurl} -plaintext -d {shlex.quote(generate)} {ends.replica} loraserve.v1.InferenceService/Generate",
-        f"  {grpcurl} -plaintext {ends.replica} loraserve.v1.InferenceService/ListResidentAdapters",
+        f"  {grpcurl} -plaintext -d {shlex.quote(generate)} {ends.door} loraserve.v1.InferenceService/Generate",
+        f"  {grpcurl} -plaintext {ends.replicas[0]} loraserve.v1.InferenceService/ListResidentAdapters",
         f"  {grpcurl} -plaintext -d '{{\"page_size\": 10}}' {ends.manager} loraserve.v1.AdapterService/ListAdapters",
         f"  {grpcurl} -plaintext {ends.manager} loraserve.v1.AdapterService/GetClusterState",
         f"  curl -s {ends.http}/models",
         f"  curl -s {ends.http}/completions -H 'content-type: application/json' -d {shlex.quote(completion)}",
         f"  curl -sN {ends.http}/chat/completions -H 'content-type: application/json' -d {shlex.quote(chat)}",
-        f"  export LORASERVE_ADAPTER_MANAGER={ends.manager} LORASERVE_REPLICA={ends.replica}",
+        f"  export LORASERVE_ADAPTER_MANAGER={ends.manager} LORASERVE_REPLICA={ends.door}",
         f"  {cli} status",
         f"  {cli} generate --adapter {adapters[0] if adapters else ''} 'Hello there'",
         f"  {cli} generate --chat --system 'Answer briefly.' 'Hello there'",
@@ -411,7 +483,7 @@ def _interrupt(signum, frame) -> None:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m entrypoints.run",
-        description="Run Redis, the adapter manager and one inference replica locally, with a demo.",
+        description="Run Redis, the adapter manager, inference replicas and the front door locally, with a demo.",
         epilog="Other flags (e.g. --max-loras 8, --device cuda) are passed to the inference replica.",
     )
     parser.add_argument("--model", help="model directory (default: a demo model generated into RUN_DIR/demo)")
@@ -419,9 +491,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--port-base",
         type=int,
         default=int(os.environ.get("LORASERVE_PORT_BASE", DEFAULT_PORT_BASE)),
-        help="first of the six ports (replica, manager, redis, replica metrics, manager metrics, replica "
-        "HTTP API); "
+        help="first of the ports (door, manager, redis, replica metrics, manager metrics, picker, "
+        "picker metrics, envoy admin, door HTTP API, then the replicas); "
         "taken ones are skipped (env LORASERVE_PORT_BASE; default %(default)s)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=int(os.environ.get("LORASERVE_REPLICAS", 1)),
+        help=f"inference replicas behind the door, 1..{MAX_REPLICAS} (env LORASERVE_REPLICAS; default %(default)s)",
     )
     parser.add_argument(
         "--run-dir", default=".run", help="logs, Redis data, demo files (default %(default)s)"
@@ -439,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.port_base <= 65535 - NUM_PORTS:
         print(f"error: --port-base ({args.port_base}) must be in 1..{65535 - NUM_PORTS}", file=sys.stderr)
         return 2
+    if not 1 <= args.replicas <= MAX_REPLICAS:
+        print(f"error: --replicas ({args.replicas}) must be in 1..{MAX_REPLICAS}", file=sys.stderr)
+        return 2
     if args.num_adapters < 1:
         print(f"error: --num-adapters ({args.num_adapters}) must be >= 1", file=sys.stderr)
         return 2
@@ -449,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ends, _, adapter_root = start_stack(stack, args, replica_flags)
         adapters = register_demo_adapters(ends.manager, adapter_root, args.num_adapters)
-        run_demo(ends.replica, adapters)
+        run_demo(ends.door, adapters)
         print_endpoints(stack, ends, adapters, serving=not args.no_serve)
         while not args.no_serve:
             stack.check_alive()
@@ -466,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         stack.stop()
-    print("stopped: redis, manager and inference replica are down", flush=True)
+    print("stopped: the door, the inference replicas, the manager and redis are down", flush=True)
     return code
 
 

@@ -22,6 +22,7 @@ import grpc
 
 from inference_svc import errors
 from inference_svc.adapter_cache import ResidencyEvent, ResidentAdapter
+from inference_svc.async_engine import DRAINING
 from inference_svc.manager_client import ManagerClient
 from loraserve.auth import IssuedCredentials, new_token
 from loraserve.convert import resident_proto, routing_table_from
@@ -213,11 +214,15 @@ class Membership:
                 log.warning("heartbeat to %s failed: %s", self.client.target, e)
 
     async def _heartbeat(self) -> None:
-        snapshot, seq = await self.engine.call(self._snapshot)
+        def take(engine):
+            return *self._snapshot(engine), load_of(engine)
+
+        snapshot, seq, load = await self.engine.call(take)
+        load.draining = self.engine.state == DRAINING
         answer = await self.client.call(
             "Heartbeat",
             pb.HeartbeatRequest(
-                replica_id=self.replica_id, epoch=self.epoch, snapshot=snapshot, snapshot_seq=seq
+                replica_id=self.replica_id, epoch=self.epoch, snapshot=snapshot, snapshot_seq=seq, load=load
             ),
         )
         if answer.rejoin:
@@ -288,6 +293,15 @@ def resident_to_proto(r: ResidentAdapter) -> common_pb2.ResidentAdapter:
 
 
 # --- engine-thread helpers ----------------------------------------------------------------------
+
+
+def load_of(engine) -> pb.ReplicaLoad:
+    """The engine's load now, for the heartbeat (the front door's picker reads it)."""
+    return pb.ReplicaLoad(
+        waiting=len(engine.scheduler.waiting),
+        running=len(engine.scheduler.running),
+        kv_free_fraction=engine.kv.num_free_blocks / max(engine.kv.num_blocks, 1),
+    )
 
 
 def _pin_if_held(engine, adapter_id: str) -> None:

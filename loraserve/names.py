@@ -23,3 +23,9 @@ def new_request_id() -> str:
 TENANT_HEADER = "x-tenant"
 # Request header whose value an alias's variant choice sticks to.
 REQUEST_KEY_HEADER = "x-request-key"
+# Request header carrying the replica the front door's endpoint picker chose ("ip:port[,ip:port...]",
+# first choice first). Envoy strips any client-sent value before the picker sets it.
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+# Request header naming the adapter: the picker sets it (clients may too); Envoy's Maglev hash
+# falls back to it when the picker is down.
+ADAPTER_HEADER = "x-adapter-id"

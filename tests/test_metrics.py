@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapter_svc import metrics as manager_metrics
+from endpoint_picker import metrics as picker_metrics
 from inference_svc import metrics as engine_metrics
 from inference_svc.adapter_cache import ResidencyEvent
 from inference_svc.metrics import BASE_LABEL, OTHER_LABEL, EngineMetrics
@@ -84,6 +85,7 @@ def delta(before: dict, after: dict, name: str, **labels) -> float:
 def test_readme_documents_every_metric():
     assert documented("inference-metrics") == {s.name for s in engine_metrics.SPECS}
     assert documented("manager-metrics") == {s.name for s in manager_metrics.SPECS}
+    assert documented("picker-metrics") == {s.name for s in picker_metrics.SPECS}
 
 
 def test_replica_metrics_move_when_requests_run(cluster):

@@ -80,7 +80,7 @@ class RunCommand:
         return [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(self.field_lines()))]
 
     def field_lines(self) -> list[str]:
-        names = ("inference", "openai", "manager", "redis", "metrics")
+        names = ("door", "openai", "inference", "manager", "redis", "metrics", "picker", "envoy")
         return [line for line in self.lines if line.split()[:1] and line.split()[0] in names]
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess:
@@ -152,6 +152,14 @@ def test_the_demo_mixed_every_adapter_and_the_base_model(stack):
     assert len(served) == 2 * len(mixed), stack.output
     assert {(words[1], words[4]) for words in served} == {(a, a) for a in mixed}, stack.output
     assert any(line.startswith("demo done in ") for line in stack.lines)
+
+
+def test_the_demo_and_the_printed_lines_use_the_front_door(stack):
+    door = stack.field("door")[0]
+    generate = next(line for line in stack.lines if "InferenceService/Generate" in line)
+    assert door in generate and f"LORASERVE_REPLICA={door}" in " ".join(stack.field_lines() + stack.lines)
+    picks = scrape(stack.field("picker")[-1])
+    assert total(picks, "loraserve:picker_picks_total") >= 2 * (MAX_CPU_LORAS + 1)
 
 
 def test_the_printed_grpcurl_lines_work(stack):
@@ -264,7 +272,8 @@ def test_the_metrics_endpoints_count_what_ran(stack):
 def test_ctrl_c_leaves_no_process_and_no_port_behind(stack):
     pids, pgid = stack.pids()
     ports = stack.ports()
-    assert len(pids) == 3 and len(set(ports)) == 6
+    # redis, manager, one replica, the picker and Envoy; their ports, metrics, Envoy's admin and both HTTP APIs
+    assert len(pids) == 5 and len(set(ports)) == 11
     assert all(_listening(port) for port in ports)
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(60) == 0, stack.output

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from bench.scenarios import (
     control_plane,
+    front_door,
     http_vs_grpc,
     long_context,
     overhead,
@@ -27,7 +28,18 @@ from bench.scenarios import (
 )
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (overhead, vs_peft, scale, swap, control_plane, step_build, long_context, http_vs_grpc)
+    m.NAME: m
+    for m in (
+        overhead,
+        vs_peft,
+        scale,
+        swap,
+        control_plane,
+        step_build,
+        long_context,
+        http_vs_grpc,
+        front_door,
+    )
 }
 
 

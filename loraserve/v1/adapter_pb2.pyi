@@ -454,16 +454,30 @@ class JoinReplicaResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., drop: _Optional[_Iterable[str]] = ..., routing_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("replica_id", "epoch", "snapshot", "snapshot_seq")
+    __slots__ = ("replica_id", "epoch", "snapshot", "snapshot_seq", "load")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     epoch: int
     snapshot: _containers.RepeatedCompositeFieldContainer[_common_pb2.ResidentAdapter]
     snapshot_seq: int
-    def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot: _Optional[_Iterable[_Union[_common_pb2.ResidentAdapter, _Mapping]]] = ..., snapshot_seq: _Optional[int] = ...) -> None: ...
+    load: ReplicaLoad
+    def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot: _Optional[_Iterable[_Union[_common_pb2.ResidentAdapter, _Mapping]]] = ..., snapshot_seq: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("waiting", "running", "kv_free_fraction", "draining")
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    waiting: int
+    running: int
+    kv_free_fraction: float
+    draining: bool
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_free_fraction: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("rejoin", "routing_version", "unpin", "pin", "drop")

@@ -183,7 +183,7 @@ def test_report_names_machine_command_and_every_scenario(smoke_run):
     for module in SCENARIOS.values():
         assert f"## {module.TITLE}" in report
     assert "FAILED" not in report
-    # vs-peft, swap, step-build, long-context, http-vs-grpc (overhead's goals: hidden 512/2048 only)
+    # vs-peft, swap, step-build, long-context, http-vs-grpc, front-door (overhead's goals: hidden 512/2048 only)
     assert report.count("| goal | measured | target | met |") == 5
 
 
@@ -226,6 +226,10 @@ def test_scenario_figures_are_consistent(smoke_run):
     assert all(len(v) == 3 and min(v) > 0 for v in samples.values())
     http = s["http-vs-grpc"]["data"]
     assert len(http["ratio_per_repeat"]) == 1 and http["ratio_median"] > 0
+    door = s["front-door"]["data"]
+    for run in door["runs"].values():
+        assert run["summary"]["errors"] == 0 and run["summary"]["requests"] == door["params"]["num_requests"]
+        assert run["cache"]["slot_hits"] + run["cache"]["slot_misses"] == run["summary"]["requests"]
     control = s["control-plane"]["data"]["control_plane"]
     assert control["registered_adapters"] >= 50
     assert all(op["n"] == 5 and 0 < op["p50_ms"] <= op["p99_ms"] for op in control["operations"].values())

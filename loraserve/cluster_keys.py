@@ -1,4 +1,5 @@
-"""Every Redis key of the control plane, built here and nowhere else.
+"""Every Redis key of the cluster, built here and nowhere else (the manager writes them; the
+front door's endpoint picker reads them).
 
 All keys of a cluster share the prefix `loraserve:v1:{<cluster>}:`; the braces are a Redis Cluster
 hash tag, so a cluster's keys live in one slot and every Lua script may touch any of them. The
@@ -13,6 +14,7 @@ Layout (`<p>` = the prefix):
   <p>pinned                   SET    adapter ids pinned cluster-wide
   <p>replicas                 ZSET   replica id -> last heartbeat (ms)
   <p>replica:<r>              HASH   membership: address, engine, model, status, epoch, seq, ...
+                                     and the load of its last heartbeat (`LOAD_FIELDS`)
   <p>replica:<r>:alive        STRING set with a TTL by every heartbeat; gone = lapsed
   <p>replica:<r>:host         ZSET   adapter id -> last use (ms): the replica's host cache
   <p>replica:<r>:slots        HASH   adapter id -> slot index
@@ -61,6 +63,10 @@ LEASES_SUFFIX = ":leases"
 DELETING_SUFFIX = ":deleting"
 ORPHANED_BLOBS = "blobs:orphaned"
 BLOB_REFS_VERSION = "blobs:refs-version"
+
+# Fields of `replica:<r>` set by every heartbeat: requests waiting and running, the free fraction
+# of the KV cache, '1' while the replica drains, and when (ms, Redis clock) the load was taken.
+LOAD_FIELDS = ("waiting", "running", "kv_free", "draining", "load_at")
 
 
 def prefix(cluster: str) -> str:

@@ -1,0 +1,81 @@
+"""The picker's choice: affinity first, skipping what is down, draining or overloaded; hot adapters
+spread to a bounded number of copies and concentrate again when demand falls."""
+
+from __future__ import annotations
+
+from endpoint_picker.policy import (
+    BASE,
+    FREE_SLOT,
+    HOST,
+    LEAST_LOADED,
+    SLOT,
+    SPREAD,
+    ReplicaView,
+    Thresholds,
+    pick,
+)
+
+LIMITS = Thresholds(queue_threshold=8, spread_threshold=2, max_copies=2)
+
+
+def replica(name: str, slots=(), cached=(), max_loras=2, **fields) -> ReplicaView:
+    return ReplicaView(
+        name,
+        f"10.0.0.{name[-1]}:50051",
+        True,
+        max_loras=max_loras,
+        slots=frozenset(slots),
+        cached=frozenset(cached) | frozenset(slots),
+        **fields,
+    )
+
+
+def ids(p) -> list[str]:
+    return [r.replica_id for r in p.replicas]
+
+
+def test_preference_slot_then_host_then_free_slot_then_least_loaded():
+    full = dict(slots=("x", "y"))
+    r1, r2, r3 = replica("r1", **full), replica("r2", cached=("a",), **full), replica("r3", slots=("a", "z"))
+    assert (pick([r1, r2, r3], "a", {}, LIMITS).reason, ids(pick([r1, r2, r3], "a", {}, LIMITS))[0]) == (
+        SLOT,
+        "r3",
+    )
+    assert pick([r1, r2], "a", {}, LIMITS).reason == HOST and ids(pick([r1, r2], "a", {}, LIMITS))[0] == "r2"
+    r4 = replica("r4", slots=("q",))
+    assert (
+        pick([r1, r4], "a", {}, LIMITS).reason == FREE_SLOT
+        and ids(pick([r1, r4], "a", {}, LIMITS))[0] == "r4"
+    )
+    r5 = replica("r5", **full)
+    p = pick([r1, r5], "a", {"r1": 3}, LIMITS)
+    assert (p.reason, ids(p)) == (LEAST_LOADED, ["r5", "r1"])
+    assert pick([r1, r5], "", {"r5": 1}, LIMITS).reason == BASE
+
+
+def test_down_and_draining_replicas_are_never_chosen_and_overloaded_ones_last():
+    holder = replica("r1", slots=("a",))
+    down = ReplicaView("r2", "10.0.0.2:1", False, slots=frozenset({"a"}))
+    draining = replica("r3", slots=("a",), draining=True)
+    assert ids(pick([holder, down, draining], "a", {}, LIMITS)) == ["r1"]
+    assert pick([down], "a", {}, LIMITS) is None
+    spare = replica("r4")
+    p = pick([holder, spare], "a", {"r1": 8}, LIMITS)  # at the queue threshold
+    assert ids(p) == ["r4", "r1"]
+    queued = replica("r1", slots=("a",), waiting=8)  # its heartbeat says so, too
+    assert ids(pick([queued, spare], "a", {}, LIMITS))[0] == "r4"
+
+
+def test_a_hot_adapter_gains_copies_up_to_the_bound_and_concentrates_again():
+    r1, r2, r3 = replica("r1", slots=("a",)), replica("r2"), replica("r3")
+    assert ids(pick([r1, r2, r3], "a", {"r1": 1}, LIMITS, {"r1": 1}))[0] == "r1"
+    # A replica busy with other adapters keeps the adapter: only its own queue spreads it.
+    assert ids(pick([r1, r2, r3], "a", {"r1": 6}, LIMITS, {"r1": 0}))[0] == "r1"
+    p = pick([r1, r2, r3], "a", {"r1": 2}, LIMITS, {"r1": 2})
+    assert p.reason == SPREAD and ids(p)[0] in ("r2", "r3")
+    r2 = replica("r2", slots=("a",))  # the copy loaded
+    p = pick([r1, r2, r3], "a", {"r1": 2, "r2": 2}, LIMITS, {"r1": 2, "r2": 2})
+    assert p.reason == SLOT and ids(p)[0] in ("r1", "r2")  # max_copies reached: no third copy
+    # Demand falls: every request goes to the first holder in the adapter's stable order again.
+    first = {ids(pick([r1, r2, r3], "a", {}, LIMITS))[0] for _ in range(5)}
+    assert len(first) == 1
