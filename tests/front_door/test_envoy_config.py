@@ -127,14 +127,15 @@ def test_the_command_prints_a_config_or_one_line_of_error(capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
-def test_the_compose_door_command_generates_a_valid_config(tmp_path, capsys):
-    import re
-    import shlex
-    from pathlib import Path
+def validates_with_the_stacks_secrets(flags: list[str], tmp_path, capsys) -> None:
+    """`flags` generate a config Envoy accepts, with the TLS files `keygen init` writes standing in
+    at the /secrets paths the deployment mounts them under."""
+    from loraserve import keygen
 
-    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
-    (flags,) = re.findall(r"python -m loraserve\.front_door (.*?) > /tmp/envoy\.yaml", compose, flags=re.S)
-    assert main(shlex.split(flags)) == 0
+    secrets = tmp_path / "secrets"
+    assert keygen.main(["init", "--server-dir", str(secrets), "--client-dir", str(tmp_path / "client")]) == 0
+    capsys.readouterr()
+    assert main([f.replace("/secrets/", f"{secrets}/") for f in flags]) == 0
     path = tmp_path / "envoy.yaml"
     path.write_text(capsys.readouterr().out)
     done = subprocess.run(
@@ -144,3 +145,27 @@ def test_the_compose_door_command_generates_a_valid_config(tmp_path, capsys):
         timeout=120,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_compose_door_command_generates_a_valid_config(tmp_path, capsys):
+    import re
+    import shlex
+    from pathlib import Path
+
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    (flags,) = re.findall(r"python -m loraserve\.front_door (.*?) > /tmp/envoy\.yaml", compose, flags=re.S)
+    assert "--tls-ca" in flags and "--tls-cert" in flags  # TLS to the replicas and to clients
+    validates_with_the_stacks_secrets(shlex.split(flags), tmp_path, capsys)
+
+
+def test_the_kubernetes_door_generates_a_valid_config(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    base = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "base" / "front-door.yaml"
+    docs = yaml.safe_load_all(base.read_text())
+    (door,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "loraserve-door"]
+    (init,) = door["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"][2].startswith("python -m loraserve.front_door")
+    validates_with_the_stacks_secrets(init["args"], tmp_path, capsys)
