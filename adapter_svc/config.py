@@ -65,6 +65,14 @@ class ManagerConfig:
     max_watchers: int = 64
     # Connections in the Redis pool serving every other RPC and the background tasks.
     redis_max_connections: int = 100
+    # Registry writes (register, unregister, pin, aliases, rules) are acknowledged only once this
+    # many Redis replicas have them (WAIT): with Sentinel, 1 keeps every acknowledged registration
+    # through a failover; 0 = acknowledged when the primary has it (fsync per `appendfsync`).
+    # Not on Redis Cluster yet (there, acknowledged writes of the last moment before a primary
+    # dies can be lost).
+    redis_wait_replicas: int = 0
+    # How long one WAIT waits; fewer acknowledgements by then answer UNAVAILABLE (retry).
+    redis_wait_timeout_ms: int = 1000
     # Largest ListAdapters page.
     max_page_size: int = 1000
     # How long a replica may take to fetch and load an adapter before its reservation lapses.
@@ -91,6 +99,21 @@ class ManagerConfig:
         except ValueError as e:
             raise ValueError(f"redis_url: {e}") from None
         require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+        require(
+            self.redis_wait_replicas >= 0, "redis_wait_replicas", self.redis_wait_replicas, "must be >= 0"
+        )
+        require(
+            self.redis_wait_replicas == 0 or parse_redis_url(self.redis_url).kind != "cluster",
+            "redis_wait_replicas",
+            self.redis_wait_replicas,
+            "is not supported on Redis Cluster yet: use 0 there (or Sentinel for acknowledged replication)",
+        )
+        require(
+            self.redis_wait_timeout_ms >= 1,
+            "redis_wait_timeout_ms",
+            self.redis_wait_timeout_ms,
+            "must be >= 1",
+        )
         require(self.blob_gc_interval_s >= 0, "blob_gc_interval_s", self.blob_gc_interval_s, "must be >= 0")
         require(self.blob_gc_grace_s >= 0, "blob_gc_grace_s", self.blob_gc_grace_s, "must be >= 0")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be in 0..65535")

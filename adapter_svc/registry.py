@@ -69,13 +69,39 @@ class Registry:
     """
 
     def __init__(
-        self, client: redis.Redis, cluster: str, events_maxlen: int, watch_client: redis.Redis | None = None
+        self,
+        client: redis.Redis,
+        cluster: str,
+        events_maxlen: int,
+        watch_client: redis.Redis | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ):
         self.client = client
         self.watch_client = watch_client or client
         self.keys = Keys(cluster)
         self.scripts = Scripts(client)
         self._common = [self.keys.prefix, events_maxlen]
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+
+    async def _durable(self, script, *args):
+        """A registry write acknowledged by `wait_replicas` Redis replicas (WAIT, on the script's
+        own connection) before it counts as done; Unavailable when fewer acknowledge in time (the
+        write may then be lost in a failover: the caller retries, and every write here is
+        idempotent or refused the second time)."""
+        if not self.wait_replicas:
+            return await self._call(script, *args)
+        async with self.client.pipeline(transaction=False) as pipe:
+            await script(keys=[self.keys.events], args=[*self._common, *args], client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            out, acknowledged = await pipe.execute()
+        if acknowledged < self.wait_replicas:
+            raise errors.Unavailable(
+                f"Redis applied the change but only {acknowledged} of {self.wait_replicas} replicas "
+                f"acknowledged it within {self.wait_timeout_ms} ms (redis_wait_replicas); retry"
+            )
+        return out
 
     async def _call(self, script, *args, routing_key: str | None = None):
         return await script(keys=[routing_key or self.keys.events], args=[*self._common, *args])
@@ -91,7 +117,7 @@ class Registry:
 
     async def register(self, adapter_id: str, fields: dict[str, str]) -> tuple[Registered, str]:
         """(REGISTER's answer, the registered tenant when it is TENANT, else "")."""
-        status, *owner = await self._call(self.scripts.register, adapter_id, json.dumps(fields))
+        status, *owner = await self._durable(self.scripts.register, adapter_id, json.dumps(fields))
         return Registered(status), owner[0] if owner else ""
 
     async def get(self, adapter_id: str) -> AdapterRecord | None:
@@ -152,7 +178,7 @@ class Registry:
 
     async def unregister_finish(self, adapter_id: str, force: bool) -> Refused | None:
         """Delete the adapter; None when done, else the refusal (NOT_FOUND, HELD or REFERENCED)."""
-        out = await self._call(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
+        out = await self._durable(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
         return None if out[0] == "ok" else _refused(out)
 
     # --- stored copies (blobs) -------------------------------------------------------------------
@@ -204,7 +230,7 @@ class Registry:
     async def set_pinned(self, adapter_id: str, pinned: bool) -> dict[str, str] | Refused:
         """Pin or unpin cluster-wide; -> its live holders {replica id: state}, or the refusal
         (NOT_FOUND or DELETING)."""
-        out = await self._call(self.scripts.pin, adapter_id, "1" if pinned else "0")
+        out = await self._durable(self.scripts.pin, adapter_id, "1" if pinned else "0")
         return dict(zip(out[1::2], out[2::2])) if out[0] == "ok" else _refused(out)
 
     async def pinned_ids(self) -> list[str]:
@@ -431,17 +457,17 @@ class Registry:
 
     async def set_alias(self, name: str, variants: list[list]) -> Refused | None:
         """None when stored, else the refusal (CONFLICT, or UNKNOWN naming the variant)."""
-        out = await self._call(self.scripts.set_alias, name, json.dumps(variants))
+        out = await self._durable(self.scripts.set_alias, name, json.dumps(variants))
         return None if out[0] == "ok" else _refused(out)
 
     async def delete_alias(self, name: str) -> Refused | None:
         """None when deleted, else the refusal (NOT_FOUND, or REFERENCED naming the rules)."""
-        out = await self._call(self.scripts.delete_alias, name)
+        out = await self._durable(self.scripts.delete_alias, name)
         return None if out[0] == "ok" else _refused(out)
 
     async def set_rules(self, rules: list[dict]) -> Refused | None:
         """None when stored, else the refusal (UNKNOWN naming the target)."""
-        out = await self._call(self.scripts.set_rules, _lua_list(rules))
+        out = await self._durable(self.scripts.set_rules, _lua_list(rules))
         return None if out[0] == "ok" else _refused(out)
 
     # --- events -------------------------------------------------------------------------------

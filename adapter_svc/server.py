@@ -62,7 +62,14 @@ class ManagerServer:
         self.redis = connect(config)
         # WatchEvents' blocking reads get a pool of their own (at most max_watchers at once)
         self.watch_redis = connect(config, max_connections=config.max_watchers)
-        self.registry = Registry(self.redis, config.cluster, config.events_maxlen, self.watch_redis)
+        self.registry = Registry(
+            self.redis,
+            config.cluster,
+            config.events_maxlen,
+            self.watch_redis,
+            config.redis_wait_replicas,
+            config.redis_wait_timeout_ms,
+        )
         self.manager = AdapterManager(
             config,
             self.registry,

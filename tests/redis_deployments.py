@@ -1,6 +1,6 @@
 """Real Redis Sentinel and Redis Cluster deployments on loopback, for the control plane's tests.
 
-`SentinelDeployment`: a primary, one replica and three sentinels (quorum 2); `ClusterDeployment`:
+`SentinelDeployment`: a primary, two replicas and three sentinels (quorum 2); `ClusterDeployment`:
 six nodes, three primaries each with one replica. Both offer what the tests use of `RedisProcess`
 (`url`, `client()`, `keys`, `stop()`), plus `flush()` (tests share one deployment) and
 `kill_primary()` (SIGKILL the primary holding the control plane's keys, then wait until another
@@ -61,18 +61,19 @@ class SentinelDeployment:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.ports = {"primary": free_port(), "replica": free_port()}
+        self.ports = {"primary": free_port(), "replica": free_port(), "replica2": free_port()}
         self.sentinels = [free_port() for _ in range(3)]
         self.procs: dict[int, subprocess.Popen] = {}
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
         self.url = f"redis+sentinel://{hosts}/{SERVICE}/0"
 
     def start(self) -> SentinelDeployment:
-        primary, replica = self.ports["primary"], self.ports["replica"]
+        primary, replicas = self.ports["primary"], [self.ports["replica"], self.ports["replica2"]]
         self.procs[primary] = _spawn(primary, self.directory / "primary")
-        self.procs[replica] = _spawn(
-            replica, self.directory / "replica", "--replicaof", "127.0.0.1", str(primary)
-        )
+        for replica in replicas:
+            self.procs[replica] = _spawn(
+                replica, self.directory / str(replica), "--replicaof", "127.0.0.1", str(primary)
+            )
         for port in self.sentinels:
             conf = self.directory / f"sentinel-{port}.conf"
             conf.write_text(
@@ -87,21 +88,20 @@ class SentinelDeployment:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+        for replica in replicas:
+            wait_for(
+                lambda r=replica: _answers(r, lambda c: c.info("replication")["master_link_status"] == "up"),
+                "the Sentinel replicas to sync",
+            )
         wait_for(
-            lambda: _answers(replica, lambda c: c.info("replication")["master_link_status"] == "up"),
-            "the Sentinel replica to sync",
-        )
-        wait_for(
-            lambda: all(_answers(p, self._knows_replica) for p in self.sentinels),
-            "the sentinels to see the replica",
+            lambda: all(_answers(p, self._knows_replicas) for p in self.sentinels),
+            "the sentinels to see both replicas",
         )
         return self
 
-    def _knows_replica(self, c: redis.Redis) -> bool:
-        return (
-            int(c.sentinel_master(SERVICE)["num-slaves"]) >= 1
-            and int(c.sentinel_master(SERVICE)["num-other-sentinels"]) >= 2
-        )
+    def _knows_replicas(self, c: redis.Redis) -> bool:
+        master = c.sentinel_master(SERVICE)
+        return int(master["num-slaves"]) >= 2 and int(master["num-other-sentinels"]) >= 2
 
     def primary_port(self) -> int:
         with _node(self.sentinels[0]) as c:
@@ -210,3 +210,10 @@ def single_redis_only(redis_proc) -> None:
     failovers have their own tests)."""
     if not isinstance(redis_proc, RedisProcess):
         pytest.skip("restarts the single redis-server; test_redis_failover.py covers Sentinel and Cluster")
+
+
+def all_keys(client, pattern: str) -> list[str]:
+    """KEYS on every node that holds data (a Cluster client asks one random node by default)."""
+    if isinstance(client, RedisCluster):
+        return client.keys(pattern, target_nodes=RedisCluster.PRIMARIES)
+    return client.keys(pattern)

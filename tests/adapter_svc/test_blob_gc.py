@@ -11,6 +11,7 @@ import grpc
 from loraserve.v1 import adapter_pb2 as pb
 
 from harness import TIMEOUT_S, ManagerHandle, code_of, manager_config, register, wait_for
+from redis_deployments import all_keys
 
 
 def fetched_sha256(stub, adapter_id: str) -> str:
@@ -126,7 +127,7 @@ def test_two_managers_racing_register_and_unregister_of_the_same_content(
         wait_for(lambda: not any(store.blobs.glob("*/*")), "both managers' collectors to delete the copy")
         client = redis_proc.client()
         assert client.zcard(redis_proc.keys.orphaned_blobs) == 0
-        assert not client.keys(redis_proc.keys.prefix + "blob:*")
+        assert not all_keys(client, redis_proc.keys.prefix + "blob:*")
         assert (
             code_of(handles[1].stub.GetAdapter, pb.GetAdapterRequest(adapter_id="race-0")).code
             == grpc.StatusCode.NOT_FOUND
@@ -149,7 +150,7 @@ def test_adapters_registered_before_counting_are_counted_once(
         record = register(handle.stub, "old-a", adapters["ad-0"])
         register(handle.stub, "old-b", adapters["ad-0"])
         client = redis_proc.client()
-        client.delete(*client.keys(redis_proc.keys.prefix + "blob*"))  # the layout before counting
+        client.delete(*all_keys(client, redis_proc.keys.prefix + "blob*"))  # the layout before counting
         registry = handle.server.registry
         assert loop.run(registry.count_blob_refs()) is True
         assert loop.run(registry.count_blob_refs()) is False  # once per Redis

@@ -15,6 +15,7 @@ from adapter_svc.records import STATES
 from loraserve.v1 import adapter_pb2 as pb
 
 from harness import TIMEOUT_S, mirror, register, replica_state, truth, wait_for
+from redis_deployments import all_keys
 
 CLIENTS = 16
 RUN_S = 6.0  # each client stops starting operations after this long
@@ -122,7 +123,7 @@ def test_sixteen_concurrent_clients_keep_every_invariant(manager, replicas, redi
     # its per-replica states equal to the mirrors, its state derived from them.
     ids = r.zrange(redis_proc.keys.adapters, 0, -1)
     assert sorted(ids) == sorted(
-        k.split(":adapter:")[1] for k in r.keys(redis_proc.keys.adapter("*")) if not k.endswith(":on")
+        k.split(":adapter:")[1] for k in all_keys(r, redis_proc.keys.adapter("*")) if not k.endswith(":on")
     )
     for adapter_id in ids:
         record = r.hgetall(redis_proc.keys.adapter(adapter_id))
