@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
+import io
 import os
 import shlex
 import shutil
@@ -106,6 +109,30 @@ def pick_ports(base: int, count: int = NUM_PORTS) -> list[int]:
     return ports
 
 
+class RunDirBusy(Exception):
+    """Another stack holds the run directory."""
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Hold `run_dir` for this stack alone (an exclusive lock on run_dir/.lock, released by the
+    kernel when this process ends, however it ends); -> the lock's descriptor. RunDirBusy naming the
+    holder when another stack has it: two stacks never share Redis data, the store or logs."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirBusy(
+            f"another loraserve stack (pid {holder}) is using {run_dir}: stop it, or give this one "
+            f"its own directory (make run RUN_ARGS='--run-dir .run-2 --port-base 51051')"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class Stack:
     """The children, all in one process group, stopped in reverse start order."""
 
@@ -118,7 +145,7 @@ class Stack:
 
     def spawn(self, name: str, args: list[str]) -> Child:
         log = self.logs / f"{name}.log"
-        with log.open("ab") as out:
+        with log.open("wb") as out:  # this run's lines only: a failure's tail is this run's
             proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -523,9 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_adapters < 1:
         print(f"error: --num-adapters ({args.num_adapters}) must be >= 1", file=sys.stderr)
         return 2
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        check_replica_flags(args, replica_flags)  # before anything starts
+        lock = lock_run_dir(run_dir)  # noqa: F841 (held until this process ends)
+    except (ValueError, RunDirBusy) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ValueError) else 1
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    stack = Stack(Path(args.run_dir).resolve())
+    stack = Stack(run_dir)
     code = 0
     try:
         ends, _, adapter_root = start_stack(stack, args, replica_flags)
@@ -547,8 +581,31 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         stack.stop()
-    print("stopped: the door, the inference replicas, the manager and redis are down", flush=True)
+    if stack.children:
+        print(f"stopped: {', '.join(c.name for c in reversed(stack.children))} are down", flush=True)
     return code
+
+
+def check_replica_flags(args, replica_flags: list[str]) -> None:
+    """The flags meant for the replicas, parsed and turned into an engine configuration (and the
+    device checked) as each replica will: ValueError with the one line to print."""
+    from inference_svc.cli import build_parser, engine_config_from
+
+    model = args.model or "demo-model"
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            parsed, unknown = build_parser().parse_known_args(["serve", "--model", model, *replica_flags])
+    except SystemExit:  # argparse's usage and its one `error:` line
+        reason = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise ValueError(
+            f"{reason} (flags this command does not know go to the inference replicas)"
+        ) from None
+    if unknown:
+        raise ValueError(
+            f"unknown flags {' '.join(unknown)}: neither this command's nor a replica's (see --help)"
+        )
+    engine_config_from(parsed).check_runtime()
 
 
 if __name__ == "__main__":

@@ -478,10 +478,13 @@ class ReplicaProcess(ServeProcess):
         port: int,
         log: Path,
         metrics_port: int = 0,
+        http_port: int = 0,
         **engine,
     ):
         config = engine_config(**engine)
         args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        if http_port:
+            args += ["--http-port", str(http_port)]
         args += ["--adapter-manager", manager_address, "--replica-id", replica_id, "--grace-s", "1"]
         args += ["--metrics-port", str(metrics_port)]
         for name in (*self.ENGINE_FLAGS, "kv_cache_bytes"):
@@ -489,6 +492,7 @@ class ReplicaProcess(ServeProcess):
         super().__init__("inference_svc", args, port, log)
         self.replica_id = replica_id
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
+        self.http_url = f"http://127.0.0.1:{http_port}/v1" if http_port else ""
         self.channel = grpc.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 

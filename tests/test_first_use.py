@@ -4,6 +4,7 @@ client that installs and runs without the server's packages."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -145,3 +146,43 @@ def test_a_model_without_tokenizer_json_warns_that_it_tokenizes_bytes(model_dir,
 def test_generate_help_states_its_defaults():
     proc = run("-m", "entrypoints", "generate", "--help")
     assert "(default: 64)" in proc.stdout and "(default: 0)" in proc.stdout
+
+
+def test_engine_flags_are_checked_before_anything_starts(tmp_path):
+    """`make run --max-loras 0` (or a flag nobody knows) says so in one line before Redis or the
+    manager start, and does not claim to have stopped what never started."""
+    run_dir = tmp_path / "run"
+    for flags, reason in (
+        (["--max-loras", "0"], "error: max_loras (0) must be >= 1"),
+        (["--max-lorass", "3"], "error: unknown flags --max-lorass 3"),
+        (["--device", "cuda:9"], "error: device ('cuda:9') "),
+    ):
+        proc = run("-m", "entrypoints.run", "--run-dir", str(run_dir), *flags)
+        assert proc.returncode == 2 and one_line_error(proc).startswith(reason), proc.stderr
+        assert "stopped:" not in proc.stdout
+        assert not run_dir.exists()  # nothing started, nothing written
+
+
+def test_each_run_writes_fresh_logs(tmp_path):
+    """A child's log holds this run's lines only (a failure's tail is never the previous run's)."""
+    from entrypoints.run import Stack
+
+    stack = Stack(tmp_path)
+    (stack.logs / "child.log").write_text("a line from the previous run\n")
+    child = stack.spawn("child", [sys.executable, "-c", "print('this run')"])
+    child.proc.wait(60)
+    assert (stack.logs / "child.log").read_text() == "this run\n"
+
+
+def test_a_held_run_dir_is_refused_with_the_holders_pid(tmp_path):
+    from entrypoints.run import RunDirBusy, lock_run_dir
+
+    held = lock_run_dir(tmp_path)
+    try:
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
+            lock_run_dir(tmp_path)
+        proc = run("-m", "entrypoints.run", "--run-dir", str(tmp_path), "--no-serve")
+        assert proc.returncode == 1 and "is using" in one_line_error(proc)
+    finally:
+        os.close(held)
+    os.close(lock_run_dir(tmp_path))  # free again once its holder is gone

@@ -195,6 +195,32 @@ def test_the_printed_curl_lines_and_openai_snippet_work(stack, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_a_second_stack_on_the_same_run_dir_refuses_in_one_line(stack):
+    """Two `make run`s at once never share Redis data, the store or the logs: the second refuses
+    before starting anything (and names the first's pid), the first keeps serving."""
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entrypoints.run",
+            "--run-dir",
+            str(stack.run_dir),
+            "--port-base",
+            str(free_port()),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: another loraserve stack (pid {stack.proc.pid}) is using {stack.run_dir}")
+    assert "--run-dir" in line and "stopped:" not in second.stdout
+    assert stack.proc.poll() is None
+
+
 def test_the_cli_drives_the_stack(stack):
     adapter_root = next((stack.run_dir / "demo" / "adapters").iterdir())
     done = stack.cli("register", "extra-0", str(adapter_root / "demo-0"))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from loraserve.front_door import GRPC_CLUSTER, FrontDoorConfig
@@ -62,10 +63,17 @@ class Door:
         self.manager = ManagerHandle(loop, config)
         self.replicas = [
             ReplicaProcess(
-                model_dir, self.manager.address, f"r-{i}", free_port(), root / f"r-{i}.log", free_port()
+                model_dir,
+                self.manager.address,
+                f"r-{i}",
+                free_port(),
+                root / f"r-{i}.log",
+                free_port(),
+                http_port=free_port(),
             )
             for i in range(3)
         ]
+        self.http_ports = {r.address: r.http_url.split(":")[-1].split("/")[0] for r in self.replicas}
         for adapter_id, path in adapters.items():
             register(self.manager.stub, adapter_id, path)
         self.picker_port = free_port()
@@ -73,19 +81,29 @@ class Door:
         door = FrontDoorConfig(
             host="127.0.0.1",
             port=free_port(),
+            http_port=free_port(),
             admin_port=free_port(),
             replicas=tuple(r.address for r in self.replicas),
+            replica_http=tuple(f"127.0.0.1:{self.http_ports[r.address]}" for r in self.replicas),
             picker=f"127.0.0.1:{self.picker_port}",
             health_interval_s=HEALTH_INTERVAL_S,
         )
         self.envoy = EnvoyProcess(door, root / "envoy")
         wait_for(lambda: self.envoy.healthy_hosts(GRPC_CLUSTER) == 3, "envoy to see three healthy replicas")
+        self.http_url = f"http://127.0.0.1:{door.http_port}/v1"  # the OpenAI-compatible API
         self.channel = grpc.insecure_channel(self.envoy.address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     def start_picker(self) -> PickerProcess:
+        mapping = [f"--http-endpoint={g}=127.0.0.1:{h}" for g, h in self.http_ports.items()]
         return PickerProcess(
-            self.redis.url, self.picker_port, free_port(), self.root / "picker.log", "--cache-ttl-s", "0.05"
+            self.redis.url,
+            self.picker_port,
+            free_port(),
+            self.root / "picker.log",
+            "--cache-ttl-s",
+            "0.05",
+            *mapping,
         )
 
     def generate(self, adapter_id: str, metadata=(), max_tokens: int = 2) -> list:
@@ -263,3 +281,24 @@ def test_a_replica_killed_under_load_fails_no_request_that_had_not_started(door)
     assert all(f[2] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL) for f in failures), failures
     assert door.generate("ad-0")
     assert door.holders("ad-0"), "a0 is served by a surviving replica"
+
+
+def test_openai_clients_use_the_door_with_the_same_affinity_and_tokens(door):
+    """The official `openai` client on the door's HTTP listener: /v1/models, completions streamed
+    and not, land on the replica holding the adapter (the picker reads `model` from the JSON
+    body) and answer the tokens the same replica answers directly."""
+    through = openai.OpenAI(base_url=door.http_url, api_key="unused", max_retries=0, timeout=60)
+    listed = {m.id for m in through.models.list().data}
+    assert {"ad-0", "ad-1"} <= listed
+    door.generate("ad-1")  # ad-1 is now resident somewhere: HTTP requests must follow it there
+    (holder,) = door.holders("ad-1")
+    before = door.served("ad-1")
+    ask = dict(model="ad-1", prompt="hello", max_tokens=4, temperature=0, logprobs=1)
+    whole = through.completions.create(**ask)
+    streamed = "".join(c.choices[0].text for c in through.completions.create(**ask, stream=True) if c.choices)
+    direct_replica = next(r for r in door.replicas if r.replica_id == holder)
+    direct = openai.OpenAI(base_url=direct_replica.http_url, api_key="unused", max_retries=0, timeout=60)
+    assert whole.choices[0].text == streamed == direct.completions.create(**ask).choices[0].text
+    after = door.served("ad-1")
+    assert after[holder] - before.get(holder, 0) == 3  # both door requests (and the direct one) there
+    assert door.holders("ad-1") == [holder]
