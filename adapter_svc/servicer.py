@@ -5,6 +5,7 @@ Errors are raised by the manager and mapped to status codes by `loraserve.grpc_e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_svc import errors
@@ -187,9 +188,23 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     # placement
 
     async def LoadAdapter(self, request, context):
-        replica_id, resident = await self.placement.load(
-            request.adapter_id, request.replica_id, request.to_slot
-        )
+        load = self.placement.load(request.adapter_id, request.replica_id, request.to_slot)
+        remaining = context.time_remaining()  # None without a deadline
+        if remaining is None:
+            replica_id, resident = await load
+        else:
+            # answer before the caller's deadline (the load goes on, shared by later calls) when the
+            # replica's host cache stays busy, as AcquireAdapter does
+            try:
+                replica_id, resident = await asyncio.wait_for(
+                    load, max(0.0, remaining - ACQUIRE_DEADLINE_MARGIN_S)
+                )
+            except TimeoutError:
+                raise errors.ResourceExhausted(
+                    f"adapter {request.adapter_id!r} has not finished loading before the call's "
+                    "deadline (the replica's host cache is busy loading or serving others); it goes "
+                    "on loading: retry, or check with ListAdapters"
+                ) from None
         return pb.ClusterLoadAdapterResponse(replica_id=replica_id, adapter=resident)
 
     async def EvictAdapter(self, request, context):

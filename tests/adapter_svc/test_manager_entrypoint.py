@@ -27,7 +27,10 @@ from harness import ManagerProcess, free_port, manager_config
             "replica_ttl_s (1.0) must be > heartbeat_interval_s (2.0)",
         ),
         (dict(cluster="a:b"), "cluster ('a:b') must match"),
-        (dict(redis_url="localhost:6379"), "redis_url ('localhost:6379') must start with"),
+        (
+            dict(redis_url="localhost:6379"),
+            "redis_url: redis URL 'localhost:6379': the scheme must be one of",
+        ),
         (
             dict(adapter_roots=("/no/such/dir",)),
             "adapter_roots ('/no/such/dir') must be an existing directory",

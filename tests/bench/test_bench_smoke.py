@@ -184,7 +184,7 @@ def test_report_names_machine_command_and_every_scenario(smoke_run):
         assert f"## {module.TITLE}" in report
     assert "FAILED" not in report
     # vs-peft, swap, step-build, long-context, http-vs-grpc, front-door (overhead's goals: hidden 512/2048 only)
-    assert report.count("| goal | measured | target | met |") == 5
+    assert report.count("| goal | measured | target | met |") == 6
 
 
 def test_results_json_is_strict_and_complete(smoke_run):
