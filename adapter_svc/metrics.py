@@ -15,7 +15,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from adapter_svc.registry import Registry
-from loraserve.telemetry import MetricSpec, build_metrics
+from loraserve.telemetry import MetricSpec, auth_refusals_spec, build_metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,7 @@ SPECS = (
         ("source",),
     ),
     MetricSpec(P + "redis_up", "gauge", "1 if the last gauge refresh reached Redis, else 0."),
-    MetricSpec(
-        P + "auth_refusals_total",
-        "counter",
-        "Calls refused by authentication or authorization, by method and reason "
-        "(no_token, unknown_token, role, other_replica, not_owner).",
-        ("method", "reason"),
-    ),
+    auth_refusals_spec(P),
 )
 
 

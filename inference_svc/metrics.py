@@ -19,7 +19,7 @@ from collections import Counter
 
 from prometheus_client import CollectorRegistry
 
-from loraserve.telemetry import MetricSpec, build_metrics
+from loraserve.telemetry import MetricSpec, auth_refusals_spec, build_metrics
 
 MAX_ADAPTER_LABELS = 100
 BASE_LABEL = "__base__"
@@ -114,13 +114,7 @@ SPECS = (
         "the value is the Unix time they last changed.",
         ("running_lora_adapters", "waiting_lora_adapters", "max_lora"),
     ),
-    MetricSpec(
-        P + "auth_refusals_total",
-        "counter",
-        "Calls refused by authentication or authorization, by method and reason "
-        "(no_token, unknown_token, role, other_replica, not_owner).",
-        ("method", "reason"),
-    ),
+    auth_refusals_spec(P),
 )
 
 # Residency events -> (metric, tier).

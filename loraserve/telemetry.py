@@ -270,6 +270,17 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None  # histograms only
 
 
+def auth_refusals_spec(prefix: str) -> MetricSpec:
+    """The refusals counter both services expose (`loraserve.auth.audit_refusal` feeds it)."""
+    return MetricSpec(
+        prefix + "auth_refusals_total",
+        "counter",
+        "Calls refused by authentication or authorization, by method and reason "
+        "(no_token, unknown_token, role, other_replica, not_owner).",
+        ("method", "reason"),
+    )
+
+
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
 
