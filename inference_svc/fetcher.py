@@ -107,6 +107,10 @@ class Fetcher:
                 log.warning("adapter manager unreachable; loading %s from its local copy", adapter_id)
                 await self._load(adapter_id)
                 return
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # the manager may have reserved room just after this call gave up: release it now
+                # (the report clears the reservation) rather than when it lapses
+                self.membership.load_failed(adapter_id, "AcquireAdapter ran past its deadline")
             raise engine_error(adapter_id, e) from e
         await self._fetch_and_load(adapter_id, acquired.sha256, acquired.evict)
 
