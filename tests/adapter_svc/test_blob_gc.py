@@ -7,6 +7,7 @@ import hashlib
 import threading
 
 import grpc
+import pytest
 
 from loraserve.v1 import adapter_pb2 as pb
 
@@ -40,53 +41,54 @@ def collect(loop, handle: ManagerHandle) -> list[str]:
     return loop.run(handle.manager.catalog.collect_garbage())
 
 
-def test_a_stored_copy_goes_with_the_last_adapter_using_it(
-    loop, redis_proc, tmp_path, adapters, adapter_root, model_dir
-):
-    config = manager_config(
-        redis_proc.url, tmp_path, adapter_root, model_dir, blob_gc_interval_s=0, blob_gc_grace_s=0
-    )
-    handle = ManagerHandle(loop, config)
-    try:
-        first = register(handle.stub, "first", adapters["ad-0"])
-        register(handle.stub, "second", adapters["ad-0"])  # the same files: one stored copy
-        other = register(handle.stub, "other", adapters["ad-1"])
-        path = stored_copy(handle, first)
-        assert path.is_dir() and stored_copy(handle, other).is_dir()
+@pytest.fixture
+def manual_manager(loop, redis_proc, tmp_path, adapter_root, model_dir):
+    """Starts a manager whose collector runs only when the test calls `collect`, after `grace_s`."""
+    handles = []
 
-        unregister(handle.stub, "first")
-        assert collect(loop, handle) == [] and path.is_dir()  # "second" still uses it
-        assert fetched_sha256(handle.stub, "second") == first.sha256
+    def start(grace_s: float) -> ManagerHandle:
+        config = manager_config(
+            redis_proc.url, tmp_path, adapter_root, model_dir, blob_gc_interval_s=0, blob_gc_grace_s=grace_s
+        )
+        handles.append(ManagerHandle(loop, config))
+        return handles[-1]
 
-        unregister(handle.stub, "second")
-        assert collect(loop, handle) == [path.name]
-        assert not path.exists() and stored_copy(handle, other).is_dir()
-        events = redis_proc.client().xrange(redis_proc.keys.events)
-        assert [f["detail"] for _, f in events if f["type"] == "blob_deleted"] == [path.name]
-
-        again = register(handle.stub, "first", adapters["ad-0"])  # written anew
-        assert stored_copy(handle, again).is_dir()
-        assert fetched_sha256(handle.stub, "first") == first.sha256
-        assert collect(loop, handle) == []
-    finally:
+    yield start
+    for handle in handles:
         handle.close()
 
 
-def test_a_grace_period_keeps_a_copy_registered_again_soon(
-    loop, redis_proc, tmp_path, adapters, adapter_root, model_dir
-):
-    config = manager_config(
-        redis_proc.url, tmp_path, adapter_root, model_dir, blob_gc_interval_s=0, blob_gc_grace_s=3600
-    )
-    handle = ManagerHandle(loop, config)
-    try:
-        record = register(handle.stub, "soon", adapters["ad-0"])
-        unregister(handle.stub, "soon")
-        assert collect(loop, handle) == [] and stored_copy(handle, record).is_dir()
-        register(handle.stub, "soon", adapters["ad-0"])
-        assert redis_proc.client().zcard(redis_proc.keys.orphaned_blobs) == 0  # used again: no longer garbage
-    finally:
-        handle.close()
+def test_a_stored_copy_goes_with_the_last_adapter_using_it(loop, redis_proc, manual_manager, adapters):
+    handle = manual_manager(0)
+    first = register(handle.stub, "first", adapters["ad-0"])
+    register(handle.stub, "second", adapters["ad-0"])  # the same files: one stored copy
+    other = register(handle.stub, "other", adapters["ad-1"])
+    path = stored_copy(handle, first)
+    assert path.is_dir() and stored_copy(handle, other).is_dir()
+
+    unregister(handle.stub, "first")
+    assert collect(loop, handle) == [] and path.is_dir()  # "second" still uses it
+    assert fetched_sha256(handle.stub, "second") == first.sha256
+
+    unregister(handle.stub, "second")
+    assert collect(loop, handle) == [path.name]
+    assert not path.exists() and stored_copy(handle, other).is_dir()
+    events = redis_proc.client().xrange(redis_proc.keys.events)
+    assert [f["detail"] for _, f in events if f["type"] == "blob_deleted"] == [path.name]
+
+    again = register(handle.stub, "first", adapters["ad-0"])  # written anew
+    assert stored_copy(handle, again).is_dir()
+    assert fetched_sha256(handle.stub, "first") == first.sha256
+    assert collect(loop, handle) == []
+
+
+def test_a_grace_period_keeps_a_copy_registered_again_soon(loop, redis_proc, manual_manager, adapters):
+    handle = manual_manager(3600)
+    record = register(handle.stub, "soon", adapters["ad-0"])
+    unregister(handle.stub, "soon")
+    assert collect(loop, handle) == [] and stored_copy(handle, record).is_dir()
+    register(handle.stub, "soon", adapters["ad-0"])
+    assert redis_proc.client().zcard(redis_proc.keys.orphaned_blobs) == 0  # used again: no longer garbage
 
 
 def test_two_managers_racing_register_and_unregister_of_the_same_content(
@@ -141,27 +143,19 @@ def test_two_managers_racing_register_and_unregister_of_the_same_content(
             h.close()
 
 
-def test_adapters_registered_before_counting_are_counted_once(
-    loop, redis_proc, tmp_path, adapters, adapter_root, model_dir
-):
+def test_adapters_registered_before_counting_are_counted_once(loop, redis_proc, manual_manager, adapters):
     """A Redis written before stored copies were counted (no blob keys): the collector's first
     start counts every record's reference, so a copy two old records share survives one going."""
-    config = manager_config(
-        redis_proc.url, tmp_path, adapter_root, model_dir, blob_gc_interval_s=0, blob_gc_grace_s=0
-    )
-    handle = ManagerHandle(loop, config)
-    try:
-        record = register(handle.stub, "old-a", adapters["ad-0"])
-        register(handle.stub, "old-b", adapters["ad-0"])
-        client = redis_proc.client()
-        client.delete(*all_keys(client, redis_proc.keys.prefix + "blob*"))  # the layout before counting
-        registry = handle.server.registry
-        assert loop.run(registry.count_blob_refs()) is True
-        assert loop.run(registry.count_blob_refs()) is False  # once per Redis
-        path = stored_copy(handle, record)
-        unregister(handle.stub, "old-a")
-        assert collect(loop, handle) == [] and path.is_dir()
-        unregister(handle.stub, "old-b")
-        assert collect(loop, handle) == [path.name]
-    finally:
-        handle.close()
+    handle = manual_manager(0)
+    record = register(handle.stub, "old-a", adapters["ad-0"])
+    register(handle.stub, "old-b", adapters["ad-0"])
+    client = redis_proc.client()
+    client.delete(*all_keys(client, redis_proc.keys.prefix + "blob*"))  # the layout before counting
+    registry = handle.server.registry
+    assert loop.run(registry.count_blob_refs()) is True
+    assert loop.run(registry.count_blob_refs()) is False  # once per Redis
+    path = stored_copy(handle, record)
+    unregister(handle.stub, "old-a")
+    assert collect(loop, handle) == [] and path.is_dir()
+    unregister(handle.stub, "old-b")
+    assert collect(loop, handle) == [path.name]
