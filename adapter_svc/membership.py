@@ -81,7 +81,15 @@ class Membership:
     async def heartbeat(
         self, replica_id: str, epoch: int, snapshot: list[Resident], snapshot_seq: int, load: Load = Load.IDLE
     ) -> HeartbeatAnswer:
-        return await self.registry.heartbeat(replica_id, epoch, snapshot, snapshot_seq, self.ttl_ms, load)
+        return await self.registry.heartbeat(
+            replica_id,
+            epoch,
+            snapshot,
+            snapshot_seq,
+            self.ttl_ms,
+            load,
+            int(self.config.load_timeout_s * 1000),
+        )
 
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
         """ReportResidency; False when the replica must rejoin."""

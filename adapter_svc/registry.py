@@ -276,6 +276,7 @@ class Registry:
         snapshot_seq: int,
         ttl_ms: int,
         load: Load = Load.IDLE,
+        load_timeout_ms: int = 120_000,
     ) -> HeartbeatAnswer:
         """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
         out = await self._call(
@@ -286,6 +287,7 @@ class Registry:
             snapshot_seq,
             ttl_ms,
             *load.as_args(),
+            load_timeout_ms,
         )
         if out[0] == "rejoin":
             return HeartbeatAnswer(rejoin=True)

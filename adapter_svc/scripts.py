@@ -110,6 +110,18 @@ local function references(id)
   return refs
 end
 
+-- Drop replica r's load reservations older than timeout_ms: a load that neither landed nor
+-- failed within it (its replica gave up, or its report was lost) holds no room.
+local function lapse_loading(r, timeout_ms)
+  local loading = redis.call('HGETALL', k_loading(r))
+  for i = 1, #loading, 2 do
+    if NOW - tonumber(loading[i + 1]) > timeout_ms then
+      redis.call('HDEL', k_loading(r), loading[i])
+      if redis.call('HGET', k_on(loading[i]), r) == 'LOADING' then clear_on(loading[i], r) end
+    end
+  end
+end
+
 -- The stored copy a record's bytes live in (blobs.blob_name).
 local function blob_of(sha256, config_sha256)
   return sha256 .. '-' .. string.sub(config_sha256, 1, 16)
@@ -337,8 +349,8 @@ return {epoch, tonumber(redis.call('GET', k_routing_version()) or '0'), drop}
 )
 
 # ARGV[3] replica id, ARGV[4] epoch, ARGV[5] snapshot JSON (as JOIN), ARGV[6] snapshot seq,
-# ARGV[7] membership TTL (ms), ARGV[8..11] load: waiting, running, KV free fraction, draining ('1'/'0').
-# Renews the TTL and stores the load (`LOAD_FIELDS`). When the snapshot is at the mirror's seq, refreshes last-use times and pins (which
+# ARGV[7] membership TTL (ms), ARGV[8..11] load: waiting, running, KV free fraction, draining ('1'/'0'),
+# ARGV[12] load timeout (ms). Renews the TTL, stores the load (`LOAD_FIELDS`), lapses old reservations. When the snapshot is at the mirror's seq, refreshes last-use times and pins (which
 # no change reports) and, if the mirror drifted, replaces it. Answers which local pins the cluster no longer holds, and which
 # held adapters the registry does not know with those bytes.
 # -> {'rejoin'} | {'ok', routing_version, {unpin id...}, {pin id...}, {drop id...}}
@@ -352,6 +364,7 @@ redis.call('SET', k_alive(r), ARGV[4], 'PX', ARGV[7])
 redis.call('ZADD', k_replicas(), NOW, r)
 redis.call('HSET', k_replica(r), 'last_heartbeat', NOW, 'waiting', ARGV[8], 'running', ARGV[9],
   'kv_free', ARGV[10], 'draining', ARGV[11], 'load_at', NOW)
+lapse_loading(r, tonumber(ARGV[12]))  -- reservations lapse even when no new load asks for room
 local snap = cjson.decode(ARGV[5])
 local unpin, pin, drop = {}, {}, {}
 for _, e in ipairs(snap) do
@@ -476,13 +489,7 @@ for _, u in ipairs(cjson.decode(ARGV[6])) do
   end
 end
 if redis.call('ZSCORE', k_host(r), id) then return {'resident', rec[1], rec[2], pin} end
-local loading = redis.call('HGETALL', k_loading(r))
-for i = 1, #loading, 2 do
-  if NOW - tonumber(loading[i + 1]) > tonumber(ARGV[8]) then
-    redis.call('HDEL', k_loading(r), loading[i])
-    if redis.call('HGET', k_on(loading[i]), r) == 'LOADING' then clear_on(loading[i], r) end
-  end
-end
+lapse_loading(r, tonumber(ARGV[8]))
 local held = redis.call('ZCARD', k_host(r)) + redis.call('HLEN', k_loading(r))
   - redis.call('HEXISTS', k_loading(r), id)
 local need = held + 1 - tonumber(ARGV[7])
