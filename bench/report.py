@@ -156,7 +156,7 @@ def render(command: str, info: dict, results: list[ScenarioResult], smoke: bool)
         for table in r.tables:
             out += ["", f"**{table.title}**", "", markdown_table(table)]
         if r.goals:
-            out += ["", "**Goals (issue 7)**", "", goals_table(r.goals)]
+            out += ["", "**Goals**", "", goals_table(r.goals)]
         for plot in r.plots:
             out += ["", f"![{plot}]({plot})"]
     return "\n".join(out) + "\n"

@@ -7,7 +7,9 @@ Every field is a flag (`--queue-threshold`) and an environment variable
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+from loraserve.auth import TokenTable
 from loraserve.env_config import require
 from loraserve.front_door import split_address
 
@@ -40,6 +42,10 @@ class PickerConfig:
     # Otherwise: the port every replica's HTTP API listens on, on its gRPC host (compose,
     # Kubernetes: one port for all); 0 = only `http_endpoints`.
     replica_http_port: int = 0
+    # The stack's token file (the replicas' LORASERVE_AUTH_TOKENS; hashes only): a request's tenant
+    # for routing rules is then its token's, as at the replica. Unset: the x-tenant header as sent
+    # (right only when the replicas run without authentication).
+    auth_tokens: str | None = None
     # Seconds in-flight calls get to finish at shutdown.
     shutdown_grace_s: float = 1.0
     # Logging level.
@@ -58,11 +64,17 @@ class PickerConfig:
         require(self.queue_threshold >= 1, "queue_threshold", self.queue_threshold, "must be >= 1")
         require(self.spread_threshold >= 1, "spread_threshold", self.spread_threshold, "must be >= 1")
         require(self.max_copies >= 1, "max_copies", self.max_copies, "must be >= 1")
+        _ = self.tokens  # read now: an unreadable token file is a start-up error
         for pair in self.http_endpoints:
             grpc_address, sep, http_address = pair.partition("=")
             require(bool(sep), "http_endpoints", pair, "entries must be grpc_host:port=http_host:port")
             split_address(grpc_address)
             split_address(http_address)
+
+    @cached_property
+    def tokens(self) -> TokenTable | None:
+        """The parsed `auth_tokens` file, read once."""
+        return TokenTable.load(self.auth_tokens) if self.auth_tokens is not None else None
 
     @property
     def http_by_grpc(self) -> dict[str, str]:

@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -34,6 +35,7 @@ from google.protobuf.message import DecodeError
 from endpoint_picker.metrics import PickerMetrics
 from endpoint_picker.policy import Pick, Thresholds, pick
 from endpoint_picker.view import ClusterState
+from loraserve.auth import TokenTable, bearer_token, headers_for_routing
 from loraserve.front_door import PICKED_PATHS, split_address
 from loraserve.names import ADAPTER_HEADER, DESTINATION_HEADER, REQUEST_KEY_HEADER, TENANT_HEADER
 from loraserve.routing import resolve
@@ -56,9 +58,16 @@ class Request:
     adapter_id: str = ""
 
 
-def requested_adapter(headers: dict[str, str], body: bytes) -> str:
+class Requested(NamedTuple):
+    """What a request's body and headers ask for."""
+
+    adapter_id: str  # "" = none (the base model)
+    user: str  # an OpenAI-style body's `user`: the replica's sticky key for it ("" = none)
+
+
+def read_request(headers: dict[str, str], body: bytes) -> Requested:
     """The adapter a request names: in its body (gRPC Generate, or JSON `model`), else the
-    x-adapter-id header; "" = none (the base model)."""
+    x-adapter-id header; and a JSON body's `user`, which the replica draws alias variants with."""
     content_type = headers.get("content-type", "")
     if content_type.startswith("application/grpc") and headers.get(":path") == GENERATE_PATH:
         # One length-prefixed message: compressed flag (1 byte), length (4 bytes, big-endian).
@@ -69,15 +78,19 @@ def requested_adapter(headers: dict[str, str], body: bytes) -> str:
             except DecodeError:
                 adapter = ""
             if adapter:
-                return adapter
+                return Requested(adapter, "")
     elif content_type.startswith("application/json") and body:
         try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            model = None
-        if isinstance(model, str) and model:
-            return model
-    return headers.get(ADAPTER_HEADER, "")
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            model, user = parsed.get("model"), parsed.get("user")
+            user = user if isinstance(user, str) else ""
+            return Requested(
+                model if isinstance(model, str) and model else headers.get(ADAPTER_HEADER, ""), user
+            )
+    return Requested(headers.get(ADAPTER_HEADER, ""), "")
 
 
 def _header_value(h: base_pb2.HeaderValue) -> str:
@@ -116,6 +129,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         metrics: PickerMetrics,
         http_by_grpc: dict[str, str] | None = None,
         http_port: int = 0,
+        tokens: TokenTable | None = None,
     ):
         self.state = state
         self.limits = limits
@@ -126,6 +140,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.adapter_in_flight: Counter[tuple[str, str]] = Counter()  # (replica id, adapter) -> same
         self.recent: dict[str, tuple[str, float]] = {}  # adapter id -> (replica id, when sent)
         self.resolver = Resolver()
+        self.tokens = tokens
+
+    def _routing_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """The request's headers as its replica will route it: without the token, and x-tenant the
+        tenant of the request's token when the picker knows the stack's tokens (else as sent,
+        which is what replicas without authentication use too)."""
+        principal = self.tokens.authenticate(bearer_token(headers.items())) if self.tokens else None
+        return headers_for_routing(headers.items(), principal)
 
     async def Process(self, request_iterator, context) -> AsyncIterator[ep.ProcessingResponse]:
         request = Request({})
@@ -163,11 +185,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
     async def _decide(self, request: Request, body: bytes) -> ep.CommonResponse:
         started = time.perf_counter()
-        headers = request.headers
         view = await self.state.view()
-        requested = requested_adapter(headers, body)
+        requested, user = read_request(request.headers, body)
+        headers = self._routing_headers(request.headers)
         sets = []
-        key, tenant = headers.get(REQUEST_KEY_HEADER, ""), headers.get(TENANT_HEADER, "")
+        key, tenant = user or headers.get(REQUEST_KEY_HEADER, ""), headers.get(TENANT_HEADER, "")
         resolution = resolve(view.routing, requested, key, tenant, headers)
         if resolution.alias and not key:  # the replica must draw the variant drawn here
             key = uuid.uuid4().hex

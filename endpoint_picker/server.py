@@ -36,7 +36,7 @@ class PickerServer:
         )
         limits = Thresholds(config.queue_threshold, config.spread_threshold, config.max_copies)
         self.processor = ExternalProcessor(
-            self.state, limits, self.metrics, config.http_by_grpc, config.replica_http_port
+            self.state, limits, self.metrics, config.http_by_grpc, config.replica_http_port, config.tokens
         )
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server()

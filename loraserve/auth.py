@@ -331,10 +331,17 @@ def request_headers(context) -> dict[str, str]:
 
 
 def routing_headers(pairs) -> dict[str, str]:
-    """A call's (name, value) headers for routing: without the token, and with x-tenant set to the
-    caller's tenant for tenant tokens (a tenant cannot pose as another to match its routing rules)."""
+    """A call's (name, value) headers for routing, as `headers_for_routing` makes them for the
+    current call's caller."""
+    return headers_for_routing(pairs, current_principal())
+
+
+def headers_for_routing(pairs, principal: Principal | None) -> dict[str, str]:
+    """(name, value) headers for routing: without the token, and with x-tenant set to the tenant of
+    `principal` if it holds a tenant token (a tenant cannot pose as another to match its routing
+    rules). The front door's picker calls it with the principal of the request's token, so it
+    resolves a request exactly as the replica will."""
     headers = {k: v for k, v in pairs if k != AUTHORIZATION}
-    principal = current_principal()
     if principal is not None and principal.role == TENANT:
         headers[TENANT_HEADER] = principal.tenant
     return headers

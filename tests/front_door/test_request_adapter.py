@@ -1,13 +1,18 @@
-"""Where the picker reads a request's adapter: the gRPC Generate body, a JSON `model`, the header."""
+"""Where the picker reads a request's adapter: the gRPC Generate body, a JSON `model`, the header;
+and a JSON body's `user`."""
 
 from __future__ import annotations
 
 import json
 
-from endpoint_picker.extproc import GENERATE_PATH, requested_adapter
+from endpoint_picker.extproc import GENERATE_PATH, read_request
 from loraserve.v1 import inference_pb2
 
 GRPC = {":path": GENERATE_PATH, "content-type": "application/grpc"}
+
+
+def requested_adapter(headers: dict[str, str], body: bytes) -> str:
+    return read_request(headers, body).adapter_id
 
 
 def frame(message: bytes, compressed: int = 0) -> bytes:
@@ -38,3 +43,10 @@ def test_openai_style_json_names_the_model():
     assert requested_adapter(headers, b"[1, 2]") == ""
     assert requested_adapter(headers, b"not json") == ""
     assert requested_adapter({**headers, "x-adapter-id": "h"}, json.dumps({"model": 3}).encode()) == "h"
+
+
+def test_a_json_user_is_read_beside_the_model():
+    headers = {":path": "/v1/completions", "content-type": "application/json"}
+    assert read_request(headers, json.dumps({"model": "m", "user": "u-7"}).encode()) == ("m", "u-7")
+    assert read_request(headers, json.dumps({"model": "m", "user": 7}).encode()) == ("m", "")
+    assert read_request(GRPC, b"") == ("", "")
