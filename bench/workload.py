@@ -107,6 +107,26 @@ def generate(spec: WorkloadSpec) -> list[TraceRequest]:
     ]
 
 
+def offline_hits(adapter_ids: list[str], capacity: int) -> int:
+    """Hits of Belady's optimal offline cache of `capacity` entries on this request sequence
+    (evict the entry asked for again furthest in the future). No routing over caches of
+    `capacity` entries in all can hit more: their union is one such cache."""
+    never = len(adapter_ids)
+    next_use, seen = [never] * len(adapter_ids), {}
+    for i in range(len(adapter_ids) - 1, -1, -1):
+        next_use[i] = seen.get(adapter_ids[i], never)
+        seen[adapter_ids[i]] = i
+    held: dict[str, int] = {}  # adapter -> when it is asked for next
+    hits = 0
+    for i, adapter in enumerate(adapter_ids):
+        if adapter in held:
+            hits += 1
+        elif len(held) >= capacity:
+            del held[max(held, key=held.__getitem__)]
+        held[adapter] = next_use[i]
+    return hits
+
+
 def write_trace(path: str | Path, spec: WorkloadSpec, requests: list[TraceRequest]) -> Path:
     """JSONL: a header line with the spec, then one line per request."""
     path = Path(path)

@@ -25,7 +25,7 @@ from bench.client import replay_trace
 from bench.metrics import percentile, summarize
 from bench.procs import RedisServer, Service, _Child, free_port
 from bench.report import Goal, ScenarioResult, Table
-from bench.workload import generate, write_trace
+from bench.workload import generate, offline_hits, write_trace
 from loraserve.front_door import GRPC_CLUSTER, FrontDoorConfig, envoy_binary, render
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -270,6 +270,18 @@ def run(ctx, p: Params) -> ScenarioResult:
             "Door-added latency (one-token requests, one resident adapter)",
             ["direct p50 s", "through the door p50 s", "added p50 ms"],
             [[lat["direct_p50_s"], lat["door_p50_s"], lat["added_p50_ms"]]],
+        )
+    )
+    named = [r.adapter_id for r in trace if r.adapter_id]
+    slots, host = p.replicas * p.max_loras, p.replicas * p.max_cpu_loras
+    slot_bound = offline_hits(named, slots) / max(len(named), 1)
+    load_floor = len(named) - offline_hits(named, host)
+    result.tables.append(
+        Table(
+            "What any routing could reach on this trace (Belady's optimal offline cache of every slot, "
+            "or every host-cache entry, of the replicas together)",
+            ["adapters asked for", "slot hit rate at most", "cold loads at least", "round-robin's cold loads x 1/3"],
+            [[len(set(named)), slot_bound, load_floor, runs["round_robin"]["cold_loads"] / 3]],
         )
     )
     rr, pk = runs["round_robin"], runs["picker"]

@@ -15,7 +15,7 @@ import pytest
 from bench import cli
 from bench.metrics import RequestResult, Slo, percentile, summarize
 from bench.scenarios import SCENARIOS, params_for
-from bench.workload import WorkloadSpec, generate, read_trace, write_trace
+from bench.workload import WorkloadSpec, generate, offline_hits, read_trace, write_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,6 +101,21 @@ def test_no_adapters_means_base_model():
 def test_invalid_spec_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         spec(**{field: value})
+
+
+def test_the_offline_bound_is_beladys_cache():
+    # a b c a b d a, 2 entries: c must come in (a replica serves from its cache), so b goes (asked
+    # for later than a); then a hits, b comes back instead of c (never asked again), d instead of
+    # b, and a hits again.
+    assert offline_hits(list("abcabda"), 2) == 2
+    assert offline_hits(list("abcabda"), 4) == 3  # every repeat hits, nothing more
+    assert offline_hits(list("abcabda"), 1) == 0
+    ids = [r.adapter_id for r in generate(spec(num_requests=400))]
+    lru_hits, lru = 0, []
+    for a in ids:  # an LRU cache of 8 never beats Belady's of 8
+        lru_hits += a in lru
+        lru = ([x for x in lru if x != a] + [a])[-8:]
+    assert lru_hits <= offline_hits(ids, 8) <= len(ids) - len(set(ids))
 
 
 def test_read_trace_rejects_other_files(tmp_path):
