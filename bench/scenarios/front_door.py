@@ -280,7 +280,12 @@ def run(ctx, p: Params) -> ScenarioResult:
         Table(
             "What any routing could reach on this trace (Belady's optimal offline cache of every slot, "
             "or every host-cache entry, of the replicas together)",
-            ["adapters asked for", "slot hit rate at most", "cold loads at least", "round-robin's cold loads x 1/3"],
+            [
+                "adapters asked for",
+                "slot hit rate at most",
+                "cold loads at least",
+                "round-robin's cold loads x 1/3",
+            ],
             [[len(set(named)), slot_bound, load_floor, runs["round_robin"]["cold_loads"] / 3]],
         )
     )
