@@ -899,9 +899,7 @@ class Registry:
                 pipe.hkeys(self.keys.adapter_on(adapter_id))
             found = await pipe.execute()
         index, gone, on = [], [], {}
-        for adapter_id, (tenant, state, seq, pinned), holders in zip(
-            ids, found[0::2], found[1::2]
-        ):
+        for adapter_id, (tenant, state, seq, pinned), holders in zip(ids, found[0::2], found[1::2]):
             if state is None:
                 gone.append((self.scripts.unindex, self.keys.adapters, [adapter_id, ""]))
                 continue
