@@ -520,8 +520,8 @@ class Registry:
         """Replace the replica's mirror with its snapshot; `credential` is what the manager will
         present to it. Raises AddressTaken while another live replica has `address`, or this
         replica is live at another address. The other replicas' addresses are read before the
-        script (two replicas joining at one address in the same instant could both pass; the
-        second's commands then reach the first, which refuses their credential)."""
+        script (two replicas joining at one address within that read's round trip could both
+        pass: a window this accepts)."""
         others = [r for r in await self.client.zrange(self.keys.replicas, 0, -1) if r != replica_id]
         async with self.client.pipeline(transaction=False) as pipe:
             for other in others:
@@ -956,7 +956,9 @@ class Registry:
     async def reconcile_blobs(self, cursor: str, limit: int) -> str:
         """Per known blob: a reference whose adapter no longer uses the blob goes (unless a lease
         is live: a registration in progress); a blob with no reference and no lease is garbage
-        (orphaned), one with references is not."""
+        (orphaned), one with references is not. A referencing record missing from the global
+        index (its registration died after the record) is indexed: a registration references
+        its blob before it writes the record, so every record is found from some blob."""
         blobs = await self.client.zrangebylex(
             self.keys.blobs, ("(" + cursor) if cursor else "-", "+", start=0, num=limit
         )
@@ -969,9 +971,18 @@ class Registry:
                 for adapter_id in ids:
                     pipe.hmget(self.keys.adapter(adapter_id), "sha256", "config_sha256")
                 digests = await pipe.execute()
+            live = []
             for adapter_id, (sha256, config_sha256) in zip(ids, digests):
                 if not sha256 or blob_name(sha256, config_sha256) != blob:
                     await self._blob_release(blob, "", adapter_id, only_unleased=True)
+                else:
+                    live.append(adapter_id)
+            if live:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for adapter_id in live:
+                        pipe.zscore(self.keys.adapters, adapter_id)
+                    listed = await pipe.execute()
+                await self.repair_adapters([a for a, score in zip(live, listed) if score is None])
             if await self._blob_release(blob, "", ""):
                 await self.client.zrem(self.keys.orphaned_blobs, blob)
         return blobs[-1] if len(blobs) == limit else ""
