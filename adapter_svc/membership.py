@@ -20,9 +20,11 @@ from loraserve.model_summary import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Entities one reconciliation step examines at most: adapters and stored copies, replicas.
+# Entities one reconciliation step examines at most: adapters and stored copies, replicas; and
+# how many sweeps apart the steps run (mostly reads, but steady background work on a large registry).
 RECONCILE_ADAPTERS = 200
 RECONCILE_REPLICAS = 20
+RECONCILE_EVERY_SWEEPS = 8
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,13 @@ class Membership:
     async def run_sweeper(self) -> None:
         """sweep_once and a reconciliation step every sweep interval until cancelled; Redis
         outages are logged and outlived."""
-        failing = False
+        failing, sweeps = False, 0
         while True:
             try:
                 await self.sweep_once()
-                await self.reconcile_once()
+                sweeps += 1
+                if sweeps % RECONCILE_EVERY_SWEEPS == 0:
+                    await self.reconcile_once()
                 if failing:
                     log.info("replica sweeps work again")
                 failing = False

@@ -886,7 +886,8 @@ class Registry:
         return ids[-1] if len(ids) == limit else ""
 
     async def repair_adapters(self, ids: list[str]) -> None:
-        """`reconcile_adapters` for these ids (migration indexes copied records with it)."""
+        """`reconcile_adapters` for these ids (migration indexes copied records with it): reads
+        first, and writes only where something drifted."""
         async with self.client.pipeline(transaction=False) as pipe:
             for adapter_id in ids:
                 pipe.hmget(
@@ -895,25 +896,49 @@ class Registry:
                     "state",
                     "state_seq",
                     "pinned",
+                    "sha256",
+                    "config_sha256",
                 )
                 pipe.hkeys(self.keys.adapter_on(adapter_id))
             found = await pipe.execute()
-        index, gone, on = [], [], {}
-        for adapter_id, (tenant, state, seq, pinned), holders in zip(ids, found[0::2], found[1::2]):
-            if state is None:
-                gone.append((self.scripts.unindex, self.keys.adapters, [adapter_id, ""]))
-                continue
-            index.append(
-                (
-                    self.scripts.index,
-                    self.keys.adapters,
-                    [adapter_id, tenant or "", state, seq or "0", pinned or "0"],
+        records = {a: f for a, f in zip(ids, found[0::2]) if f[1] is not None}
+        checks = 9  # commands queued per record below
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id, (tenant, _, _, _, sha256, config_sha256) in records.items():
+                pipe.zscore(self.keys.adapters, adapter_id)
+                pipe.zscore(self.keys.by_tenant(tenant or "-"), adapter_id)
+                for state in STATES:
+                    pipe.zscore(self.keys.by_state(state), adapter_id)
+                pipe.sismember(self.keys.pinned, adapter_id)
+                pipe.sismember(self.keys.blob_refs(blob_name(sha256, config_sha256)), adapter_id)
+            seen = await pipe.execute()
+        fixes, unreferenced = [], []
+        for n, (adapter_id, (tenant, state, seq, pinned, _, _)) in enumerate(records.items()):
+            listed, in_tenant, *in_states, is_pinned, referenced = seen[checks * n : checks * n + checks]
+            indexed = [s for s, score in zip(STATES, in_states) if score is not None]
+            if (
+                listed is None
+                or (tenant and in_tenant is None)
+                or indexed != [state]
+                or bool(is_pinned) != (pinned == "1")
+            ):
+                fixes.append(
+                    (
+                        self.scripts.index,
+                        self.keys.adapters,
+                        [adapter_id, tenant or "", state, seq or "0", pinned or "0"],
+                    )
                 )
-            )
+            if not referenced:
+                unreferenced.append(adapter_id)
+        gone = [(self.scripts.unindex, self.keys.adapters, [a, ""]) for a in ids if a not in records]
+        await self._many(fixes + gone)
+        if unreferenced:
+            await self._reference_blobs(unreferenced)
+        on: dict[str, list[str]] = {}
+        for adapter_id, holders in zip(ids, found[1::2]):
             for replica_id in holders:
                 on.setdefault(replica_id, []).append(adapter_id)
-        await self._many(index + gone)
-        await self._reference_blobs([a for a, f in zip(ids, found[0::2]) if f[1] is not None])
         for replica_id, adapter_ids in on.items():
             await self._reconcile_on(replica_id, adapter_ids)
 
