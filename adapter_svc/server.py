@@ -95,10 +95,10 @@ class ManagerServer:
         add_health_and_reflection(self._server, self.health, SERVICE_NAME)
 
     async def start(self) -> None:
-        """Bring Redis to the current key layout (`migration`), listen, then start the sweeper
-        and the health probe (the first probe runs now)."""
-        await self._migrate()
+        """Bind, bring Redis to the current key layout (`migration`), listen, then start the
+        sweeper and the health probe (the first probe runs now)."""
         self.port = self.security.add_port(self._server, f"{self.config.host}:{self.config.port}")
+        await self._migrate()  # after the bind: a port in use is reported first
         await self._server.start()
         await self._probe()
         self._tasks = [

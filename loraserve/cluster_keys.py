@@ -22,23 +22,24 @@ different kinds apart even when ids are equal. `<G>` = `loraserve:v2:{<cluster>}
   <A>on-version               HASH    replica id -> mirror version of the last RESIDE (orders them)
   <A>placement                STRING  placement claim (expires)        SET NX PX / DEL
   <R>member                   HASH    membership (address, engine, model, status, epoch, seq, mv,
-                                      load `LOAD_FIELDS`)  JOIN, HEARTBEAT, REPORT, MARK_DOWN
+                                      load `LOAD_FIELDS`)  every replica script (mv: residency)
   <R>alive                    STRING  heartbeat TTL; gone = lapsed      JOIN, HEARTBEAT, MARK_DOWN
   <R>host                     ZSET    adapter id -> last use (ms)       JOIN, HEARTBEAT, REPORT, ACQUIRE,
   <R>slots                    HASH    adapter id -> slot index            MARK_DOWN, MIRROR_EVICTED
   <R>pins                     SET     adapter ids pinned on the replica   (the replica's mirror)
   <R>loading                  HASH    adapter id -> reservation time (ms) of a load in progress
-  <B>refs                     SET     adapter ids using copy b          SADD (register), BLOB_UNREF, BLOB_CLAIM
+  <B>refs                     SET     adapter ids using copy b          SADD (register), BLOB_RELEASE, BLOB_CLAIM
   <B>leases                   ZSET    lease token -> expiry (ms)        BLOB_HOLD, BLOB_RELEASE, BLOB_CLAIM
   <B>deleting                 STRING  the manager deleting b (expires)  BLOB_CLAIM, BLOB_DELETED
   <G>adapters                 ZSET    index of every adapter id (score 0)   INDEX, UNINDEX
   <G>adapters:tenant:<t>      ZSET    index by tenant                      INDEX, UNINDEX
-  <G>adapters:state:<s>       ZSET    index by registry state              STATE_INDEX, UNINDEX
+  <G>adapters:state:<s>       ZSET    index by registry state              INDEX, STATE_INDEX, UNINDEX
   <G>adapters:state-seq       HASH    id -> record `state_seq` the state index reflects (orders moves)
-  <G>pinned                   SET     derived from records' `pinned`        SADD/SREM after PIN, UNINDEX
+  <G>pinned                   SET     derived from records' `pinned`        SADD/SREM after PIN, INDEX, UNINDEX
   <G>replicas                 ZSET    replica id -> last heartbeat (ms)     ZADD after JOIN/HEARTBEAT
-  <G>aliases                  HASH    alias -> JSON [[adapter id, weight], ...]  SET_ALIAS, DELETE_ALIAS, UNROUTE
-  <G>rules                    STRING  JSON list of routing rules            SET_RULES, UNROUTE
+  <G>aliases                  HASH    alias -> JSON [[adapter id, weight], ...]  SET_ALIAS, REVERT_ALIAS,
+                                                                          DELETE_ALIAS, UNROUTE
+  <G>rules                    STRING  JSON list of routing rules            SET_RULES, REVERT_RULES, UNROUTE
   <G>routing:version          STRING  incremented by every alias or rule change
   <G>events                   STREAM  every state change, capped (XADD by the registry)
   <G>blobs                    ZSET    every stored copy with references or leases (reconciliation)
