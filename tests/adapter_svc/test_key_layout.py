@@ -252,3 +252,19 @@ def test_every_script_touches_one_hash_tag():
         body = source[len(helpers) :]
         used = {kinds[k] for k in kinds if f"{k}(" in body}
         assert len(used) <= 1, (name, used)
+
+
+def test_pipelined_scripts_survive_redis_losing_them(loop, manager, redis_proc):
+    """A failover or restart empties the script cache: pipelines load the scripts again."""
+    registry = manager.server.registry
+    records = fake_records(3, prefix="lost")
+    assert loop.run(registry.register_bulk(records[:1]))[1] == 1  # the scripts are loaded now
+    client = redis_proc.client()
+    if isinstance(redis_proc, ClusterDeployment):
+        for node in client.get_primaries():
+            client.get_redis_connection(node).script_flush()
+    else:
+        client.script_flush()
+    assert loop.run(registry.register_bulk(records[1:]))[1] == 2
+    listed = manager.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT_S)
+    assert [a.adapter_id for a in listed.adapters] == [a for a, _ in records]
