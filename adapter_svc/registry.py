@@ -230,33 +230,38 @@ class Registry:
     # --- registry -----------------------------------------------------------------------------
 
     async def register(self, adapter_id: str, fields: dict[str, str]) -> tuple[Registered, str]:
-        """(REGISTER's answer, the registered tenant when it is TENANT, else "").
-
-        Sequence: alias check (read) -> blob reference (before the record, so a crash leaves at
-        worst a reference too many, never a record whose copy may be collected) -> the record
-        (durable) -> alias re-check (SET_ALIAS writes, then re-checks records: one of the two sees
-        the other) -> indexes and event. Retrying repairs every step after the record."""
-        if await self.client.hexists(self.keys.aliases, adapter_id):
-            return Registered.ALIAS, ""
+        """(REGISTER's answer, the registered tenant when it is TENANT, else ""). Three round
+        trips: see `register_bulk`."""
         [(status, *owner)], _ = await self.register_bulk([(adapter_id, fields)], durable=True)
-        if status == Registered.OK and await self.client.hexists(self.keys.aliases, adapter_id):
-            await self._delete(adapter_id)
-            return Registered.ALIAS, ""
         return status, owner[0] if owner else ""
 
     async def register_bulk(
         self, items: list[tuple[str, dict[str, str]]], durable: bool = False
     ) -> tuple[list, int]:
-        """Register many adapters in three pipelined round trips (no alias check: for tools and
-        tests that fill a registry) -> ([(Registered, owner...) per item], how many were new)."""
+        """Register adapters in three pipelined round trips -> ([(Registered, owner...) per
+        item], how many were new). `durable`: one item, its record written through `_durable`.
+
+        Sequence per adapter: alias check (read) with the blob reference (before the record, so a
+        crash leaves at worst a reference too many, never a record whose copy may be collected)
+        -> the record -> indexes and event, with the alias re-check (write, then re-check:
+        SET_ALIAS re-checks records after its write, so of two racing changes one sees the
+        other; a registration that finds the alias after undoes itself). Retrying repairs every
+        step after the record."""
+        blobs = [blob_name(f["sha256"], f["config_sha256"]) for _, f in items]
 
         def refs(pipe):
-            for adapter_id, fields in items:
-                self._queue_blob_ref(pipe, blob_name(fields["sha256"], fields["config_sha256"]), adapter_id)
+            for (adapter_id, _), blob in zip(items, blobs):
+                pipe.hexists(self.keys.aliases, adapter_id)
+                self._queue_blob_ref(pipe, blob, adapter_id)
 
-        await self._many([], refs)
-        if durable and len(items) == 1:
-            adapter_id, fields = items[0]
+        found = await self._many([], refs)
+        aliased = {a for (a, _), alias in zip(items, found[0::4]) if alias}
+        for (adapter_id, _), blob in zip(items, blobs):
+            if adapter_id in aliased:  # the reference just added is not needed
+                await self._blob_release(blob, "", adapter_id)
+        todo = [(a, f) for a, f in items if a not in aliased]
+        if durable and len(todo) == 1:
+            adapter_id, fields = todo[0]
             replies = [
                 await self._durable(
                     self.scripts.register, self.keys.adapter(adapter_id), adapter_id, json.dumps(fields)
@@ -264,18 +269,30 @@ class Registry:
             ]
         else:
             replies = await self._many(
-                [(self.scripts.register, self.keys.adapter(a), [a, json.dumps(f)]) for a, f in items]
+                [(self.scripts.register, self.keys.adapter(a), [a, json.dumps(f)]) for a, f in todo]
             )
-        index, events, out = [], [], []
-        for (adapter_id, _), (answer, emitted, _) in zip(items, replies):
+        index, events, answers = [], [], {a: (Registered.ALIAS,) for a in aliased}
+        for (adapter_id, _), (answer, emitted, _) in zip(todo, replies):
             status = Registered(answer[0])
+            answers[adapter_id] = (
+                (status,) if status in (Registered.OK, Registered.SAME) else (status, *answer[1:])
+            )
             if status in (Registered.OK, Registered.SAME):
                 index.append((self.scripts.index, self.keys.adapters, [adapter_id, *answer[1:5]]))
                 events += emitted
-                out.append((status,))
-            else:
-                out.append((status, *answer[1:]))
-        await self._many(index, lambda pipe: self._queue_events(pipe, events))
+        new = [a for a, _ in todo if answers[a][0] == Registered.OK]
+
+        def events_and_aliases(pipe):
+            self._queue_events(pipe, events)
+            for adapter_id in new:
+                pipe.hexists(self.keys.aliases, adapter_id)
+
+        replies = await self._many(index, events_and_aliases)
+        for adapter_id, alias in zip(new, replies[len(replies) - len(new) :]):
+            if alias:
+                await self._delete(adapter_id)
+                answers[adapter_id] = (Registered.ALIAS,)
+        out = [answers[a] for a, _ in items]
         return out, sum(1 for s, *_ in out if s == Registered.OK)
 
     def _queue_blob_ref(self, pipe, blob: str, adapter_id: str) -> None:
