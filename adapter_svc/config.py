@@ -25,7 +25,7 @@ class ManagerConfig:
     # redis+sentinel://host:port[,host:port...]/SERVICE[/db] (Sentinel) or
     # redis+cluster://host:port[,host:port...] (Cluster); rediss / redis+sentinels / redis+clusters: TLS.
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # Cluster name: every key is `loraserve:v1:{cluster}:...`, so one Redis can hold several.
+    # Cluster name: every key is `loraserve:v2:{cluster...}...`, so one Redis can hold several.
     cluster: str = "default"
     # Address the gRPC and metrics servers bind; beyond loopback needs --auth-tokens or --insecure.
     host: str = "127.0.0.1"

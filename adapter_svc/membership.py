@@ -20,6 +20,12 @@ from loraserve.model_summary import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# Entities one reconciliation step examines at most: adapters and stored copies, replicas; and
+# how many sweeps apart the steps run (mostly reads, but steady background work on a large registry).
+RECONCILE_ADAPTERS = 200
+RECONCILE_REPLICAS = 20
+RECONCILE_EVERY_SWEEPS = 8
+
 
 @dataclass(frozen=True)
 class Joined:
@@ -38,6 +44,7 @@ class Membership:
         self.placement = placement
         self._reconcile: asyncio.Task | None = None
         self._reconcile_again = False
+        self._cursors: tuple[str, int, str] = ("", 0, "")
 
     @property
     def ttl_ms(self) -> int:
@@ -111,12 +118,27 @@ class Membership:
             self.schedule_reconcile()
         return down
 
+    async def reconcile_once(self) -> bool:
+        """One bounded reconciliation step over adapters, replicas and stored copies (see
+        adapter_svc/README.md, "Invariants across entities"); -> True when all three passes have
+        wrapped around (a full pass ended)."""
+        adapters, replicas, blobs = self._cursors
+        adapters = await self.registry.reconcile_adapters(adapters, RECONCILE_ADAPTERS)
+        replicas = await self.registry.reconcile_replicas(replicas, RECONCILE_REPLICAS)
+        blobs = await self.registry.reconcile_blobs(blobs, RECONCILE_ADAPTERS)
+        self._cursors = (adapters, replicas, blobs)
+        return self._cursors == ("", 0, "")
+
     async def run_sweeper(self) -> None:
-        """sweep_once every sweep interval until cancelled; Redis outages are logged and outlived."""
-        failing = False
+        """sweep_once and a reconciliation step every sweep interval until cancelled; Redis
+        outages are logged and outlived."""
+        failing, sweeps = False, 0
         while True:
             try:
                 await self.sweep_once()
+                sweeps += 1
+                if sweeps % RECONCILE_EVERY_SWEEPS == 0:
+                    await self.reconcile_once()
                 if failing:
                     log.info("replica sweeps work again")
                 failing = False

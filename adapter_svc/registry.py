@@ -1,7 +1,14 @@
 """The control plane's state in Redis: the registry, replica membership and mirrors, routing, events.
 
-The only module that talks to Redis. Every method is one or two round trips: a Lua script from `scripts.py` for each change (atomic,
-multi-key), a MULTI/EXEC pipeline for each consistent multi-key read. The client retries commands
+The only module that talks to Redis (with `migration.py`, which runs once before it serves). Each
+change is a sequence of Lua scripts from `scripts.py`, each atomic on the keys of ONE entity's hash
+tag (layout `v2`, `loraserve/cluster_keys.py`): the owner's script first (the adapter record for
+the registry, the replica's mirror for residency, the blob's references for stored copies), then
+the state derived from it on other slots (the adapter's `on` hash, the global indexes, the event
+stream) in non-transactional pipelines, which a Redis Cluster client splits per node. Every step
+is idempotent, and each sequence is ordered so that a manager dying between two steps leaves only
+drift that `reconcile_*` repairs (adapter_svc/README.md lists each invariant and its repair).
+Consistent reads of one entity are MULTI/EXEC pipelines (one slot). The client retries commands
 with exponential backoff while the connection is lost; after the last retry the error propagates
 and the RPC answers UNAVAILABLE (see `errors.STATUS_BY_FAMILY`). Every reply is decoded here into
 the typed values of `records.py`; callers never see a raw list.
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 
 import redis.asyncio as redis
+from redis.exceptions import NoScriptError
 
 from adapter_svc import errors
 from adapter_svc.blobs import blob_name
@@ -33,12 +41,14 @@ from adapter_svc.records import (
     Reservation,
     Resident,
 )
-from adapter_svc.scripts import Scripts
+from adapter_svc.scripts import SCRIPTS, Scripts
 from loraserve import redis_connect
 from loraserve.cluster_keys import Keys
 
 # Index entries one ListAdapters call examines at most (filters may skip many of them).
 LIST_SCAN_BUDGET = 5000
+# Records one ListAdapters round trip reads.
+LIST_CHUNK = 200
 # Longest an XREAD waits for new events before the watcher loops (stays under socket_timeout).
 EVENTS_BLOCK_MS = 1000
 
@@ -59,9 +69,9 @@ def connect(config: ManagerConfig, max_connections: int | None = None) -> redis.
 class Registry:
     """Typed access to one cluster's keys.
 
-    Consistent multi-key reads are MULTI/EXEC pipelines of plain `execute_command`s: redis-py's
-    Redis Cluster transactions pass the key list to reply parsers that do not take it, so its
-    typed helpers (hgetall, smembers, zrange ...) fail there.
+    Consistent multi-key reads are MULTI/EXEC pipelines of plain `execute_command`s on the keys of
+    one tag: redis-py's Redis Cluster transactions pass the key list to reply parsers that do not
+    take it, so its typed helpers (hgetall, smembers, zrange ...) fail there.
 
     `watch_client` serves the event stream's blocking reads (WatchEvents) from a pool of its own,
     so that watchers, however many, never take the connections every other call needs; None =
@@ -81,19 +91,27 @@ class Registry:
         self.watch_client = watch_client or client
         self.keys = Keys(cluster)
         self.scripts = Scripts(client)
-        self._common = [self.keys.prefix, events_maxlen]
+        self._common = [cluster, events_maxlen]
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
+        self._loaded = False
 
-    async def _durable(self, script, *args):
-        """A registry write acknowledged by `wait_replicas` Redis replicas (WAIT, on the script's
-        own connection) before it counts as done; Unavailable when fewer acknowledge in time (the
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, script, key: str, *args) -> list:
+        """One script on the slot of `key` -> [answer, events, residency]."""
+        return await script(keys=[key], args=[*self._common, *args])
+
+    async def _durable(self, script, key: str, *args) -> list:
+        """`_run`, acknowledged by `wait_replicas` Redis replicas (WAIT, on the script's own
+        connection) before it counts as done; Unavailable when fewer acknowledge in time (the
         write may then be lost in a failover: the caller retries, and every write here is
-        idempotent or refused the second time)."""
+        idempotent or refused the second time). The owner's step of a sequence is the one made
+        durable; the derived steps after it are repaired by reconciliation if a failover loses them."""
         if not self.wait_replicas:
-            return await self._call(script, *args)
+            return await self._run(script, key, *args)
         async with self.client.pipeline(transaction=False) as pipe:
-            await script(keys=[self.keys.events], args=[*self._common, *args], client=pipe)
+            await script(keys=[key], args=[*self._common, *args], client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             out, acknowledged = await pipe.execute()
         if acknowledged < self.wait_replicas:
@@ -103,8 +121,87 @@ class Registry:
             )
         return out
 
-    async def _call(self, script, *args, routing_key: str | None = None):
-        return await script(keys=[routing_key or self.keys.events], args=[*self._common, *args])
+    async def _many(self, calls: list[tuple], commands=None) -> list:
+        """Scripts [(script, key, args), ...] (then `commands(pipe)` queues plain commands) in one
+        non-transactional pipeline, which may span slots -> their replies in order. Scripts Redis
+        lost (a failover, a restart) are loaded again and the pipeline resent: every script here
+        is idempotent."""
+        if not calls and commands is None:
+            return []
+        if calls and not self._loaded:
+            await self._load_scripts()
+        for attempt in (0, 1):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for script, key, args in calls:
+                        # execute_command: the Cluster pipeline blocks its evalsha helper, not the command
+                        pipe.execute_command("EVALSHA", script.sha, 1, key, *self._common, *args)
+                    if commands is not None:
+                        commands(pipe)
+                    return await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable")
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script (on every primary of a Cluster), so that pipelines may EVALSHA
+        them; again after a failover lost them (a resent pipeline may then repeat an event)."""
+        for source in SCRIPTS.values():
+            await self.client.script_load(source)
+        self._loaded = True
+
+    def _queue_events(self, pipe, events) -> None:
+        for kind, adapter, replica, detail, at in events:
+            pipe.xadd(
+                self.keys.events,
+                {"type": kind, "adapter": adapter, "replica": replica, "detail": detail, "at": at},
+                maxlen=self._common[1],
+                approximate=True,
+            )
+
+    async def _publish(self, events, commands=None) -> list:
+        """Add a script's events to the global stream (with more global `commands`, one round
+        trip). A manager that dies before this loses them: the change itself stands."""
+
+        def queue(pipe):
+            self._queue_events(pipe, events)
+            if commands is not None:
+                commands(pipe)
+
+        return await self._many([], queue) if events or commands is not None else []
+
+    async def _settle(self, replica_id: str, residency: list, events, commands=None) -> list:
+        """After a replica's script (the truth for residency): copy the residency it reports into
+        each adapter's `on` hash (RESIDE, ordered by mirror version), move the adapters whose
+        registry state changed between the state indexes, add the events; -> the replies of
+        `commands` (global ones run with the events)."""
+        if residency:
+            version, *entries = residency
+            replies = await self._many(
+                [
+                    (
+                        self.scripts.reside,
+                        self.keys.adapter(a),
+                        [a, replica_id, state, version, failed, reason],
+                    )
+                    for a, state, failed, reason in entries
+                ]
+            )
+            await self._move_states([(a, out[0]) for (a, *_), out in zip(entries, replies)])
+        start = len(events)
+        return (await self._publish(events, commands))[start:]
+
+    async def _move_states(self, changes: list[tuple[str, list]]) -> None:
+        """STATE_INDEX for each (adapter id, RESIDE's answer) that changed its registry state."""
+        await self._many(
+            [
+                (self.scripts.state_index, self.keys.adapters, [a, moved[0], moved[1]])
+                for a, moved in changes
+                if moved
+            ]
+        )
 
     async def now_ms(self) -> int:
         seconds, micros = await self.client.time()
@@ -113,12 +210,95 @@ class Registry:
     async def ping(self) -> bool:
         return await self.client.ping()
 
+    async def _records_for(self, adapter_ids: list[str]) -> dict[str, list]:
+        """What replica scripts check of each adapter: id -> [sha256, deleting, cluster-pinned];
+        unknown ids are left out. Read before the script, so a record that changes in between is
+        caught by the replica's next heartbeat."""
+        ids = sorted(set(adapter_ids))
+        if not ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id in ids:
+                pipe.hmget(self.keys.adapter(adapter_id), "sha256", "deleting", "pinned")
+            found = await pipe.execute()
+        return {
+            a: [sha, int(deleting == "1"), int(pinned == "1")]
+            for a, (sha, deleting, pinned) in zip(ids, found)
+            if sha
+        }
+
     # --- registry -----------------------------------------------------------------------------
 
     async def register(self, adapter_id: str, fields: dict[str, str]) -> tuple[Registered, str]:
-        """(REGISTER's answer, the registered tenant when it is TENANT, else "")."""
-        status, *owner = await self._durable(self.scripts.register, adapter_id, json.dumps(fields))
-        return Registered(status), owner[0] if owner else ""
+        """(REGISTER's answer, the registered tenant when it is TENANT, else ""). Three round
+        trips: see `register_bulk`."""
+        [(status, *owner)], _ = await self.register_bulk([(adapter_id, fields)], durable=True)
+        return status, owner[0] if owner else ""
+
+    async def register_bulk(
+        self, items: list[tuple[str, dict[str, str]]], durable: bool = False
+    ) -> tuple[list, int]:
+        """Register adapters in three pipelined round trips -> ([(Registered, owner...) per
+        item], how many were new). `durable`: one item, its record written through `_durable`.
+
+        Sequence per adapter: alias check (read) with the blob reference (before the record, so a
+        crash leaves at worst a reference too many, never a record whose copy may be collected)
+        -> the record -> indexes and event, with the alias re-check (write, then re-check:
+        SET_ALIAS re-checks records after its write, so of two racing changes one sees the
+        other; a registration that finds the alias after undoes itself). Retrying repairs every
+        step after the record."""
+        blobs = [blob_name(f["sha256"], f["config_sha256"]) for _, f in items]
+
+        def refs(pipe):
+            for (adapter_id, _), blob in zip(items, blobs):
+                pipe.hexists(self.keys.aliases, adapter_id)
+                self._queue_blob_ref(pipe, blob, adapter_id)
+
+        found = await self._many([], refs)
+        aliased = {a for (a, _), alias in zip(items, found[0::4]) if alias}
+        for (adapter_id, _), blob in zip(items, blobs):
+            if adapter_id in aliased:  # the reference just added is not needed
+                await self._blob_release(blob, "", adapter_id)
+        todo = [(a, f) for a, f in items if a not in aliased]
+        if durable and len(todo) == 1:
+            adapter_id, fields = todo[0]
+            replies = [
+                await self._durable(
+                    self.scripts.register, self.keys.adapter(adapter_id), adapter_id, json.dumps(fields)
+                )
+            ]
+        else:
+            replies = await self._many(
+                [(self.scripts.register, self.keys.adapter(a), [a, json.dumps(f)]) for a, f in todo]
+            )
+        index, events, answers = [], [], {a: (Registered.ALIAS,) for a in aliased}
+        for (adapter_id, _), (answer, emitted, _) in zip(todo, replies):
+            status = Registered(answer[0])
+            answers[adapter_id] = (
+                (status,) if status in (Registered.OK, Registered.SAME) else (status, *answer[1:])
+            )
+            if status in (Registered.OK, Registered.SAME):
+                index.append((self.scripts.index, self.keys.adapters, [adapter_id, *answer[1:5]]))
+                events += emitted
+        new = [a for a, _ in todo if answers[a][0] == Registered.OK]
+
+        def events_and_aliases(pipe):
+            self._queue_events(pipe, events)
+            for adapter_id in new:
+                pipe.hexists(self.keys.aliases, adapter_id)
+
+        replies = await self._many(index, events_and_aliases)
+        for adapter_id, alias in zip(new, replies[len(replies) - len(new) :]):
+            if alias:
+                await self._delete(adapter_id)
+                answers[adapter_id] = (Registered.ALIAS,)
+        out = [answers[a] for a, _ in items]
+        return out, sum(1 for s, *_ in out if s == Registered.OK)
+
+    def _queue_blob_ref(self, pipe, blob: str, adapter_id: str) -> None:
+        pipe.zadd(self.keys.blobs, {blob: 0})
+        pipe.sadd(self.keys.blob_refs(blob), adapter_id)
+        pipe.zrem(self.keys.orphaned_blobs, blob)
 
     async def get(self, adapter_id: str) -> AdapterRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -140,17 +320,40 @@ class Registry:
     async def list_page(
         self, cursor: str, page_size: int, tenant: str, state: str
     ) -> tuple[list[AdapterRecord], str]:
-        """One page in id order after `cursor`, and the next cursor ('' when done)."""
+        """One page in id order after `cursor`, and the next cursor ('' when done): ids from the
+        global index, records from their own slots (an index entry whose record is gone or no
+        longer matches the filters is skipped)."""
         index = self.keys.adapters
         if tenant:
             index = self.keys.by_tenant(tenant)
         elif state:
             index = self.keys.by_state(state)
-        out = await self._call(
-            self.scripts.list_page, cursor, page_size, LIST_SCAN_BUDGET, tenant, state, routing_key=index
+        start, examined, last, records = ("(" + cursor) if cursor else "-", 0, None, []
+        while examined < LIST_SCAN_BUDGET and len(records) < page_size:
+            ids = await self.client.zrangebylex(
+                index, start, "+", start=0, num=min(LIST_CHUNK, LIST_SCAN_BUDGET - examined)
+            )
+            if not ids:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for adapter_id in ids:
+                    pipe.hgetall(self.keys.adapter(adapter_id))
+                found = await pipe.execute()
+            for adapter_id, fields in zip(ids, found):
+                examined, last = examined + 1, adapter_id
+                if (
+                    fields
+                    and (not tenant or fields.get("tenant") == tenant)
+                    and (not state or fields.get("state") == state)
+                ):
+                    records.append(AdapterRecord.from_fields(fields))
+                    if len(records) >= page_size:
+                        break
+            start = "(" + last
+        more = last is not None and bool(
+            await self.client.zrangebylex(index, "(" + last, "+", start=0, num=1)
         )
-        records = [AdapterRecord.from_fields(dict(zip(f[::2], f[1::2]))) for f in out[1:]]
-        return records, out[0]
+        return records, last if more else ""
 
     async def held_by(self, replica_id: str) -> list[str]:
         """Ids a replica holds or is loading, per the mirror, sorted."""
@@ -161,35 +364,88 @@ class Registry:
         return sorted(set(host) | set(loading))
 
     async def get_many(self, adapter_ids: list[str]) -> list[AdapterRecord]:
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:
             for adapter_id in adapter_ids:
-                pipe.execute_command("HGETALL", self.keys.adapter(adapter_id))
+                pipe.hgetall(self.keys.adapter(adapter_id))
             found = await pipe.execute()
-        return [AdapterRecord.from_fields(_hash(f)) for f in found if f]
+        return [AdapterRecord.from_fields(f) for f in found if f]
+
+    async def _references(self, adapter_id: str) -> tuple[str, ...]:
+        """Alias names and rule names that route to `adapter_id`."""
+        _, aliases, rules = await self.routing()
+        refs = [
+            f"alias {name}" for name, variants in aliases.items() if any(v[0] == adapter_id for v in variants)
+        ]
+        return tuple(refs + [f"rule {r['name']}" for r in rules if r.get("target") == adapter_id])
 
     async def unregister_begin(self, adapter_id: str, force: bool) -> tuple[str, ...] | Refused:
         """Mark the adapter `deleting` (no new loads); -> the replicas that hold it, or the refusal
-        (NOT_FOUND, PINNED, ACTIVE or REFERENCED)."""
-        out = await self._call(self.scripts.unregister_begin, adapter_id, "1" if force else "0")
-        return tuple(out[1:]) if out[0] == "ok" else _refused(out)
+        (NOT_FOUND, PINNED, ACTIVE or REFERENCED). References are checked after the mark (write,
+        then re-check: SET_ALIAS / SET_RULES re-check `deleting` after their write)."""
+        key = self.keys.adapter(adapter_id)
+        answer, _, _ = await self._run(self.scripts.unregister_begin, key, adapter_id, "1" if force else "0")
+        if answer[0] != "ok":
+            return _refused(answer)
+        if force:
+            await self.client.srem(self.keys.pinned, adapter_id)  # the record is unpinned already
+        elif refs := await self._references(adapter_id):
+            await self.unregister_abort(adapter_id)
+            return Refused(Refusal.REFERENCED, refs)
+        return tuple(answer[1:])
 
     async def unregister_abort(self, adapter_id: str) -> None:
-        await self._call(self.scripts.unregister_abort, adapter_id)
+        await self._run(self.scripts.unregister_abort, self.keys.adapter(adapter_id), adapter_id)
 
     async def unregister_finish(self, adapter_id: str, force: bool) -> Refused | None:
-        """Delete the adapter; None when done, else the refusal (NOT_FOUND, HELD or REFERENCED)."""
-        out = await self._durable(self.scripts.unregister_finish, adapter_id, "1" if force else "0")
-        return None if out[0] == "ok" else _refused(out)
+        """Delete the adapter; None when done, else the refusal (NOT_FOUND, HELD or REFERENCED).
+        Forced: routes to it go first (UNROUTE, idempotent), then the record, then its blob
+        reference and index entries (a crash in between leaves index entries without a record,
+        or a reference too many: both repaired by reconciliation)."""
+        if not await self.client.exists(self.keys.adapter(adapter_id)):
+            await self._run(self.scripts.unindex, self.keys.adapters, adapter_id, "")
+            return Refused(Refusal.NOT_FOUND)
+        if force:
+            await self._run(self.scripts.unroute, self.keys.aliases, adapter_id)
+        elif refs := await self._references(adapter_id):
+            await self.unregister_abort(adapter_id)
+            return Refused(Refusal.REFERENCED, refs)
+        return await self._delete(adapter_id, durable=True)
+
+    async def _delete(self, adapter_id: str, durable: bool = False) -> Refused | None:
+        run = self._durable if durable else self._run
+        key = self.keys.adapter(adapter_id)
+        answer, _, _ = await run(self.scripts.unregister_finish, key, adapter_id)
+        if answer[0] != "ok":
+            return _refused(answer)
+        _, tenant, _, sha256, config_sha256 = answer
+        await self._blob_release(blob_name(sha256, config_sha256), "", adapter_id)
+        await self._run(self.scripts.unindex, self.keys.adapters, adapter_id, tenant)
+        return None
 
     # --- stored copies (blobs) -------------------------------------------------------------------
 
     async def blob_hold(self, blob: str, token: str, lease_ms: int) -> bool:
         """Lease `blob` (kept from collection until released or `lease_ms`); False while a manager
         is deleting it."""
-        return await self._call(self.scripts.blob_hold, blob, token, lease_ms) == 1
+        answer, _, _ = await self._run(
+            self.scripts.blob_hold, self.keys.blob_refs(blob), blob, token, lease_ms
+        )
+        return answer == 1
 
     async def blob_release(self, blob: str, token: str) -> None:
-        await self._call(self.scripts.blob_release, blob, token)
+        await self._blob_release(blob, token, "")
+
+    async def _blob_release(self, blob: str, token: str, adapter_id: str, only_unleased: bool = False) -> int:
+        """Drop a lease and/or a reference; a blob left with neither becomes garbage (the global
+        orphaned set, after the blob's own slot: a crash in between is repaired by reconciliation).
+        -> the references left."""
+        answer, _, _ = await self._run(
+            self.scripts.blob_release, self.keys.blob_refs(blob), blob, token, adapter_id, int(only_unleased)
+        )
+        orphan, now, refs = answer
+        if orphan:
+            await self.client.zadd(self.keys.orphaned_blobs, {blob: now}, nx=True)
+        return refs
 
     async def orphaned_blobs(self, before_ms: int, limit: int) -> list[str]:
         """Blobs with no reference since before `before_ms`, oldest first."""
@@ -199,10 +455,23 @@ class Registry:
 
     async def blob_claim(self, blob: str, owner: str, claim_ms: int) -> str:
         """'claimed' (delete it, then `blob_deleted`), 'referenced', 'leased' or 'busy'."""
-        return await self._call(self.scripts.blob_claim, blob, owner, claim_ms)
+        answer, _, _ = await self._run(
+            self.scripts.blob_claim, self.keys.blob_refs(blob), blob, owner, claim_ms
+        )
+        if answer == "referenced":
+            await self.client.zrem(self.keys.orphaned_blobs, blob)
+        return answer
 
     async def blob_deleted(self, blob: str, owner: str) -> bool:
-        return await self._call(self.scripts.blob_deleted, blob, owner) == 1
+        answer, events, _ = await self._run(self.scripts.blob_deleted, self.keys.blob_refs(blob), blob, owner)
+        if answer == 1:
+
+            def forget(pipe):
+                pipe.zrem(self.keys.orphaned_blobs, blob)
+                pipe.zrem(self.keys.blobs, blob)
+
+            await self._publish(events, forget)
+        return answer == 1
 
     async def count_blob_refs(self) -> bool:
         """Once per Redis: add every record's reference to its blob (records made before blobs
@@ -215,23 +484,39 @@ class Registry:
             ids = await self.client.zrangebylex(self.keys.adapters, cursor, "+", start=0, num=1000)
             if not ids:
                 break
-            async with self.client.pipeline(transaction=False) as pipe:
-                for adapter_id in ids:
-                    pipe.hmget(self.keys.adapter(adapter_id), "sha256", "config_sha256")
-                digests = await pipe.execute()
-            async with self.client.pipeline(transaction=False) as pipe:
-                for adapter_id, (sha256, config_sha256) in zip(ids, digests):
-                    if sha256 and config_sha256:
-                        pipe.sadd(self.keys.blob_refs(blob_name(sha256, config_sha256)), adapter_id)
-                await pipe.execute()
+            await self._reference_blobs(ids)
             cursor = "(" + ids[-1]
         return bool(await self.client.set(self.keys.blob_refs_version, "1", nx=True))
 
+    async def _reference_blobs(self, adapter_ids: list[str]) -> None:
+        """Add each record's reference to its blob (idempotent)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id in adapter_ids:
+                pipe.hmget(self.keys.adapter(adapter_id), "sha256", "config_sha256")
+            digests = await pipe.execute()
+
+        def refs(pipe):
+            for adapter_id, (sha256, config_sha256) in zip(adapter_ids, digests):
+                if sha256 and config_sha256:
+                    self._queue_blob_ref(pipe, blob_name(sha256, config_sha256), adapter_id)
+
+        await self._many([], refs)
+
     async def set_pinned(self, adapter_id: str, pinned: bool) -> dict[str, str] | Refused:
         """Pin or unpin cluster-wide; -> its live holders {replica id: state}, or the refusal
-        (NOT_FOUND or DELETING)."""
-        out = await self._durable(self.scripts.pin, adapter_id, "1" if pinned else "0")
-        return dict(zip(out[1::2], out[2::2])) if out[0] == "ok" else _refused(out)
+        (NOT_FOUND or DELETING). The record's `pinned` is the truth; the global `pinned` set
+        follows it (reconciliation repairs it after a crash in between)."""
+        answer, events, _ = await self._durable(
+            self.scripts.pin, self.keys.adapter(adapter_id), adapter_id, "1" if pinned else "0"
+        )
+        if answer[0] != "ok":
+            return _refused(answer)
+
+        def pin(pipe):
+            (pipe.sadd if pinned else pipe.srem)(self.keys.pinned, adapter_id)
+
+        await self._publish(events, pin)
+        return dict(zip(answer[1::2], answer[2::2]))
 
     async def pinned_ids(self) -> list[str]:
         return sorted(await self.client.smembers(self.keys.pinned))
@@ -251,9 +536,22 @@ class Registry:
     ) -> JoinAnswer:
         """Replace the replica's mirror with its snapshot; `credential` is what the manager will
         present to it. Raises AddressTaken while another live replica has `address`, or this
-        replica is live at another address."""
-        out = await self._call(
+        replica is live at another address. The other replicas' addresses are read before the
+        script (two replicas joining at one address within that read's round trip could both
+        pass: a window this accepts)."""
+        others = [r for r in await self.client.zrange(self.keys.replicas, 0, -1) if r != replica_id]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for other in others:
+                pipe.hget(self.keys.replica(other), "address")
+                pipe.exists(self.keys.replica_alive(other))
+            found = await pipe.execute()
+        for other, held, alive in zip(others, found[0::2], found[1::2]):
+            if alive and held == address:
+                raise errors.AddressTaken(replica_id, address, other, held)
+        recs = await self._records_for([r.adapter_id for r in snapshot])
+        answer, events, residency = await self._run(
             self.scripts.join,
+            self.keys.replica(replica_id),
             replica_id,
             address,
             json.dumps(engine, sort_keys=True),
@@ -262,11 +560,23 @@ class Registry:
             snapshot_seq,
             ttl_ms,
             credential,
+            json.dumps(recs),
         )
-        if int(out[0]) < 0:
-            raise errors.AddressTaken(replica_id, address, out[1], out[2])
-        epoch, version, drop = out
-        return JoinAnswer(int(epoch), int(version), tuple(drop))
+        if int(answer[0]) < 0:
+            raise errors.AddressTaken(replica_id, address, answer[1], answer[2])
+        epoch, drop, now = answer
+        _, version = await self._settle(replica_id, residency, events, self._seen(replica_id, now))
+        return JoinAnswer(int(epoch), int(version or 0), tuple(drop))
+
+    def _seen(self, replica_id: str, now: int):
+        """Global commands after a replica's join or heartbeat: its place in the membership index
+        (its last heartbeat), then the routing version it is told."""
+
+        def queue(pipe):
+            pipe.zadd(self.keys.replicas, {replica_id: now})
+            pipe.get(self.keys.routing_version)
+
+        return queue
 
     async def heartbeat(
         self,
@@ -279,8 +589,10 @@ class Registry:
         load_timeout_ms: int = 120_000,
     ) -> HeartbeatAnswer:
         """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
-        out = await self._call(
+        recs = await self._records_for([r.adapter_id for r in snapshot])
+        answer, events, residency = await self._run(
             self.scripts.heartbeat,
+            self.keys.replica(replica_id),
             replica_id,
             epoch,
             _lua_list([r.as_lua() for r in snapshot]),
@@ -288,17 +600,27 @@ class Registry:
             ttl_ms,
             *load.as_args(),
             load_timeout_ms,
+            json.dumps(recs),
         )
-        if out[0] == "rejoin":
+        if answer[0] == "rejoin":
             return HeartbeatAnswer(rejoin=True)
-        return HeartbeatAnswer(False, int(out[1]), tuple(out[2]), tuple(out[3]), tuple(out[4]))
+        _, unpin, pin, drop, now = answer
+        _, version = await self._settle(replica_id, residency, events, self._seen(replica_id, now))
+        return HeartbeatAnswer(False, int(version or 0), tuple(unpin), tuple(pin), tuple(drop))
 
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
         """Apply changes in order; False when the replica must rejoin."""
-        out = await self._call(
-            self.scripts.report, replica_id, epoch, _lua_list([c.as_lua() for c in changes])
+        known = {a: 1 for a in await self._records_for([c.adapter_id for c in changes])}
+        answer, events, residency = await self._run(
+            self.scripts.report,
+            self.keys.replica(replica_id),
+            replica_id,
+            epoch,
+            _lua_list([c.as_lua() for c in changes]),
+            json.dumps(known),
         )
-        return out == "ok"
+        await self._settle(replica_id, residency, events)
+        return answer == "ok"
 
     async def acquire(
         self,
@@ -310,39 +632,54 @@ class Registry:
         timeout_ms: int,
     ) -> Reservation | Exhausted | Refused:
         """The host-cache policy: reserve room for `adapter_id` on the replica, naming LRU victims;
-        a refusal is STALE, NOT_FOUND or DELETING."""
-        out = await self._call(
+        a refusal is STALE, NOT_FOUND or DELETING. The record and the cluster's pins are read just
+        before (an unregistration that begins in between finds the reservation among the holders)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.adapter(adapter_id), "sha256", "size_bytes", "deleting", "pinned")
+            pipe.smembers(self.keys.pinned)
+            (sha256, size, deleting, pinned), cluster_pinned = await pipe.execute()
+        record = [sha256 or "", int(size or 0), int(deleting == "1"), int(pinned == "1")]
+        answer, events, residency = await self._run(
             self.scripts.acquire,
+            self.keys.replica(replica_id),
             replica_id,
             epoch,
             adapter_id,
             _lua_list([[r.adapter_id, int(r.last_used_ms), int(r.pinned)] for r in usage]),
             max_cpu_loras,
             timeout_ms,
+            json.dumps(record),
+            _lua_list(sorted(cluster_pinned)),
         )
-        kind = out[0]
+        await self._settle(replica_id, residency, events)
+        kind = answer[0]
         if kind == "ok":
-            return Reservation(out[1], int(out[2]), bool(out[3]), False, tuple(out[4]))
+            return Reservation(answer[1], int(answer[2]), bool(answer[3]), False, tuple(answer[4]))
         if kind == "resident":
-            return Reservation(out[1], int(out[2]), bool(out[3]), True)
+            return Reservation(answer[1], int(answer[2]), bool(answer[3]), True)
         if kind == "exhausted":
-            return Exhausted(int(out[1]), int(out[2]))
-        return _refused(out)
+            return Exhausted(int(answer[1]), int(answer[2]))
+        return _refused(answer)
 
     async def mark_down(
         self, replica_id: str, reason: str, only_if_lapsed: bool, epoch: int | None = None
     ) -> bool:
-        out = await self._call(
+        answer, events, residency = await self._run(
             self.scripts.mark_down,
+            self.keys.replica(replica_id),
             replica_id,
             reason,
             "1" if only_if_lapsed else "0",
             "" if epoch is None else str(epoch),
         )
-        return out == 1
+        await self._settle(replica_id, residency, events)
+        return answer == 1
 
     async def mirror_evicted(self, replica_id: str, adapter_id: str) -> None:
-        await self._call(self.scripts.mirror_evicted, replica_id, adapter_id)
+        answer, events, residency = await self._run(
+            self.scripts.mirror_evicted, self.keys.replica(replica_id), replica_id, adapter_id
+        )
+        await self._settle(replica_id, residency, events)
 
     async def lapsed_replicas(self, ttl_ms: int) -> list[str]:
         """Replicas still marked UP whose last heartbeat is older than the TTL."""
@@ -375,7 +712,10 @@ class Registry:
         return await self._replicas(await self.client.zrange(self.keys.replicas, 0, -1))
 
     async def _replicas(self, replica_ids: list[str]) -> list[ReplicaRecord]:
-        async with self.client.pipeline(transaction=True) as pipe:
+        """Each replica's keys read in one pipeline across their slots (each replica's script
+        changes them atomically; a read may fall between two of them: placement re-checks in
+        ACQUIRE)."""
+        async with self.client.pipeline(transaction=False) as pipe:
             for r in replica_ids:
                 pipe.execute_command("HGETALL", self.keys.replica(r))
                 # flat (member, score) list: see `Registry`'s note on transactions
@@ -457,20 +797,69 @@ class Registry:
             json.loads(rules or "[]"),
         )
 
+    async def _live(self, adapter_ids: list[str]) -> tuple[set[str], set[str]]:
+        """(ids that are registered, ids that are registered and not being unregistered)."""
+        ids = sorted(set(adapter_ids))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id in ids:
+                pipe.hmget(self.keys.adapter(adapter_id), "sha256", "deleting")
+            found = await pipe.execute()
+        registered = {a for a, (sha, _) in zip(ids, found) if sha}
+        return registered, {a for a, (sha, deleting) in zip(ids, found) if sha and deleting != "1"}
+
+    async def _alias_problem(self, name: str, variants: list[list]) -> Refused | None:
+        ids = [v[0] for v in variants]
+        registered, live = await self._live([name, *ids])
+        if name in registered:
+            return Refused(Refusal.CONFLICT)
+        unknown = [a for a in ids if a not in live]
+        return Refused(Refusal.UNKNOWN, (unknown[0],)) if unknown else None
+
     async def set_alias(self, name: str, variants: list[list]) -> Refused | None:
-        """None when stored, else the refusal (CONFLICT, or UNKNOWN naming the variant)."""
-        out = await self._durable(self.scripts.set_alias, name, json.dumps(variants))
-        return None if out[0] == "ok" else _refused(out)
+        """None when stored, else the refusal (CONFLICT, or UNKNOWN naming the variant).
+
+        The records are checked before the write and again after it (write, then re-check:
+        REGISTER re-checks aliases after writing its record, UNREGISTER_BEGIN references after
+        marking `deleting`, so of two racing changes at least one sees the other); a problem
+        found after undoes the write."""
+        problem = await self._alias_problem(name, variants)
+        stored = json.dumps(variants)
+        answer, _, _ = await self._durable(
+            self.scripts.set_alias,
+            self.keys.aliases,
+            name,
+            stored,
+            "1" if problem and problem.reason == Refusal.CONFLICT else "0",
+            problem.names[0] if problem and problem.reason == Refusal.UNKNOWN else "",
+        )
+        if answer[0] != "ok":
+            return _refused(answer)
+        if problem := await self._alias_problem(name, variants):
+            await self._run(self.scripts.revert_alias, self.keys.aliases, name, stored, answer[2])
+            return problem
+        return None
 
     async def delete_alias(self, name: str) -> Refused | None:
         """None when deleted, else the refusal (NOT_FOUND, or REFERENCED naming the rules)."""
-        out = await self._durable(self.scripts.delete_alias, name)
-        return None if out[0] == "ok" else _refused(out)
+        answer, _, _ = await self._durable(self.scripts.delete_alias, self.keys.aliases, name)
+        return None if answer[0] == "ok" else _refused(answer)
 
     async def set_rules(self, rules: list[dict]) -> Refused | None:
-        """None when stored, else the refusal (UNKNOWN naming the target)."""
-        out = await self._durable(self.scripts.set_rules, _lua_list(rules))
-        return None if out[0] == "ok" else _refused(out)
+        """None when stored, else the refusal (UNKNOWN naming the target). Targets that are
+        adapters are checked before and after the write, as `set_alias` does."""
+        targets = [r["target"] for r in rules]
+        _, live = await self._live(targets)
+        stored = _lua_list(rules)
+        answer, _, _ = await self._durable(
+            self.scripts.set_rules, self.keys.rules, stored, _lua_list(sorted(live))
+        )
+        if answer[0] != "ok":
+            return _refused(answer)
+        _, still = await self._live(sorted(live))
+        if gone := sorted(live - still):
+            await self._run(self.scripts.revert_rules, self.keys.rules, stored, answer[2])
+            return Refused(Refusal.UNKNOWN, (gone[0],))
+        return None
 
     # --- events -------------------------------------------------------------------------------
 
@@ -497,6 +886,148 @@ class Registry:
                     )
                 )
         return events
+
+    # --- reconciliation -----------------------------------------------------------------------
+    # Each pass examines at most `limit` entities after `cursor` and answers the next cursor ('' =
+    # it wrapped around). Every repair is an idempotent step of the sequences above, so a pass may
+    # run concurrently with the changes it repairs, and on several managers at once.
+
+    async def reconcile_adapters(self, cursor: str, limit: int) -> str:
+        """Per listed adapter: the global indexes (all, tenant, state, pinned) and its blob
+        reference follow its record; an index entry without a record goes; each `on` field
+        follows the mirror of the replica it names (none for a down or unknown replica)."""
+        ids = await self.client.zrangebylex(
+            self.keys.adapters, ("(" + cursor) if cursor else "-", "+", start=0, num=limit
+        )
+        await self.repair_adapters(ids)
+        return ids[-1] if len(ids) == limit else ""
+
+    async def repair_adapters(self, ids: list[str]) -> None:
+        """`reconcile_adapters` for these ids (migration indexes copied records with it): reads
+        first, and writes only where something drifted."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id in ids:
+                pipe.hmget(
+                    self.keys.adapter(adapter_id),
+                    "tenant",
+                    "state",
+                    "state_seq",
+                    "pinned",
+                    "sha256",
+                    "config_sha256",
+                )
+                pipe.hkeys(self.keys.adapter_on(adapter_id))
+            found = await pipe.execute()
+        records = {a: f for a, f in zip(ids, found[0::2]) if f[1] is not None}
+        checks = 9  # commands queued per record below
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id, (tenant, _, _, _, sha256, config_sha256) in records.items():
+                pipe.zscore(self.keys.adapters, adapter_id)
+                pipe.zscore(self.keys.by_tenant(tenant or "-"), adapter_id)
+                for state in STATES:
+                    pipe.zscore(self.keys.by_state(state), adapter_id)
+                pipe.sismember(self.keys.pinned, adapter_id)
+                pipe.sismember(self.keys.blob_refs(blob_name(sha256, config_sha256)), adapter_id)
+            seen = await pipe.execute()
+        fixes, unreferenced = [], []
+        for n, (adapter_id, (tenant, state, seq, pinned, _, _)) in enumerate(records.items()):
+            listed, in_tenant, *in_states, is_pinned, referenced = seen[checks * n : checks * n + checks]
+            indexed = [s for s, score in zip(STATES, in_states) if score is not None]
+            if (
+                listed is None
+                or (tenant and in_tenant is None)
+                or indexed != [state]
+                or bool(is_pinned) != (pinned == "1")
+            ):
+                fixes.append(
+                    (
+                        self.scripts.index,
+                        self.keys.adapters,
+                        [adapter_id, tenant or "", state, seq or "0", pinned or "0"],
+                    )
+                )
+            if not referenced:
+                unreferenced.append(adapter_id)
+        gone = [(self.scripts.unindex, self.keys.adapters, [a, ""]) for a in ids if a not in records]
+        await self._many(fixes + gone)
+        if unreferenced:
+            await self._reference_blobs(unreferenced)
+        on: dict[str, list[str]] = {}
+        for adapter_id, holders in zip(ids, found[1::2]):
+            for replica_id in holders:
+                on.setdefault(replica_id, []).append(adapter_id)
+        for replica_id, adapter_ids in on.items():
+            await self._reconcile_on(replica_id, adapter_ids)
+
+    async def reconcile_replicas(self, cursor: int, limit: int) -> int:
+        """Per replica (by position in the membership index): every adapter its mirror holds or
+        loads has the mirror's state in its `on` hash. -> the next position (0 = wrapped)."""
+        replica_ids = await self.client.zrange(self.keys.replicas, cursor, cursor + limit - 1)
+        for replica_id in replica_ids:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.execute_command("ZRANGE", self.keys.replica_host(replica_id), 0, -1)
+                pipe.execute_command("HKEYS", self.keys.replica_loading(replica_id))
+                host, loading = await pipe.execute()
+            await self._reconcile_on(replica_id, sorted(set(host) | set(loading)))
+        return cursor + limit if len(replica_ids) == limit else 0
+
+    async def _reconcile_on(self, replica_id: str, adapter_ids: list[str]) -> None:
+        """RESIDE, at the mirror's current version, each adapter whose `on` field for the replica
+        differs from what the replica's mirror says."""
+        if not adapter_ids:
+            return
+        (states, _, _), *fields = await self._many(
+            [
+                (
+                    self.scripts.mirror_states,
+                    self.keys.replica(replica_id),
+                    [replica_id, _lua_list(adapter_ids)],
+                )
+            ],
+            lambda pipe: [pipe.hget(self.keys.adapter_on(a), replica_id) for a in adapter_ids],
+        )
+        version, *mirror = states
+        fixes = [
+            (self.scripts.reside, self.keys.adapter(a), [a, replica_id, state, version, "", ""])
+            for (a, state), held in zip(mirror, fields)
+            if (held or "") != state
+        ]
+        replies = await self._many(fixes)
+        await self._move_states([(fix[2][0], out[0]) for fix, out in zip(fixes, replies)])
+
+    async def reconcile_blobs(self, cursor: str, limit: int) -> str:
+        """Per known blob: a reference whose adapter no longer uses the blob goes (unless a lease
+        is live: a registration in progress); a blob with no reference and no lease is garbage
+        (orphaned), one with references is not. A referencing record missing from the global
+        index (its registration died after the record) is indexed: a registration references
+        its blob before it writes the record, so every record is found from some blob."""
+        blobs = await self.client.zrangebylex(
+            self.keys.blobs, ("(" + cursor) if cursor else "-", "+", start=0, num=limit
+        )
+        async with self.client.pipeline(transaction=False) as pipe:
+            for blob in blobs:
+                pipe.smembers(self.keys.blob_refs(blob))
+            refs = await pipe.execute()
+        for blob, ids in zip(blobs, refs):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for adapter_id in ids:
+                    pipe.hmget(self.keys.adapter(adapter_id), "sha256", "config_sha256")
+                digests = await pipe.execute()
+            live = []
+            for adapter_id, (sha256, config_sha256) in zip(ids, digests):
+                if not sha256 or blob_name(sha256, config_sha256) != blob:
+                    await self._blob_release(blob, "", adapter_id, only_unleased=True)
+                else:
+                    live.append(adapter_id)
+            if live:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for adapter_id in live:
+                        pipe.zscore(self.keys.adapters, adapter_id)
+                    listed = await pipe.execute()
+                await self.repair_adapters([a for a, score in zip(live, listed) if score is None])
+            if await self._blob_release(blob, "", ""):
+                await self.client.zrem(self.keys.orphaned_blobs, blob)
+        return blobs[-1] if len(blobs) == limit else ""
 
 
 def _refused(answer: list) -> Refused:

@@ -12,10 +12,11 @@ import asyncio
 import logging
 
 import grpc
+import redis.asyncio as redis
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from adapter_svc import errors
+from adapter_svc import errors, migration
 from adapter_svc.blobs import BlobStore
 from adapter_svc.config import ManagerConfig
 from adapter_svc.errors import message_for, status_for
@@ -94,8 +95,10 @@ class ManagerServer:
         add_health_and_reflection(self._server, self.health, SERVICE_NAME)
 
     async def start(self) -> None:
-        """Listen, then start the sweeper and the health probe (the first probe runs now)."""
+        """Bind, bring Redis to the current key layout (`migration`), listen, then start the
+        sweeper and the health probe (the first probe runs now)."""
         self.port = self.security.add_port(self._server, f"{self.config.host}:{self.config.port}")
+        await self._migrate()  # after the bind: a port in use is reported first
         await self._server.start()
         await self._probe()
         self._tasks = [
@@ -121,6 +124,19 @@ class ManagerServer:
         log.info(
             "serving %s on %s:%d (cluster %r)", SERVICE_NAME, self.config.host, self.port, self.config.cluster
         )
+
+    async def _migrate(self) -> None:
+        """Migrate an old-layout Redis before serving; while Redis cannot be reached, retry (the
+        manager answers UNAVAILABLE meanwhile, as it would anyway)."""
+        delay = 0.1
+        while True:
+            try:
+                await migration.migrate(self.registry)
+                return
+            except (redis.RedisError, OSError, errors.Unavailable) as e:
+                log.warning("Redis layout check failed (%s); retrying", e)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, let in-flight calls finish within `grace_s`, then close everything."""

@@ -32,7 +32,6 @@ import grpc
 import redis
 import redis.asyncio.connection
 
-from adapter_svc import scripts
 from adapter_svc.config import ManagerConfig
 from adapter_svc.records import record_fields
 from adapter_svc.server import ManagerServer
@@ -181,19 +180,17 @@ def main(argv: list[str] | None = None) -> int:
 
         template = stub.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="template", path=str(dirs[0])))
         config_sha = r.hget(manager.registry.keys.adapter("template"), "config_sha256")
-        script = r.register_script(scripts.REGISTER)
         start = time.perf_counter()
         for first in range(0, args.adapters, 1000):
-            pipe = r.pipeline(transaction=False)
+            items = []
             for i in range(first, min(first + 1000, args.adapters)):
                 fields = record_fields(
                     f"bulk-{i:06d}", template.source, template.sha256, config_sha, template.rank,
                     template.lora_alpha, False, tuple(template.target_modules), template.size_bytes,
                     f"tenant-{i % 10}", {},
                 )  # fmt: skip
-                args_ = [manager.registry.keys.prefix, 1000, f"bulk-{i:06d}", json.dumps(fields)]
-                script(keys=[manager.registry.keys.events], args=args_, client=pipe)
-            pipe.execute()
+                items.append((f"bulk-{i:06d}", fields))
+            run(manager.registry.register_bulk(items))
         bulk_s = time.perf_counter() - start
 
         results: dict = {}

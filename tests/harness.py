@@ -34,12 +34,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_svc.config import ManagerConfig
+from adapter_svc.registry import Registry
 from adapter_svc.server import ManagerServer
 from inference_svc.config import EngineConfig
 from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
 from inference_svc.engine import LLMEngine
 from inference_svc.sampling import SamplingParams
 from inference_svc.server import InferenceServer, ServerConfig
+from loraserve import redis_connect
 from loraserve.cluster_keys import Keys
 from loraserve.model_summary import ModelConfig
 from loraserve.security import SecurityConfig
@@ -589,6 +591,24 @@ def code_of(call, *args, **kwargs) -> Failure:
     except grpc.RpcError as e:
         return Failure(e.code(), e.details() or "")
     raise AssertionError(f"{getattr(call, '__name__', call)} succeeded")
+
+
+def bulk_register(loop, redis_url: str, items: list[tuple[str, dict]], chunk: int = 1000) -> int:
+    """Register (adapter id, record fields) pairs straight through a `Registry` of the tests'
+    cluster, pipelined (what as many RPCs would store, in seconds); -> how many were new."""
+
+    async def fill() -> int:
+        client = redis_connect.connect(redis_url, max_connections=16)
+        registry = Registry(client, CLUSTER, 1000)
+        try:
+            added = 0
+            for start in range(0, len(items), chunk):
+                added += (await registry.register_bulk(items[start : start + chunk]))[1]
+            return added
+        finally:
+            await client.aclose()
+
+    return loop.run(fill())
 
 
 def register(stub, adapter_id: str, path: Path, call_metadata=(), **fields) -> pb.RegisteredAdapter:

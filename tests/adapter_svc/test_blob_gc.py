@@ -133,7 +133,7 @@ def test_two_managers_racing_register_and_unregister_of_the_same_content(
             return gone and client.zcard(redis_proc.keys.orphaned_blobs) == 0
 
         wait_for(collected, "both managers' collectors to delete the copy and forget it")
-        assert not all_keys(client, redis_proc.keys.prefix + "blob:*")
+        assert not all_keys(client, redis_proc.keys.blob_prefix("*") + "*")
         assert (
             code_of(handles[1].stub.GetAdapter, pb.GetAdapterRequest(adapter_id="race-0")).code
             == grpc.StatusCode.NOT_FOUND
@@ -150,7 +150,11 @@ def test_adapters_registered_before_counting_are_counted_once(loop, redis_proc, 
     record = register(handle.stub, "old-a", adapters["ad-0"])
     register(handle.stub, "old-b", adapters["ad-0"])
     client = redis_proc.client()
-    client.delete(*all_keys(client, redis_proc.keys.prefix + "blob*"))  # the layout before counting
+    # the layout before counting: no blob keys at all
+    for key in all_keys(client, redis_proc.keys.prefix + "blob*") + all_keys(
+        client, redis_proc.keys.blob_prefix("*") + "*"
+    ):
+        client.delete(key)
     registry = handle.server.registry
     assert loop.run(registry.count_blob_refs()) is True
     assert loop.run(registry.count_blob_refs()) is False  # once per Redis

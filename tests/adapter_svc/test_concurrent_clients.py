@@ -137,7 +137,7 @@ def test_sixteen_concurrent_clients_keep_every_invariant(manager, replicas, redi
     # its per-replica states equal to the mirrors, its state derived from them.
     ids = r.zrange(redis_proc.keys.adapters, 0, -1)
     assert sorted(ids) == sorted(
-        k.split(":adapter:")[1] for k in all_keys(r, redis_proc.keys.adapter("*")) if not k.endswith(":on")
+        k.split("/a/", 1)[1].rsplit("}:", 1)[0] for k in all_keys(r, redis_proc.keys.adapter("*"))
     )
     for adapter_id in ids:
         record = r.hgetall(redis_proc.keys.adapter(adapter_id))

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
-import redis
-
-from adapter_svc import scripts
 from adapter_svc.records import record_fields
 from loraserve.v1 import adapter_pb2 as pb
 
-from harness import TIMEOUT_S, register
+from harness import TIMEOUT_S, bulk_register, register
 
 COUNT = 10_500
 TENANTS = 7
 
 
-def bulk_register(redis_proc, template: pb.RegisteredAdapter, count: int) -> list[str]:
-    """Register `count` records through the REGISTER script in pipelines (what 10k RPCs would do)."""
-    r = redis_proc.client()
-    if isinstance(r, redis.RedisCluster):  # no scripts in Cluster pipelines: pipeline to the slot's primary
-        r = redis.Redis(host="127.0.0.1", port=redis_proc.primary_port(), decode_responses=True)
-    script = r.register_script(scripts.REGISTER)
-    ids = [f"bulk-{i:05d}" for i in range(count)]
-    for start in range(0, count, 1000):
-        pipe = r.pipeline(transaction=False)
-        for i, adapter_id in enumerate(ids[start : start + 1000], start):
-            fields = record_fields(
-                adapter_id,
+def bulk_records(template: pb.RegisteredAdapter, count: int) -> list[tuple[str, dict]]:
+    """`count` records of the template's content, spread over TENANTS tenants."""
+    return [
+        (
+            f"bulk-{i:05d}",
+            record_fields(
+                f"bulk-{i:05d}",
                 template.source,
                 template.sha256,
                 "c" * 64,
@@ -38,14 +28,10 @@ def bulk_register(redis_proc, template: pb.RegisteredAdapter, count: int) -> lis
                 template.size_bytes,
                 f"tenant-{i % TENANTS}",
                 {"i": str(i)},
-            )
-            script(
-                keys=[redis_proc.keys.events],
-                args=[redis_proc.keys.prefix, 1000, adapter_id, json.dumps(fields)],
-                client=pipe,
-            )
-        assert all(out == ["ok"] for out in pipe.execute())
-    return ids
+            ),
+        )
+        for i in range(count)
+    ]
 
 
 def page_through(stub, page_size: int, **filters) -> list[str]:
@@ -62,9 +48,11 @@ def page_through(stub, page_size: int, **filters) -> list[str]:
         assert pages < 10 * COUNT // page_size, "paging does not terminate"
 
 
-def test_paging_through_ten_thousand_adapters(manager, redis_proc, adapters):
+def test_paging_through_ten_thousand_adapters(loop, manager, redis_proc, adapters):
     template = register(manager.stub, "ad-0", adapters["ad-0"], tenant="tenant-0")
-    ids = sorted(["ad-0", *bulk_register(redis_proc, template, COUNT)])
+    records = bulk_records(template, COUNT)
+    assert bulk_register(loop, redis_proc.url, records) == COUNT
+    ids = sorted(["ad-0", *(a for a, _ in records)])
 
     assert page_through(manager.stub, 1000) == ids
     assert page_through(manager.stub, 97) == ids  # a size that does not divide the count
