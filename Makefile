@@ -39,7 +39,7 @@ run: setup
 	$(PY) -m entrypoints.run $(RUN_ARGS)
 
 test: setup lint protos-check
-	$(PY) -m pytest -q -n auto --maxprocesses 4
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # The prepared accelerator check (bench/gpu_check.py): needs a CUDA GPU, not `make setup`, so it
 # also runs on a bare GPU machine with the system python3.

@@ -58,7 +58,14 @@ class Door:
         self.root = root
         self.redis = RedisProcess(root / "redis").start()
         config = manager_config(
-            self.redis.url, root, next(iter(adapters.values())).parent, model_dir, heartbeat_interval_s=0.5
+            self.redis.url,
+            root,
+            next(iter(adapters.values())).parent,
+            model_dir,
+            heartbeat_interval_s=0.5,
+            # Envoy's health checks take a dead replica out; a replica starved of CPU by the other
+            # processes on this machine must not lapse meanwhile (1.5 x the interval by default).
+            replica_ttl_s=2.0,
         )
         self.manager = ManagerHandle(loop, config)
         self.replicas = [
