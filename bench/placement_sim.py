@@ -346,6 +346,9 @@ class PlacementSim:
         if self.count_trips:
             for client in (self.redis, self.picker_redis):
                 client.connection_pool.connection_class = CountingConnection
+        # one call before many at once: a Cluster client reads the slot map on its first command
+        await self.registry.ping()
+        await self.picker_redis.ping()
 
     async def _register(self) -> dict:
         """Every adapter through `Registry.register`, REGISTER_CONCURRENCY at a time. Memory per
@@ -436,7 +439,7 @@ class PlacementSim:
         self.asked: set[str] = set()
         self.decided = 0
         seen: Counter[int] = Counter()
-        commands_before = self.counters.commands()[0]
+        commands_before, _, per_node_before = self.counters.commands()
         started = time.perf_counter()
         handlers = {
             ARRIVE: self._arrive,
@@ -465,11 +468,13 @@ class PlacementSim:
                 stats.trips.append(CountingConnection.sent - trips)
         wall = time.perf_counter() - started
         commands_total, _, per_node = self.counters.commands()
+        per_node = [after - before for after, before in zip(per_node, per_node_before)]
         return {
             "wall_s": round(wall, 1),
             "simulated_s": round(self.now, 1),
             "commands_total": commands_total - commands_before,
-            "commands_per_primary_end": per_node,
+            "commands_per_primary": per_node,
+            "busiest_primary_share": round(max(per_node) / max(sum(per_node), 1), 3),
         }
 
     # --- the picker -------------------------------------------------------------------------------

@@ -223,15 +223,15 @@ def _hits_table(runs: list[dict], labels: list[str]) -> Table:
 
 
 def _memory_table(runs: list[dict], labels: list[str]) -> Table:
-    columns = ["scale", "Redis", "register s", "bytes per adapter", "of which event stream", "join s"]
-    columns += ["drive wall s", "simulated s", "anomalies"]
+    columns = ["scale", "Redis", "busiest primary's share", "register s", "bytes per adapter"]
+    columns += ["of which event stream", "join s", "drive wall s", "simulated s", "anomalies"]
     rows = []
     for label, run in zip(labels, runs):
         reg, drive = run["register"], run["drive"]
         anomalies = ", ".join(f"{k}: {v}" for k, v in run["anomalies"].items()) or "none"
         rows.append(
             [
-                label, f"{run['redis']} ({run['primaries']} primaries)", reg["seconds"], reg["memory_bytes_per_adapter"],
+                label, f"{run['redis']} ({run['primaries']} primaries)", drive["busiest_primary_share"], reg["seconds"], reg["memory_bytes_per_adapter"],
                 round(reg["events_stream_bytes"] / run["config"]["adapters"], 1), run["join"]["seconds"],
                 drive["wall_s"], drive["simulated_s"], anomalies,
             ]
