@@ -29,7 +29,7 @@ REDIS_KINDS = ("single", "cluster")
 class Params:
     adapters: tuple[int, ...] = (10_000, 100_000)  # one scale per entry, paired with `replicas`
     replicas: tuple[int, ...] = (100, 1_000)
-    requests: tuple[int, ...] = (10_000, 4_000)  # per scale (the picker's pick is O(replicas))
+    requests: tuple[int, ...] = (10_000, 10_000)  # one per scale
     redis: str = "single"  # "single" (one redis-server) or "cluster" (six nodes, three primaries)
     max_loras: int = 4
     max_cpu_loras: int = 16
