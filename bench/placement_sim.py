@@ -1,7 +1,8 @@
 """A placement run at internet scale, simulated: thousands of replicas, a hundred thousand adapters.
 
-    sim = PlacementSim(SimConfig(adapters=100_000, replicas=1_000, requests=20_000), redis_url, counters)
-    figures = asyncio.run(sim.run())
+    config = SimConfig(adapters=100_000, replicas=1_000, requests=10_000)
+    sim = PlacementSim(config, "redis://127.0.0.1:6379/0", RedisCounters([6379]), count_trips=True)
+    figures = asyncio.run(sim.run())          # plain data: see `PlacementSim.run`
 
 Real: Redis (one server or a Cluster), the registry (`adapter_svc.registry.Registry`: REGISTER,
 JOIN, HEARTBEAT, REPORT, ACQUIRE and the reads around them), the manager's membership
@@ -12,8 +13,8 @@ its affinity choice for an explicit load (`placement.choose_replica`), routing r
 
 Simulated: the replicas (no model, no gRPC server: each keeps its slots and host cache in Python
 and sends the manager what a real replica's agent sends: JOIN with its snapshot, HEARTBEAT with its
-load and snapshot, ACQUIRE before a load, REPORT of every residency change, in order), the
-picker's in-flight bookkeeping (as `endpoint_picker.extproc` keeps it), and time: one event heap in
+load and snapshot, ACQUIRE before a load and again when a load lands in a full cache (as
+`Fetcher.room_for` does), REPORT of every residency change, in order), the picker's in-flight bookkeeping (as `endpoint_picker.extproc` keeps it), and time: one event heap in
 simulated seconds (arrivals, loads landing, requests ending, heartbeats, picker view refreshes)
 that nothing sleeps on. The calls run one at a time, so INFO commandstats taken around a call is
 exactly that call's Redis work.
