@@ -353,7 +353,7 @@ class PlacementSim:
 
     async def _register(self) -> dict:
         """Every adapter through `Registry.register`, REGISTER_CONCURRENCY at a time. Memory per
-        adapter is measured from after the first WARM_UP adapters (connections, script cache and
+        adapter is measured from after the first tenth (at most 1,000: connections, script cache and
         the first allocations are in place by then) to the end, client buffers left out."""
         cfg = self.cfg
         warm_up = min(1000, cfg.adapters // 10)
