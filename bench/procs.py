@@ -163,3 +163,101 @@ class Service(_Child):
                         f"{self.args[2]} on {self.address} not SERVING after {START_TIMEOUT_S} s"
                     )
                 time.sleep(0.1)
+
+
+class RedisClusterServer:
+    """A private six-node Redis Cluster (three primaries, one replica each, no persistence) on free
+    loopback ports, files in `directory`; `url` is its `redis+cluster://` URL and `primary_ports`
+    the nodes that hold slots. A context manager that stops every node."""
+
+    NODES = 6
+
+    def __init__(self, directory: Path):
+        import redis
+
+        self.directory = directory
+        self.ports = [_free_cluster_port() for _ in range(self.NODES)]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3]) + "/0"
+        self.nodes: list[_Child] = []
+        try:
+            for port in self.ports:
+                node_dir = directory / str(port)
+                node_dir.mkdir(parents=True, exist_ok=True)
+                args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)]
+                args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+                args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                args += ["--cluster-node-timeout", "5000"]
+                self.nodes.append(_Child(args, node_dir / "redis.log"))
+            for port in self.ports:
+                self._wait(lambda p=port: redis.Redis(port=p, socket_timeout=1).ping(), f"node {port}")
+            create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
+            subprocess.run(
+                [*create, "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True
+            )
+            self._wait(self._healthy, "the cluster to be ok with every replica linked")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, check, what: str, timeout_s: float = 60.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for node in self.nodes:
+                node.check_alive()
+            try:
+                if check():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster in {self.directory}: no {what} after {timeout_s} s")
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        import redis
+
+        for port in self.ports:
+            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as c:
+                if c.cluster("info").get("cluster_state") != "ok":
+                    return False
+                role = c.info("replication")
+                if role["role"] != "master" and role.get("master_link_status") != "up":
+                    return False
+        return True
+
+    @property
+    def primary_ports(self) -> list[int]:
+        import redis
+
+        out = []
+        for port in self.ports:
+            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as c:
+                if c.info("replication")["role"] == "master":
+                    out.append(port)
+        return out
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue

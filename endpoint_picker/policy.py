@@ -105,7 +105,7 @@ def pick(
         return (t, load[r.replica_id], order[r.replica_id])
 
     ranked = sorted(candidates, key=key)
-    rest = [r for r in live if r not in ranked]
+    rest = [r for r in live if r.replica_id not in load]  # those at queue_threshold
     if not adapter_id:
         ranked = sorted(candidates, key=lambda r: (load[r.replica_id], order[r.replica_id]))
         return Pick(tuple(ranked + rest), BASE)

@@ -21,6 +21,7 @@ from bench.scenarios import (
     http_vs_grpc,
     long_context,
     overhead,
+    placement_scale,
     scale,
     step_build,
     swap,
@@ -39,6 +40,7 @@ SCENARIOS: dict[str, ModuleType] = {
         long_context,
         http_vs_grpc,
         front_door,
+        placement_scale,
     )
 }
 
