@@ -184,6 +184,11 @@ class ClusterDeployment:
         with self.client() as c:
             return c.get_node_from_key(key or self.keys.events).port
 
+    def primary_ports(self, keys: list[str]) -> list[int]:
+        """The primary serving each key's slot."""
+        with self.client() as c:
+            return [c.get_node_from_key(key).port for key in keys]
+
     def replica_port(self, primary: int) -> int:
         """The port of `primary`'s replica."""
         with _node(primary) as c:
