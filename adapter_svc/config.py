@@ -66,10 +66,9 @@ class ManagerConfig:
     # Connections in the Redis pool serving every other RPC and the background tasks.
     redis_max_connections: int = 100
     # Registry writes (register, unregister, pin, aliases, rules) are acknowledged only once this
-    # many Redis replicas have them (WAIT): with Sentinel, 1 keeps every acknowledged registration
-    # through a failover; 0 = acknowledged when the primary has it (fsync per `appendfsync`).
-    # Not on Redis Cluster yet (there, acknowledged writes of the last moment before a primary
-    # dies can be lost).
+    # many Redis replicas have them (WAIT, on the primary that took the write: on a Cluster, the
+    # shard's): with Sentinel or a Cluster, 1 keeps every acknowledged registration through a
+    # primary's failover; 0 = acknowledged when the primary has it (fsync per `appendfsync`).
     redis_wait_replicas: int = 0
     # How long one WAIT waits; fewer acknowledgements by then answer UNAVAILABLE (retry).
     redis_wait_timeout_ms: int = 1000
@@ -101,12 +100,6 @@ class ManagerConfig:
         require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
         require(
             self.redis_wait_replicas >= 0, "redis_wait_replicas", self.redis_wait_replicas, "must be >= 0"
-        )
-        require(
-            self.redis_wait_replicas == 0 or parse_redis_url(self.redis_url).kind != "cluster",
-            "redis_wait_replicas",
-            self.redis_wait_replicas,
-            "is not supported on Redis Cluster yet: use 0 there (or Sentinel for acknowledged replication)",
         )
         require(
             self.redis_wait_timeout_ms >= 1,

@@ -103,17 +103,26 @@ class Registry:
         return await script(keys=[key], args=[*self._common, *args])
 
     async def _durable(self, script, key: str, *args) -> list:
-        """`_run`, acknowledged by `wait_replicas` Redis replicas (WAIT, on the script's own
-        connection) before it counts as done; Unavailable when fewer acknowledge in time (the
-        write may then be lost in a failover: the caller retries, and every write here is
+        """`_run`, acknowledged by `wait_replicas` Redis replicas before it counts as done: the
+        script and `WAIT` on one connection to the primary that owns `key`'s slot (on a Cluster,
+        the shard's primary: `redis_connect.on_owner`). Unavailable when fewer acknowledge in time
+        (the write may then be lost in a failover: the caller retries, and every write here is
         idempotent or refused the second time). The owner's step of a sequence is the one made
         durable; the derived steps after it are repaired by reconciliation if a failover loses them."""
         if not self.wait_replicas:
             return await self._run(script, key, *args)
-        async with self.client.pipeline(transaction=False) as pipe:
-            await script(keys=[key], args=[*self._common, *args], client=pipe)
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            out, acknowledged = await pipe.execute()
+        if not self._loaded:
+            await self._load_scripts()
+        evalsha = ("EVALSHA", script.sha, 1, key, *self._common, *args)
+        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        for attempt in (0, 1):
+            out, acknowledged = await redis_connect.on_owner(self.client, key, [evalsha, wait])
+            if not (isinstance(out, NoScriptError) and not attempt):
+                break
+            await self._load_scripts()  # a failover lost the scripts: load them, resend
+        for reply in (out, acknowledged):
+            if isinstance(reply, Exception):
+                raise reply
         if acknowledged < self.wait_replicas:
             raise errors.Unavailable(
                 f"Redis applied the change but only {acknowledged} of {self.wait_replicas} replicas "

@@ -9,24 +9,41 @@ Every client retries a command on connection loss, timeouts, a loading or read-o
 jittered exponential backoff, and reconnects meanwhile: through a Sentinel failover it asks the
 sentinels for the new primary, through a Cluster failover it re-reads the slot map. What a write
 acknowledged before a failover promises is the durability setting's business (`WAIT`, see
-adapter_svc/README.md).
+adapter_svc/README.md): `on_owner` sends a write and its WAIT on one connection to the primary
+that owns the write's key, on every deployment.
 """
 
 from __future__ import annotations
 
+import copy
 import urllib.parse
 from dataclasses import dataclass
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    ConnectionError,
+    MaxConnectionsError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+sentinels", "redis+cluster", "redis+clusters")
 # What a failover looks like to a client: the node went away, is still loading, or was demoted.
 RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, TryAgainError]
+# ... and what it looks like to commands sent to the node a stale slot map names (MovedError is an
+# AskError): the slot moved, or has no primary until a replica is promoted.
+MOVED_ON = [AskError, ClusterDownError, SlotNotCoveredError]
 
 
 @dataclass(frozen=True)
@@ -123,4 +140,52 @@ def connect(
         health_check_interval=10,
         **auth,
         **common,
+    )
+
+
+async def on_owner(client: redis.Redis | RedisCluster, key: str, commands: list[tuple]) -> list:
+    """`commands` in order on ONE connection to the primary that owns `key`'s slot -> their
+    replies, each command's error in its place (so that a WAIT after a write counts the
+    replication of that write, on that primary). The commands may be sent more than once: each
+    must be idempotent.
+
+    One server or Sentinel: a non-transactional pipeline on the client's primary (its retry
+    resends it on connection loss, after asking the sentinels for the primary). Cluster: the
+    slot's primary from the client's slot map, on a connection of the cluster client's own pool
+    (its credentials, TLS and timeouts). A connection loss, a timeout or a redirection (MOVED,
+    ASK, CLUSTERDOWN: a failover or a slot migration since the map was read) re-reads the map
+    and resends every command to the slot's primary then, with the client's backoff, at most
+    its retry count times; no command is redirected alone (a WAIT sent to a node that did not
+    take the write would count another node's replication)."""
+    if not isinstance(client, RedisCluster):
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+    failed: list[str] = []
+
+    async def send() -> list:
+        await client.initialize()  # no-op unless a failover made the client drop its map
+        node = client.get_node_from_key(key)
+        stack = [PipelineCommand(i, *command) for i, command in enumerate(commands)]
+        try:
+            await node.execute_pipeline(stack)
+        except (ConnectionError, TimeoutError):
+            failed.append(node.name)
+            raise
+        for command in stack:
+            if isinstance(command.result, tuple(MOVED_ON)):
+                raise command.result
+        return [command.result for command in stack]
+
+    async def reread(error: Exception) -> None:
+        try:
+            await client.nodes_manager.initialize(last_failed_node_name=failed[-1] if failed else None)
+        except (RedisError, RedisClusterException):
+            pass  # no node answers yet: the next attempt fails and waits again
+
+    retry = copy.copy(client.retry)
+    retry.update_supported_errors([*RETRY_ON, *MOVED_ON])
+    return await retry.call_with_retry(
+        send, reread, is_retryable=lambda e: not isinstance(e, MaxConnectionsError)
     )

@@ -4,12 +4,13 @@
 six nodes, three primaries each with one replica. Both offer what the tests use of `RedisProcess`
 (`url`, `client()`, `keys`, `stop()`), plus `flush()` (tests share one deployment) and
 `kill_primary()` (SIGKILL the primary holding the control plane's keys, then wait until another
-node serves them).
+node serves them); the Cluster also `pause()`s and `resume()`s a node (SIGSTOP, SIGCONT).
 """
 
 from __future__ import annotations
 
 import random
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -178,10 +179,28 @@ class ClusterDeployment:
         live = [ClusterNode("127.0.0.1", p) for p in self.procs]
         return RedisCluster(startup_nodes=live, decode_responses=True, socket_timeout=5)
 
-    def primary_port(self) -> int:
-        """The primary serving the control plane's hash tag."""
+    def primary_port(self, key: str | None = None) -> int:
+        """The primary serving `key`'s slot (default: the control plane's global hash tag)."""
         with self.client() as c:
-            return c.get_node_from_key(self.keys.events).port
+            return c.get_node_from_key(key or self.keys.events).port
+
+    def primary_ports(self, keys: list[str]) -> list[int]:
+        """The primary serving each key's slot."""
+        with self.client() as c:
+            return [c.get_node_from_key(key).port for key in keys]
+
+    def replica_port(self, primary: int) -> int:
+        """The port of `primary`'s replica."""
+        with _node(primary) as c:
+            info = c.info("replication")
+        return int(info["slave0"]["port"])
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP the node (it holds its connections but answers and acknowledges nothing)."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         with self.client() as c:
