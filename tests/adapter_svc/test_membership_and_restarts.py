@@ -194,6 +194,7 @@ def test_a_replica_marked_down_while_alive_rejoins_and_is_reconciled(
     replica = ReplicaHandle(loop, model_dir, manager.address, "r1")
     try:
         replica.generate("ad-0")
+        in_sync(manager.stub, "r1", replica.stub)  # its reports are in: none lands after the leave
         epoch = replica_state(manager.stub, "r1").epoch
         # As if its heartbeats had stalled past the TTL: the manager drops it and its residency.
         manager.stub.LeaveReplica(pb.LeaveReplicaRequest(replica_id="r1", epoch=epoch), timeout=TIMEOUT_S)
