@@ -137,7 +137,7 @@ class Registry:
         is idempotent."""
         if not calls and commands is None:
             return []
-        if calls and not self._loaded:
+        if not self._loaded:  # scripts may be queued by `commands` too
             await self._load_scripts()
         for attempt in (0, 1):
             try:
@@ -170,22 +170,34 @@ class Registry:
                 approximate=True,
             )
 
-    async def _publish(self, events, commands=None) -> list:
-        """Add a script's events to the global stream (with more global `commands`, one round
-        trip). A manager that dies before this loses them: the change itself stands."""
+    async def _publish(self, events, commands=None, changed_replica: str = "") -> list:
+        """Add a script's events to the global stream (with more global `commands`, then the
+        change mark of `changed_replica` when named: one round trip) -> the events' and commands'
+        replies. A manager that dies before this loses them: the change itself stands."""
 
         def queue(pipe):
             self._queue_events(pipe, events)
             if commands is not None:
                 commands(pipe)
+            if changed_replica:  # last: after a join's ZADD to `replicas`, which pruning compares with
+                sha, key = self.scripts.touch_replica.sha, self.keys.replicas_changed
+                pipe.execute_command("EVALSHA", sha, 1, key, *self._common, changed_replica)
 
-        return await self._many([], queue) if events or commands is not None else []
+        if not (events or commands is not None or changed_replica):
+            return []
+        replies = await self._many([], queue)
+        return replies[:-1] if changed_replica else replies
 
-    async def _settle(self, replica_id: str, residency: list, events, commands=None) -> list:
+    async def _settle(
+        self, replica_id: str, residency: list, events, commands=None, changed: bool = False
+    ) -> list:
         """After a replica's script (the truth for residency): copy the residency it reports into
         each adapter's `on` hash (RESIDE, ordered by mirror version), move the adapters whose
-        registry state changed between the state indexes, add the events; -> the replies of
-        `commands` (global ones run with the events)."""
+        registry state changed between the state indexes, add the events, and mark the replica
+        changed for the picker (`<G>replicas:changed`) when its residency or, per `changed`, its
+        membership or load moved; -> the replies of `commands` (global ones run with the events).
+        A manager that dies before the mark leaves the picker's view stale until its next full
+        read (`PickerConfig.full_refresh_s`)."""
         if residency:
             version, *entries = residency
             replies = await self._many(
@@ -200,7 +212,8 @@ class Registry:
             )
             await self._move_states([(a, out[0]) for (a, *_), out in zip(entries, replies)])
         start = len(events)
-        return (await self._publish(events, commands))[start:]
+        marked = replica_id if changed or residency else ""
+        return (await self._publish(events, commands, marked))[start:]
 
     async def _move_states(self, changes: list[tuple[str, list]]) -> None:
         """STATE_INDEX for each (adapter id, RESIDE's answer) that changed its registry state."""
@@ -574,7 +587,9 @@ class Registry:
         if int(answer[0]) < 0:
             raise errors.AddressTaken(replica_id, address, answer[1], answer[2])
         epoch, drop, now = answer
-        _, version = await self._settle(replica_id, residency, events, self._seen(replica_id, now))
+        _, version = await self._settle(
+            replica_id, residency, events, self._seen(replica_id, now), changed=True
+        )
         return JoinAnswer(int(epoch), int(version or 0), tuple(drop))
 
     def _seen(self, replica_id: str, now: int):
@@ -613,8 +628,10 @@ class Registry:
         )
         if answer[0] == "rejoin":
             return HeartbeatAnswer(rejoin=True)
-        _, unpin, pin, drop, now = answer
-        _, version = await self._settle(replica_id, residency, events, self._seen(replica_id, now))
+        _, unpin, pin, drop, now, moved = answer
+        _, version = await self._settle(
+            replica_id, residency, events, self._seen(replica_id, now), changed=moved == 1
+        )
         return HeartbeatAnswer(False, int(version or 0), tuple(unpin), tuple(pin), tuple(drop))
 
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
@@ -681,7 +698,7 @@ class Registry:
             "1" if only_if_lapsed else "0",
             "" if epoch is None else str(epoch),
         )
-        await self._settle(replica_id, residency, events)
+        await self._settle(replica_id, residency, events, changed=answer == 1)
         return answer == 1
 
     async def mirror_evicted(self, replica_id: str, adapter_id: str) -> None:
@@ -970,7 +987,8 @@ class Registry:
 
     async def reconcile_replicas(self, cursor: int, limit: int) -> int:
         """Per replica (by position in the membership index): every adapter its mirror holds or
-        loads has the mirror's state in its `on` hash. -> the next position (0 = wrapped)."""
+        loads has the mirror's state in its `on` hash. Where the pass wraps, change marks of ids
+        no longer in the membership index go. -> the next position (0 = wrapped)."""
         replica_ids = await self.client.zrange(self.keys.replicas, cursor, cursor + limit - 1)
         for replica_id in replica_ids:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -978,7 +996,11 @@ class Registry:
                 pipe.execute_command("HKEYS", self.keys.replica_loading(replica_id))
                 host, loading = await pipe.execute()
             await self._reconcile_on(replica_id, sorted(set(host) | set(loading)))
-        return cursor + limit if len(replica_ids) == limit else 0
+        if len(replica_ids) == limit:
+            return cursor + limit
+        if gone := await self.client.zdiff([self.keys.replicas_changed, self.keys.replicas]):
+            await self.client.zrem(self.keys.replicas_changed, *gone)
+        return 0
 
     async def _reconcile_on(self, replica_id: str, adapter_ids: list[str]) -> None:
         """RESIDE, at the mirror's current version, each adapter whose `on` field for the replica

@@ -314,14 +314,16 @@ return {epoch, drop, NOW}
 # (`LOAD_FIELDS`), lapses old reservations. When the snapshot is at the mirror's seq, refreshes
 # last-use times and pins (which no change reports) and, if the mirror drifted, replaces it.
 # Answers which local pins the cluster no longer holds, and which held adapters the registry does
-# not know with those bytes.
-# -> {'rejoin'} | {'ok', {unpin id...}, {pin id...}, {drop id...}, NOW}
+# not know with those bytes, and whether the load the picker reads (waiting, running, draining) moved.
+# -> {'rejoin'} | {'ok', {unpin id...}, {pin id...}, {drop id...}, NOW, 1|0 (load moved)}
 HEARTBEAT = _script(
     """
 local r = ARGV[3]
 local ok, st = replica_ok(r, ARGV[4])
 if not ok then return {'rejoin'} end
 redis.call('SET', k_alive(r), ARGV[4], 'PX', ARGV[7])
+local was = redis.call('HMGET', k_replica(r), 'waiting', 'running', 'draining')
+local moved = (was[1] ~= ARGV[8] or was[2] ~= ARGV[9] or was[3] ~= ARGV[11]) and 1 or 0
 redis.call('HSET', k_replica(r), 'last_heartbeat', NOW, 'waiting', ARGV[8], 'running', ARGV[9],
   'kv_free', ARGV[10], 'draining', ARGV[11], 'load_at', NOW)
 lapse_loading(r, tonumber(ARGV[12]))  -- reservations lapse even when no new load asks for room
@@ -358,7 +360,7 @@ if st[3] == ARGV[6] then
     emit('resynced', '', r, 'mirror replaced by the replica snapshot')
   end
 end
-return {'ok', unpin, pin, drop, NOW}
+return {'ok', unpin, pin, drop, NOW, moved}
 """,
     replica=True,
 )
@@ -584,6 +586,17 @@ if seq >= tonumber(redis.call('HGET', k_state_seq(), id) or '-1') then
 end
 if ARGV[7] == '1' then redis.call('SADD', k_pinned(), id) else redis.call('SREM', k_pinned(), id) end
 return 1
+""")
+
+# ARGV[3] replica id. Marks what the picker reads of the replica as changed: its entry in
+# `replicas:changed` becomes the Redis time (ms), or its previous score + 1 when that is not
+# earlier, so each mark raises the score (a reader that remembers the score it read sees every
+# later mark, even within one millisecond). -> the new score
+TOUCH_REPLICA = _script("""
+local key, r = k_replicas_changed(), ARGV[3]
+local at = math.max(NOW, tonumber(redis.call('ZSCORE', key, r) or '0') + 1)
+redis.call('ZADD', key, at, r)
+return at
 """)
 
 # ARGV[3] adapter id, ARGV[4] state, ARGV[5] state_seq. Moves a listed adapter to the state index

@@ -83,7 +83,8 @@ OPS = {
     "load landed": "REPORT loaded (+ activated)",
     "request done": "REPORT of slot hand-overs to waiting requests, if any",
     "heartbeat": "Membership.heartbeat (HEARTBEAT with load and snapshot)",
-    "view refresh": "ClusterState.view(): the picker reads every replica",
+    "view refresh": "ClusterState.view(): the picker reads the replicas marked changed",
+    "view full read": "ClusterState.view() every full_refresh_s: the picker reads every replica",
 }
 REQUEST_OPS = ("slot hit", "host hit", "joins a load", "cold load", "load landed", "request done")
 
@@ -104,6 +105,7 @@ class SimConfig:
     load_s: float = 0.2  # simulated seconds from ACQUIRE to the load landing (fetch + read)
     heartbeat_s: float = ManagerConfig.heartbeat_interval_s  # every replica, staggered
     picker_ttl_s: float = PickerConfig.cache_ttl_s  # the picker re-reads Redis this often
+    picker_full_s: float = PickerConfig.full_refresh_s  # ... and reads every replica this often
     blobs: int = 8  # distinct stored copies the records point at
     tenants: int = 100
     sample_every: int = 10  # INFO commandstats around every n-th event of each kind
@@ -341,7 +343,14 @@ class PlacementSim:
         )
         self.membership = Membership(self.manager_config, self.registry, self.placement)
         self.picker_redis = redis_connect.connect(self.redis_url)
-        self.view_state = ClusterState(self.picker_redis, CLUSTER, ttl_s=0.0)  # refreshed on the sim clock
+        # refreshed on the sim clock, which also times its full reads
+        self.view_state = ClusterState(
+            self.picker_redis,
+            CLUSTER,
+            ttl_s=0.0,
+            full_refresh_s=self.cfg.picker_full_s,
+            clock=lambda: self.now,
+        )
         picker = PickerConfig()
         self.limits = Thresholds(picker.queue_threshold, picker.spread_threshold, picker.max_copies)
         if self.count_trips:
@@ -481,11 +490,13 @@ class PlacementSim:
     # --- the picker -------------------------------------------------------------------------------
 
     async def _refresh(self, _) -> str:
+        full_reads = self.view_state.full_reads
         t0 = time.perf_counter()
         self.view = await self.view_state.view()
-        self.latency["view refresh"].append(time.perf_counter() - t0)
+        op = "view full read" if self.view_state.full_reads > full_reads else "view refresh"
+        self.latency[op].append(time.perf_counter() - t0)
         self._push(self.now + self.cfg.picker_ttl_s, REFRESH, None)
-        return "view refresh"
+        return op
 
     def _pick(self, request: Request) -> str:
         """The picker's decision for one request, as `ExternalProcessor._decide` makes it: the
@@ -684,7 +695,7 @@ class PlacementSim:
         ops = {name: self.ops[name].summary() for name in OPS if name in self.ops}
         requests = cfg.requests
         per_request = _weighted(ops, REQUEST_OPS, requests)
-        refresh = _weighted(ops, ("view refresh",), requests)
+        refresh = _weighted(ops, ("view refresh", "view full read"), requests)
         served = self.outcomes["slot hit"] + self.outcomes["host hit"]
         estimated = sum(
             (o["commands_mean"] or 0) * o["count"] for o in ops.values() if o["commands_mean"] is not None

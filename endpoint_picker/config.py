@@ -30,6 +30,9 @@ class PickerConfig:
     cluster: str = "default"
     # How long one read of the cluster state serves picks: a pick costs O(1) Redis work.
     cache_ttl_s: float = 0.1
+    # How often a read covers every replica; the reads in between cover only the replicas the
+    # manager marked changed (`<G>replicas:changed`). The full read repairs a mark that was lost.
+    full_refresh_s: float = 5.0
     # A replica with this many requests in flight or queued is skipped while another is under it.
     queue_threshold: int = 32
     # Requests for one adapter in flight on each of its holders from which its next request goes
@@ -61,6 +64,7 @@ class PickerConfig:
             "must be a port number",
         )
         require(self.cache_ttl_s >= 0, "cache_ttl_s", self.cache_ttl_s, "must be >= 0")
+        require(self.full_refresh_s >= 0, "full_refresh_s", self.full_refresh_s, "must be >= 0")
         require(self.queue_threshold >= 1, "queue_threshold", self.queue_threshold, "must be >= 1")
         require(self.spread_threshold >= 1, "spread_threshold", self.spread_threshold, "must be >= 1")
         require(self.max_copies >= 1, "max_copies", self.max_copies, "must be >= 1")

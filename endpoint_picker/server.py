@@ -32,7 +32,11 @@ class PickerServer:
         self.redis = connect(config.redis_url, retries=1, backoff_cap_s=0.1, socket_timeout_s=1.0)
         self.metrics = PickerMetrics()
         self.state = ClusterState(
-            self.redis, config.cluster, config.cache_ttl_s, self.metrics.state_read_failed
+            self.redis,
+            config.cluster,
+            config.cache_ttl_s,
+            self.metrics.state_read_failed,
+            full_refresh_s=config.full_refresh_s,
         )
         limits = Thresholds(config.queue_threshold, config.spread_threshold, config.max_copies)
         self.processor = ExternalProcessor(

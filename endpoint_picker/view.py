@@ -1,8 +1,15 @@
 """The cluster as the picker sees it: replicas, their residency and load, and the routing table,
 read from the manager's Redis keys (`loraserve.cluster_keys`) at most once per `cache_ttl_s`.
 
-One read is two pipelined round trips (replica ids, then every replica's hash, slots, host cache
-and loads) plus a third when the routing table's version changed; every pick in between uses the
+A read costs O(replicas that changed), not O(replicas): the manager marks a replica in
+`<G>replicas:changed` (replica id -> Redis time in ms, raised by every mark) after each change to
+what the picker reads of it (membership, load, host cache, slots, loads in progress). A read asks
+for the marks from `MARK_OVERLAP_MS` below the highest it has seen, with the routing version (one
+round trip), then reads the hash, slots, host cache and loads of only the replicas whose mark
+differs from the one it last read (a second round trip, none when nothing changed), plus the
+routing table when its version moved. Every `full_refresh_s` it reads every replica of the
+membership index instead, which repairs what a lost mark hid (a manager that died between a
+replica's script and its mark) and drops replicas no longer listed. Every pick in between uses the
 cached view, so a request costs O(1) Redis work however many arrive.
 """
 
@@ -22,6 +29,13 @@ from loraserve.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 
+# How far below the highest mark already seen a read asks again. Marks are stamped by a script on
+# the global tag with that server's clock when they land, so later marks score no lower, except
+# when the clock steps back (NTP) or a failover promotes a server whose clock is behind; this
+# tolerates such steps up to 1 s. It costs only reply size: a replica whose mark is unchanged since
+# it was read is not read again. Larger steps are repaired by the next full read.
+MARK_OVERLAP_MS = 1000
+
 
 @dataclass(frozen=True)
 class ClusterView:
@@ -32,15 +46,34 @@ class ClusterView:
 
 class ClusterState:
     """Cached reads of one cluster's state. `view()` never raises: a failed read keeps the last
-    view (and counts the failure), since routing on slightly old state beats not routing."""
+    view (and counts the failure), since routing on slightly old state beats not routing.
 
-    def __init__(self, client: redis.Redis, cluster: str, ttl_s: float, on_failure=lambda: None):
+    `full_refresh_s`: how often a read covers every replica instead of the marked ones; `clock`
+    times it (a simulation passes its own). `full_reads` counts the full reads so far.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        cluster: str,
+        ttl_s: float,
+        on_failure=lambda: None,
+        full_refresh_s: float = 5.0,
+        clock=time.monotonic,
+    ):
         self.client = client
         self.keys = Keys(cluster)
         self.ttl_s = ttl_s
         self.on_failure = on_failure
+        self.full_refresh_s = full_refresh_s
+        self.clock = clock
+        self.full_reads = 0
         self._view = ClusterView((), RoutingTable(), 0.0)
         self._lock = asyncio.Lock()
+        self._replicas: dict[str, ReplicaView] = {}
+        self._marks: dict[str, float] = {}  # replica id -> its mark when its keys were last read
+        self._highest = 0.0  # the highest mark seen
+        self._full_at: float | None = None  # clock() of the last full read
 
     async def view(self) -> ClusterView:
         if time.monotonic() - self._view.read_at < self.ttl_s:
@@ -58,39 +91,73 @@ class ClusterState:
 
     async def _read(self) -> ClusterView:
         k = self.keys
-        replica_ids = await self.client.zrange(k.replicas, 0, -1)
+        full = self._full_at is None or self.clock() - self._full_at >= self.full_refresh_s
+        started = self.clock()
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.get(k.routing_version)
-            for r in replica_ids:
-                pipe.hmget(k.replica(r), "address", "status", "engine", "waiting", "running", "draining")
-                pipe.hkeys(k.replica_slots(r))
-                pipe.zrange(k.replica_host(r), 0, -1)
-                pipe.hkeys(k.replica_loading(r))
+            if full:
+                pipe.zrange(k.replicas, 0, -1)
+                pipe.zrange(k.replicas_changed, 0, -1, withscores=True)
+            else:
+                pipe.zrangebyscore(
+                    k.replicas_changed, self._highest - MARK_OVERLAP_MS, "+inf", withscores=True
+                )
             version, *found = await pipe.execute()
-        replicas = []
+        marks = dict(found[-1])
+        to_read = found[0] if full else [r for r, mark in marks.items() if self._marks.get(r) != mark]
+        read = await self._read_replicas(to_read)
+        replicas = {} if full else dict(self._replicas)
+        for r in to_read:
+            replicas.pop(r, None)
+            self._marks.pop(r, None)
+            if r in read:
+                replicas[r] = read[r]
+            if r in marks:
+                self._marks[r] = marks[r]
+        if full:
+            self._marks = {r: m for r, m in self._marks.items() if r in replicas}
+            self._full_at = started
+            self.full_reads += 1
+        self._replicas = replicas
+        self._highest = max([self._highest, *marks.values()])
+        routing = self._view.routing
+        if int(version or 0) != routing.version or routing.version == 0:
+            routing = await self._read_routing()
+        ordered = tuple(replicas[r] for r in sorted(replicas))
+        return ClusterView(ordered, routing, time.monotonic())
+
+    async def _read_replicas(self, replica_ids: list[str]) -> dict[str, ReplicaView]:
+        """Each replica's hash, slots, host cache and loads, one pipeline -> the replicas found."""
+        if not replica_ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for r in replica_ids:
+                pipe.hmget(
+                    self.keys.replica(r), "address", "status", "engine", "waiting", "running", "draining"
+                )
+                pipe.hkeys(self.keys.replica_slots(r))
+                pipe.zrange(self.keys.replica_host(r), 0, -1)
+                pipe.hkeys(self.keys.replica_loading(r))
+            found = await pipe.execute()
+        out = {}
         for n, r in enumerate(replica_ids):
             (address, status, engine, waiting, running, draining), slots, host, loading = found[
                 4 * n : 4 * n + 4
             ]
             if not address:
                 continue
-            replicas.append(
-                ReplicaView(
-                    replica_id=r,
-                    address=address,
-                    up=status == "UP",
-                    draining=draining == "1",
-                    waiting=int(waiting or 0),
-                    running=int(running or 0),
-                    max_loras=int(json.loads(engine or "{}").get("max_loras", 1)),
-                    slots=frozenset(slots),
-                    cached=frozenset(host) | frozenset(loading),
-                )
+            out[r] = ReplicaView(
+                replica_id=r,
+                address=address,
+                up=status == "UP",
+                draining=draining == "1",
+                waiting=int(waiting or 0),
+                running=int(running or 0),
+                max_loras=int(json.loads(engine or "{}").get("max_loras", 1)),
+                slots=frozenset(slots),
+                cached=frozenset(host) | frozenset(loading),
             )
-        routing = self._view.routing
-        if int(version or 0) != routing.version or routing.version == 0:
-            routing = await self._read_routing()
-        return ClusterView(tuple(replicas), routing, time.monotonic())
+        return out
 
     async def _read_routing(self) -> RoutingTable:
         async with self.client.pipeline(transaction=True) as pipe:

@@ -37,6 +37,10 @@ different kinds apart even when ids are equal. `<G>` = `loraserve:v2:{<cluster>}
   <G>adapters:state-seq       HASH    id -> record `state_seq` the state index reflects (orders moves)
   <G>pinned                   SET     derived from records' `pinned`        SADD/SREM after PIN, INDEX, UNINDEX
   <G>replicas                 ZSET    replica id -> last heartbeat (ms)     ZADD after JOIN/HEARTBEAT
+  <G>replicas:changed         ZSET    replica id -> Redis time (ms) of the last change to what the
+                                      picker reads of it (member fields, host, slots, loading)
+                                      TOUCH_REPLICA after a replica script that changed it;
+                                      ZREM by the replica pass for ids gone from <G>replicas
   <G>aliases                  HASH    alias -> JSON [[adapter id, weight], ...]  SET_ALIAS, REVERT_ALIAS,
                                                                           DELETE_ALIAS, UNROUTE
   <G>rules                    STRING  JSON list of routing rules            SET_RULES, REVERT_RULES, UNROUTE
@@ -85,6 +89,7 @@ BY_STATE = "adapters:state:"
 STATE_SEQ = "adapters:state-seq"
 PINNED = "pinned"
 REPLICAS = "replicas"
+REPLICAS_CHANGED = "replicas:changed"
 ALIASES = "aliases"
 RULES = "rules"
 ROUTING_VERSION = "routing:version"
@@ -119,6 +124,7 @@ class Keys:
         self.state_seq = p + STATE_SEQ
         self.pinned = p + PINNED
         self.replicas = p + REPLICAS
+        self.replicas_changed = p + REPLICAS_CHANGED
         self.aliases = p + ALIASES
         self.rules = p + RULES
         self.routing_version = p + ROUTING_VERSION
@@ -206,6 +212,7 @@ local function k_tenant(t) return G .. '{BY_TENANT}' .. t end
 local function k_state(s) return G .. '{BY_STATE}' .. s end
 local function k_state_seq() return G .. '{STATE_SEQ}' end
 local function k_pinned() return G .. '{PINNED}' end
+local function k_replicas_changed() return G .. '{REPLICAS_CHANGED}' end
 local function k_aliases() return G .. '{ALIASES}' end
 local function k_rules() return G .. '{RULES}' end
 local function k_routing_version() return G .. '{ROUTING_VERSION}' end

@@ -189,7 +189,15 @@ def _commands_table(runs: list[dict], labels: list[str]) -> Table:
 
 
 def _latency_table(runs: list[dict], labels: list[str]) -> Table:
-    names = ["picker pick", "view refresh", "manager acquire", "report", "heartbeat", "join"]
+    names = [
+        "picker pick",
+        "view refresh",
+        "view full read",
+        "manager acquire",
+        "report",
+        "heartbeat",
+        "join",
+    ]
     rows = []
     for name in names:
         cells = []
