@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -48,9 +50,12 @@ class PickerServer:
         add_health_and_reflection(self._server, self.health, SERVICE_NAME)
         self.port: int | None = None
         self.metrics_server: MetricsServer | None = None
+        self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self.state.refresh()  # the first picks have a view
+        self._refresher = asyncio.create_task(self.state.refresh_forever())
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -64,6 +69,10 @@ class PickerServer:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         await self.redis.aclose()
         if self.metrics_server is not None:
             self.metrics_server.close()

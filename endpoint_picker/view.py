@@ -1,5 +1,7 @@
 """The cluster as the picker sees it: replicas, their residency and load, and the routing table,
-read from the manager's Redis keys (`loraserve.cluster_keys`) at most once per `cache_ttl_s`.
+read from the manager's Redis keys (`loraserve.cluster_keys`). The picker's server refreshes it in
+the background every `cache_ttl_s`, so a pick never waits for Redis; without the background task
+(`refresh_forever`) a pick past `cache_ttl_s` reads it first.
 
 A read costs O(replicas that changed), not O(replicas): the manager marks a replica in
 `<G>replicas:changed` (replica id -> Redis time in ms, raised by every mark) after each change to
@@ -70,17 +72,25 @@ class ClusterState:
         self.full_reads = 0
         self._view = ClusterView((), RoutingTable(), 0.0)
         self._lock = asyncio.Lock()
+        self._refreshing = False  # refresh_forever runs: picks never wait for a read
         self._replicas: dict[str, ReplicaView] = {}
         self._marks: dict[str, float] = {}  # replica id -> its mark when its keys were last read
         self._highest = 0.0  # the highest mark seen
         self._full_at: float | None = None  # clock() of the last full read
 
     async def view(self) -> ClusterView:
-        if time.monotonic() - self._view.read_at < self.ttl_s:
+        """The cached view; read first if it is older than `ttl_s` and nothing refreshes it in the
+        background (and before the first read)."""
+        fresh = time.monotonic() - self._view.read_at < self.ttl_s
+        if fresh or (self._refreshing and self._view.read_at):
             return self._view
-        async with self._lock:  # one read at a time; the others wait for it
-            if time.monotonic() - self._view.read_at < self.ttl_s:
-                return self._view
+        return await self.refresh(only_if_stale=True)
+
+    async def refresh(self, only_if_stale: bool = False) -> ClusterView:
+        """Read the cluster state now (one read at a time; concurrent callers wait for it)."""
+        async with self._lock:
+            if only_if_stale and time.monotonic() - self._view.read_at < self.ttl_s:
+                return self._view  # another caller read it while this one waited
             try:
                 self._view = await self._read()
             except (redis.RedisError, OSError, ValueError) as e:
@@ -88,6 +98,20 @@ class ClusterState:
                 log.warning("cluster state read failed (%s); picking from the last view", e)
                 self._view = ClusterView(self._view.replicas, self._view.routing, time.monotonic())
             return self._view
+
+    async def refresh_forever(self) -> None:
+        """Refresh every `ttl_s` until cancelled; picks meanwhile take the cached view at once."""
+        self._refreshing = True
+        try:
+            while True:
+                try:
+                    await self.refresh()
+                except Exception:  # a bug in a read must not stop every later refresh
+                    self.on_failure()
+                    log.exception("cluster state read failed; picking from the last view")
+                await asyncio.sleep(self.ttl_s)
+        finally:
+            self._refreshing = False
 
     async def _read(self) -> ClusterView:
         k = self.keys

@@ -3,7 +3,9 @@ repairs what a lost mark hid (real redis-server; the manager's `Registry` writes
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import signal
 
 import redis.asyncio as aioredis
 
@@ -11,7 +13,7 @@ from adapter_svc.records import Load, record_fields
 from adapter_svc.registry import Registry
 from endpoint_picker.view import ClusterState
 
-from harness import CLUSTER, RedisProcess
+from harness import CLUSTER, TIMEOUT_S, RedisProcess
 
 ENGINE = {"max_loras": 2}
 
@@ -105,4 +107,48 @@ def test_a_refresh_reads_only_the_replicas_that_changed(loop, tmp_path):
         loop.run(scenario())
     finally:
         counter.close()
+        redis_proc.stop()
+
+
+def test_picks_never_wait_for_a_read_while_the_view_refreshes_in_the_background(loop, tmp_path):
+    """With `refresh_forever` running, `view()` answers from the cached view even while a read hangs
+    (redis-server SIGSTOPped, no socket timeout), and a change reaches the view without any pick
+    asking for it."""
+    redis_proc = RedisProcess(tmp_path / "redis").start()
+
+    async def scenario():
+        manager = aioredis.from_url(redis_proc.url, decode_responses=True)
+        # no socket timeout: a read of the stopped server hangs until it resumes
+        picker = aioredis.from_url(redis_proc.url, decode_responses=True, socket_timeout=None)
+        registry = Registry(manager, CLUSTER, 1000)
+        state = ClusterState(picker, CLUSTER, 0.01)
+        await registry.join("r-0", "10.0.0.1:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+        refresher = asyncio.create_task(state.refresh_forever())
+        try:
+            await wait_until(lambda: [r.replica_id for r in state._view.replicas] == ["r-0"])
+            await registry.join("r-1", "10.0.0.2:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+            await wait_until(lambda: len(state._view.replicas) == 2)  # no view() call in between
+
+            redis_proc.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)  # the refresher is now blocked in a read
+                view = await asyncio.wait_for(state.view(), TIMEOUT_S)
+                assert sorted(r.replica_id for r in view.replicas) == ["r-0", "r-1"]
+            finally:
+                redis_proc.proc.send_signal(signal.SIGCONT)
+        finally:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+            await manager.aclose()
+            await picker.aclose()
+
+    async def wait_until(predicate):
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "the background refresh never saw it"
+            await asyncio.sleep(0.01)
+
+    try:
+        loop.run(scenario())
+    finally:
         redis_proc.stop()
