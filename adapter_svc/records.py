@@ -1,4 +1,5 @@
-"""The control plane's typed values: registry records, replica mirrors, replicas' requests, and every script's answer.
+"""The control plane's typed values: registry records, replica mirrors, replicas' requests, and
+every script's answer.
 
 `registry.Registry` decodes what Redis returns into these, so no caller indexes a raw reply.
 """
