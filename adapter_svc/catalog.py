@@ -344,7 +344,7 @@ class Catalog:
             position = after_id or await self.registry.last_event_id()
             while not ended():
                 for event in await self.registry.read_events(position):
-                    position = event.event_id
+                    position = event.id
                     if (not adapter_id or event.adapter_id == adapter_id) and (
                         not replica_id or event.replica_id == replica_id
                     ):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
 from adapter_svc.placement import Placement
-from adapter_svc.records import HOLDING_STATES, Change, HeartbeatAnswer, Load, Resident
+from adapter_svc.records import HOLDING_STATES, Change, HeartbeatAnswer, JoinRequest, Load, Resident
 from adapter_svc.registry import Registry
 from adapter_svc.validation import check_id
 from loraserve.engine_limits import AdapterLimits
@@ -72,7 +72,8 @@ class Membership:
         except (ValueError, KeyError, TypeError, InvalidModel) as e:
             raise errors.InvalidArgument(f"replica {replica_id!r} sent an unusable configuration: {e}") from e
         answer = await self.registry.join(
-            replica_id, address, engine, model_json, snapshot, snapshot_seq, self.ttl_ms, credential
+            JoinRequest(replica_id, address, engine, model_json, snapshot, snapshot_seq, credential),
+            self.ttl_ms,
         )
         log.info(
             "replica %s joined at %s (epoch %d, %d resident)",

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
-from adapter_svc.records import AdapterRecord, Exhausted, Refusal, Refused, ReplicaRecord, Resident
+from adapter_svc.records import (
+    AcquireRequest,
+    AdapterRecord,
+    Exhausted,
+    Refusal,
+    Refused,
+    ReplicaRecord,
+    Resident,
+)
 from adapter_svc.registry import Registry
 from adapter_svc.replica_client import ReplicaClient
 from loraserve.engine_limits import serves
@@ -218,10 +226,9 @@ class Placement:
         wait_s = self.config.load_timeout_s if wait_s is None else min(wait_s, self.config.load_timeout_s)
         deadline = asyncio.get_running_loop().time() + wait_s
         delay = 0.01
+        ask = AcquireRequest(replica_id, epoch, adapter_id, usage)
         while True:
-            answer = await self.registry.acquire(
-                replica_id, epoch, adapter_id, usage, max_cpu_loras, timeout_ms
-            )
+            answer = await self.registry.acquire(ask, max_cpu_loras, timeout_ms)
             # While some entries are only loading (not pinned), wait for their loads to land and
             # become evictable instead of refusing a burst of cold requests; when every entry is
             # pinned, refuse at once.

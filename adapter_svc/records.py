@@ -1,4 +1,5 @@
-"""The control plane's typed values: registry records, replica mirrors, and every script's answer.
+"""The control plane's typed values: registry records, replica mirrors, replicas' requests, and
+every script's answer.
 
 `registry.Registry` decodes what Redis returns into these, so no caller indexes a raw reply.
 """
@@ -133,6 +134,30 @@ class ReplicaRecord:
 
 
 @dataclass(frozen=True)
+class JoinRequest:
+    """A replica's JOIN: who and where it is, what it serves, and what it holds."""
+
+    replica_id: str
+    address: str  # host:port of its InferenceService
+    engine: dict  # its EngineConfig fields
+    model_json: str  # its model's config
+    snapshot: list[Resident]
+    snapshot_seq: int  # the residency sequence number the snapshot is at
+    # What the manager will present to it (its choice, new each join); never shown.
+    credential: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class AcquireRequest:
+    """A replica's ACQUIRE: room in its host cache for `adapter_id`, given what the cache holds."""
+
+    replica_id: str
+    epoch: int
+    adapter_id: str
+    usage: list[Resident]  # its host cache, with last-use times
+
+
+@dataclass(frozen=True)
 class Change:
     """One residency change a replica reports."""
 
@@ -149,7 +174,9 @@ class Change:
 
 @dataclass(frozen=True)
 class Event:
-    event_id: str
+    """One entry of the event stream, named as the AdapterEvent message's fields."""
+
+    id: str  # stream id, usable as `after_id` to resume
     type: str
     adapter_id: str
     replica_id: str

@@ -26,6 +26,7 @@ from adapter_svc.blobs import blob_name
 from adapter_svc.config import ManagerConfig
 from adapter_svc.records import (
     STATES,
+    AcquireRequest,
     AdapterRecord,
     Change,
     ClusterCounts,
@@ -33,6 +34,7 @@ from adapter_svc.records import (
     Exhausted,
     HeartbeatAnswer,
     JoinAnswer,
+    JoinRequest,
     Load,
     Refusal,
     Refused,
@@ -101,6 +103,10 @@ class Registry:
     async def _run(self, script, key: str, *args) -> list:
         """One script on the slot of `key` -> [answer, events, residency]."""
         return await script(keys=[key], args=[*self._common, *args])
+
+    async def _run_on_replica(self, script, replica_id: str, *args) -> list:
+        """`_run` of a replica script: on the slot of the replica's keys, its id the first argument."""
+        return await self._run(script, self.keys.replica(replica_id), replica_id, *args)
 
     async def _durable(self, script, key: str, *args) -> list:
         """`_run`, acknowledged by `wait_replicas` Redis replicas before it counts as done: the
@@ -545,22 +551,12 @@ class Registry:
 
     # --- replicas -----------------------------------------------------------------------------
 
-    async def join(
-        self,
-        replica_id: str,
-        address: str,
-        engine: dict,
-        model_json: str,
-        snapshot: list[Resident],
-        snapshot_seq: int,
-        ttl_ms: int,
-        credential: str,
-    ) -> JoinAnswer:
-        """Replace the replica's mirror with its snapshot; `credential` is what the manager will
-        present to it. Raises AddressTaken while another live replica has `address`, or this
-        replica is live at another address. The other replicas' addresses are read before the
-        script (two replicas joining at one address within that read's round trip could both
-        pass: a window this accepts)."""
+    async def join(self, join: JoinRequest, ttl_ms: int) -> JoinAnswer:
+        """Replace the replica's mirror with its snapshot. Raises AddressTaken while another live
+        replica has its address, or this replica is live at another address. The other replicas'
+        addresses are read before the script (two replicas joining at one address within that
+        read's round trip could both pass: a window this accepts)."""
+        replica_id, address = join.replica_id, join.address
         others = [r for r in await self.client.zrange(self.keys.replicas, 0, -1) if r != replica_id]
         async with self.client.pipeline(transaction=False) as pipe:
             for other in others:
@@ -570,18 +566,17 @@ class Registry:
         for other, held, alive in zip(others, found[0::2], found[1::2]):
             if alive and held == address:
                 raise errors.AddressTaken(replica_id, address, other, held)
-        recs = await self._records_for([r.adapter_id for r in snapshot])
-        answer, events, residency = await self._run(
+        recs = await self._records_for([r.adapter_id for r in join.snapshot])
+        answer, events, residency = await self._run_on_replica(
             self.scripts.join,
-            self.keys.replica(replica_id),
             replica_id,
             address,
-            json.dumps(engine, sort_keys=True),
-            model_json,
-            _lua_list([r.as_lua() for r in snapshot]),
-            snapshot_seq,
+            json.dumps(join.engine, sort_keys=True),
+            join.model_json,
+            _lua_list([r.as_lua() for r in join.snapshot]),
+            join.snapshot_seq,
             ttl_ms,
-            credential,
+            join.credential,
             json.dumps(recs),
         )
         if int(answer[0]) < 0:
@@ -614,9 +609,8 @@ class Registry:
     ) -> HeartbeatAnswer:
         """Renew the replica's membership, store its load, and reconcile its pins and mirror."""
         recs = await self._records_for([r.adapter_id for r in snapshot])
-        answer, events, residency = await self._run(
+        answer, events, residency = await self._run_on_replica(
             self.scripts.heartbeat,
-            self.keys.replica(replica_id),
             replica_id,
             epoch,
             _lua_list([r.as_lua() for r in snapshot]),
@@ -637,9 +631,8 @@ class Registry:
     async def report(self, replica_id: str, epoch: int, changes: list[Change]) -> bool:
         """Apply changes in order; False when the replica must rejoin."""
         known = {a: 1 for a in await self._records_for([c.adapter_id for c in changes])}
-        answer, events, residency = await self._run(
+        answer, events, residency = await self._run_on_replica(
             self.scripts.report,
-            self.keys.replica(replica_id),
             replica_id,
             epoch,
             _lua_list([c.as_lua() for c in changes]),
@@ -649,35 +642,29 @@ class Registry:
         return answer == "ok"
 
     async def acquire(
-        self,
-        replica_id: str,
-        epoch: int,
-        adapter_id: str,
-        usage: list[Resident],
-        max_cpu_loras: int,
-        timeout_ms: int,
+        self, ask: AcquireRequest, max_cpu_loras: int, timeout_ms: int
     ) -> Reservation | Exhausted | Refused:
-        """The host-cache policy: reserve room for `adapter_id` on the replica, naming LRU victims;
+        """The host-cache policy: reserve room for the adapter on the replica, naming LRU victims;
         a refusal is STALE, NOT_FOUND or DELETING. The record and the cluster's pins are read just
         before (an unregistration that begins in between finds the reservation among the holders)."""
+        adapter_id = ask.adapter_id
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.adapter(adapter_id), "sha256", "size_bytes", "deleting", "pinned")
             pipe.smembers(self.keys.pinned)
             (sha256, size, deleting, pinned), cluster_pinned = await pipe.execute()
         record = [sha256 or "", int(size or 0), int(deleting == "1"), int(pinned == "1")]
-        answer, events, residency = await self._run(
+        answer, events, residency = await self._run_on_replica(
             self.scripts.acquire,
-            self.keys.replica(replica_id),
-            replica_id,
-            epoch,
+            ask.replica_id,
+            ask.epoch,
             adapter_id,
-            _lua_list([[r.adapter_id, int(r.last_used_ms), int(r.pinned)] for r in usage]),
+            _lua_list([[r.adapter_id, int(r.last_used_ms), int(r.pinned)] for r in ask.usage]),
             max_cpu_loras,
             timeout_ms,
             json.dumps(record),
             _lua_list(sorted(cluster_pinned)),
         )
-        await self._settle(replica_id, residency, events)
+        await self._settle(ask.replica_id, residency, events)
         kind = answer[0]
         if kind == "ok":
             return Reservation(answer[1], int(answer[2]), bool(answer[3]), False, tuple(answer[4]))
@@ -690,9 +677,8 @@ class Registry:
     async def mark_down(
         self, replica_id: str, reason: str, only_if_lapsed: bool, epoch: int | None = None
     ) -> bool:
-        answer, events, residency = await self._run(
+        answer, events, residency = await self._run_on_replica(
             self.scripts.mark_down,
-            self.keys.replica(replica_id),
             replica_id,
             reason,
             "1" if only_if_lapsed else "0",
@@ -702,8 +688,8 @@ class Registry:
         return answer == 1
 
     async def mirror_evicted(self, replica_id: str, adapter_id: str) -> None:
-        answer, events, residency = await self._run(
-            self.scripts.mirror_evicted, self.keys.replica(replica_id), replica_id, adapter_id
+        answer, events, residency = await self._run_on_replica(
+            self.scripts.mirror_evicted, replica_id, adapter_id
         )
         await self._settle(replica_id, residency, events)
 

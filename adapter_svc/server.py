@@ -110,12 +110,8 @@ class ManagerServer:
                 asyncio.create_task(self.manager.catalog.run_garbage_collector(), name="blob-gc")
             )
         if self.config.metrics_port:
-            self.metrics_server = MetricsServer(
-                self.metrics.registry,
-                self.config.host,
-                self.config.metrics_port,
-                self.security.metrics_authorizer(),
-                self.security.metrics_tls(),
+            self.metrics_server = self.security.metrics_server(
+                self.metrics.registry, self.config.host, self.config.metrics_port
             )
             self._tasks.append(
                 asyncio.create_task(self.metrics.refresh_forever(self.registry), name="metrics")

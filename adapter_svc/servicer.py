@@ -6,6 +6,7 @@ Errors are raised by the manager and mapped to status codes by `loraserve.grpc_e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 from adapter_svc import errors
@@ -69,6 +70,12 @@ def adapter_proto(r: AdapterRecord) -> pb.RegisteredAdapter:
     )
 
 
+def message_from(message_type, answer):
+    """A `message_type` holding the fields of the dataclass `answer`, whose fields are named as the
+    message's (a domain answer that mirrors its response)."""
+    return message_type(**{f.name: getattr(answer, f.name) for f in dataclasses.fields(answer)})
+
+
 def engine_dict(engine: inference_pb2.EngineConfig) -> dict:
     out = {}
     for f in engine.DESCRIPTOR.fields:
@@ -97,6 +104,11 @@ def resident_from(r: common_pb2.ResidentAdapter) -> Resident:
         last_used_ms=r.last_used.ToMilliseconds(),
         sha256=r.sha256,
     )
+
+
+def snapshot_from(request) -> list[Resident]:
+    """The residents a replica's join, heartbeat or acquire request reports."""
+    return [resident_from(r) for r in request.snapshot]
 
 
 def load_from(load: pb.ReplicaLoad) -> Load:
@@ -254,7 +266,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         res = await self.routes.resolve(
             request.adapter_id, request.request_key, request.tenant, dict(request.headers)
         )
-        return pb.ResolveAdapterResponse(adapter_id=res.adapter_id, alias=res.alias, rule=res.rule)
+        return message_from(pb.ResolveAdapterResponse, res)
 
     # events
 
@@ -262,14 +274,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         async for e in self.catalog.events(
             request.after_id, request.adapter_id, request.replica_id, ended=context.done
         ):
-            yield pb.AdapterEvent(
-                id=e.event_id,
-                type=e.type,
-                adapter_id=e.adapter_id,
-                replica_id=e.replica_id,
-                detail=e.detail,
-                at_ms=e.at_ms,
-            )
+            yield message_from(pb.AdapterEvent, e)
 
     # replicas
 
@@ -279,32 +284,21 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             request.address,
             engine_dict(request.engine),
             request.model_config_json,
-            [resident_from(r) for r in request.snapshot],
+            snapshot_from(request),
             request.snapshot_seq,
             request.manager_credential,
         )
-        return pb.JoinReplicaResponse(
-            epoch=joined.epoch,
-            heartbeat_interval_ms=joined.heartbeat_interval_ms,
-            drop=joined.drop,
-            routing_version=joined.routing_version,
-        )
+        return message_from(pb.JoinReplicaResponse, joined)
 
     async def Heartbeat(self, request, context):
         answer = await self.membership.heartbeat(
             request.replica_id,
             request.epoch,
-            [resident_from(r) for r in request.snapshot],
+            snapshot_from(request),
             request.snapshot_seq,
             load_from(request.load) if request.HasField("load") else Load(),
         )
-        return pb.HeartbeatResponse(
-            rejoin=answer.rejoin,
-            routing_version=answer.routing_version,
-            unpin=answer.unpin,
-            pin=answer.pin,
-            drop=answer.drop,
-        )
+        return message_from(pb.HeartbeatResponse, answer)
 
     async def ReportResidency(self, request, context):
         changes = [change_from(c) for c in request.changes]
@@ -321,28 +315,15 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             request.replica_id,
             request.epoch,
             request.adapter_id,
-            [resident_from(r) for r in request.snapshot],
+            snapshot_from(request),
             # answer (RESOURCE_EXHAUSTED) before the replica's deadline instead of letting it expire
             None if remaining is None else max(0.0, remaining - ACQUIRE_DEADLINE_MARGIN_S),
         )
-        return pb.AcquireAdapterResponse(
-            adapter_id=acquired.adapter_id,
-            sha256=acquired.sha256,
-            size_bytes=acquired.size_bytes,
-            resident=acquired.resident,
-            evict=acquired.evict,
-        )
+        return message_from(pb.AcquireAdapterResponse, acquired)
 
     async def FetchAdapterWeights(self, request, context):
         async for part in self.catalog.fetch(request.adapter_id):
             if isinstance(part, WeightsInfo):
-                yield pb.AdapterWeightsChunk(
-                    header=pb.WeightsHeader(
-                        adapter_id=part.adapter_id,
-                        sha256=part.sha256,
-                        size_bytes=part.size_bytes,
-                        adapter_config_json=part.adapter_config_json,
-                    )
-                )
+                yield pb.AdapterWeightsChunk(header=message_from(pb.WeightsHeader, part))
             else:
                 yield pb.AdapterWeightsChunk(data=part)

@@ -242,12 +242,8 @@ class InferenceServer:
                 await self.http.start()
                 log.info("OpenAI-compatible HTTP API on %s/v1", self.http.url)
             if self.config.metrics_port:
-                self.metrics_server = MetricsServer(
-                    self.metrics.registry,
-                    self.config.host,
-                    self.config.metrics_port,
-                    self.security.metrics_authorizer(),
-                    self.security.metrics_tls(),
+                self.metrics_server = self.security.metrics_server(
+                    self.metrics.registry, self.config.host, self.config.metrics_port
                 )
                 log.info("metrics on %s", self.metrics_server.url)
             await self.engine.start()

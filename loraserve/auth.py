@@ -504,7 +504,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     self._admit, details.method, principal, token is not None, kind.startswith("stream")
                 )
                 streams = kind.endswith("_stream") and inspect.isasyncgenfunction(behavior)
-                return handler._replace(**{kind: (_wrap_stream if streams else _wrap_unary)(admit, behavior)})
+                return handler._replace(**{kind: _admitted(admit, behavior, streams)})
         return handler
 
     def _refused(self, method: str, principal: Principal | None, context, reason: str) -> None:
@@ -553,28 +553,30 @@ def _replica_refusal(principal: Principal, method: str, claimed: str) -> str:
     return f"service token {principal.name!r} acts as replica {principal.replica!r} only, not {claimed!r}"
 
 
-def _wrap_unary(admit, behavior):
+def _admitted(admit, behavior, streams: bool):
+    """`behavior` behind `admit`: it runs when `admit` returns None; a response `admit` returns (a
+    tenant scope's) answers the call instead. `streams`: `behavior` yields its responses."""
+    if streams:
+
+        @functools.wraps(behavior)
+        async def stream_wrapper(request, context):
+            answer = await admit(request, context)
+            responses = behavior(request, context) if answer is None else _only(answer)
+            async for response in responses:
+                yield response
+
+        return stream_wrapper
+
     @functools.wraps(behavior)
     async def wrapper(request, context):
         answer = await admit(request, context)
-        if answer is not None:
-            return answer
-        return await behavior(request, context)
+        return await behavior(request, context) if answer is None else answer
 
     return wrapper
 
 
-def _wrap_stream(admit, behavior):
-    @functools.wraps(behavior)
-    async def wrapper(request, context):
-        answer = await admit(request, context)
-        if answer is not None:
-            yield answer
-            return
-        async for response in behavior(request, context):
-            yield response
-
-    return wrapper
+async def _only(response):
+    yield response
 
 
 # --- clients ------------------------------------------------------------------------------------

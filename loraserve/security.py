@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from loraserve.auth import (
     ADMIN,
@@ -47,6 +48,7 @@ from loraserve.auth import (
     bearer_interceptors,
 )
 from loraserve.errors import AddressUnavailable
+from loraserve.telemetry import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,11 @@ class SecurityConfig:
     def metrics_tls(self) -> tuple[str, str] | None:
         """(cert, key) when this process serves TLS: `/metrics` is then HTTPS too."""
         return (self.tls_cert, self.tls_key) if self.tls_cert is not None else None
+
+    def metrics_server(self, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+        """Serve `registry` at `http(s)://host:port/metrics` to the readers `metrics_authorizer`
+        admits, over TLS when this process serves TLS. Raises OSError if the port is taken."""
+        return MetricsServer(registry, host, port, self.metrics_authorizer(), self.metrics_tls())
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None:

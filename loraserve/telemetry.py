@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import functools
@@ -169,37 +170,37 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _wrap(self, behavior, method: str, request_id: str | None, quiet: bool):
+        observed = functools.partial(self._observed, method, request_id, quiet)
         if inspect.isasyncgenfunction(behavior):
 
             @functools.wraps(behavior)
             async def stream_wrapper(request, context):
-                # Each RPC runs on its own task, so the id is set for this call only.
-                REQUEST_ID.set(request_id or new_request_id())
-                start, error = time.perf_counter(), None
-                try:
+                with observed(context):
                     async for response in behavior(request, context):
                         yield response
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    self._done(method, context, start, error, quiet)
 
             return stream_wrapper
 
         @functools.wraps(behavior)
         async def wrapper(request, context):
-            REQUEST_ID.set(request_id or new_request_id())
-            start, error = time.perf_counter(), None
-            try:
+            with observed(context):
                 return await behavior(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                self._done(method, context, start, error, quiet)
 
         return wrapper
+
+    @contextlib.contextmanager
+    def _observed(self, method: str, request_id: str | None, quiet: bool, context):
+        """One call's request id, then its log line and metrics when it ends, however it ends."""
+        # Each RPC runs on its own task, so the id is set for this call only.
+        REQUEST_ID.set(request_id or new_request_id())
+        start, error = time.perf_counter(), None
+        try:
+            yield
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self._done(method, context, start, error, quiet)
 
     def _done(self, method: str, context, start: float, error: BaseException | None, quiet: bool) -> None:
         seconds = time.perf_counter() - start

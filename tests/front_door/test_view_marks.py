@@ -9,7 +9,7 @@ import signal
 
 import redis.asyncio as aioredis
 
-from adapter_svc.records import Load, record_fields
+from adapter_svc.records import AcquireRequest, JoinRequest, Load, record_fields
 from adapter_svc.registry import Registry
 from endpoint_picker.view import ClusterState
 
@@ -39,7 +39,9 @@ def test_a_refresh_reads_only_the_replicas_that_changed(loop, tmp_path):
         epochs = {}
         for n in range(5):
             r = f"r-{n}"
-            joined = await registry.join(r, f"10.0.0.{n}:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+            joined = await registry.join(
+                JoinRequest(r, f"10.0.0.{n}:50051", ENGINE, "{}", [], 0, "cred"), 60_000
+            )
             epochs[r] = joined.epoch
 
         async def refresh():
@@ -61,12 +63,14 @@ def test_a_refresh_reads_only_the_replicas_that_changed(loop, tmp_path):
             assert (await refresh())[1] == 0
 
             # a reservation (ACQUIRE) changes the replica's loads in progress
-            await registry.acquire("r-0", epochs["r-0"], "ad-1", [], 16, 60_000)
+            await registry.acquire(AcquireRequest("r-0", epochs["r-0"], "ad-1", []), 16, 60_000)
             view, reads = await refresh()
             assert reads == 1 and "ad-1" in view["r-0"].cached
 
             # a joining replica appears
-            joined = await registry.join("r-5", "10.0.0.5:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+            joined = await registry.join(
+                JoinRequest("r-5", "10.0.0.5:50051", ENGINE, "{}", [], 0, "cred"), 60_000
+            )
             view, reads = await refresh()
             assert reads == 1 and view["r-5"].up
 
