@@ -126,11 +126,11 @@ def test_picks_never_wait_for_a_read_while_the_view_refreshes_in_the_background(
         picker = aioredis.from_url(redis_proc.url, decode_responses=True, socket_timeout=None)
         registry = Registry(manager, CLUSTER, 1000)
         state = ClusterState(picker, CLUSTER, 0.01)
-        await registry.join("r-0", "10.0.0.1:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+        await registry.join(JoinRequest("r-0", "10.0.0.1:50051", ENGINE, "{}", [], 0, "cred"), 60_000)
         refresher = asyncio.create_task(state.refresh_forever())
         try:
             await wait_until(lambda: [r.replica_id for r in state._view.replicas] == ["r-0"])
-            await registry.join("r-1", "10.0.0.2:50051", ENGINE, "{}", [], 0, 60_000, "cred")
+            await registry.join(JoinRequest("r-1", "10.0.0.2:50051", ENGINE, "{}", [], 0, "cred"), 60_000)
             await wait_until(lambda: len(state._view.replicas) == 2)  # no view() call in between
 
             redis_proc.proc.send_signal(signal.SIGSTOP)
