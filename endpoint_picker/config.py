@@ -28,7 +28,7 @@ class PickerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Cluster name (the manager's `cluster`).
     cluster: str = "default"
-    # How long one read of the cluster state serves picks: a pick costs O(1) Redis work.
+    # How often the cluster state is re-read, in the background: picks use the last read, never wait for Redis.
     cache_ttl_s: float = 0.1
     # How often a read covers every replica; the reads in between cover only the replicas the
     # manager marked changed (`<G>replicas:changed`). The full read repairs a mark that was lost.
