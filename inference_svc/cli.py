@@ -134,21 +134,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_env_flag(parser: argparse.ArgumentParser, flag: str, default, parse=str, **kwargs) -> None:
+    """`flag`, defaulting to env LORASERVE_<FLAG> (read by `parse`) when that is set, else to `default`."""
+    value = os.environ.get(ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper())
+    parser.add_argument(flag, type=parse, default=default if value is None else parse(value), **kwargs)
+
+
 def add_serve_parser(sub) -> None:
-    env = os.environ
     serve = sub.add_parser(
         "serve", help="run the gRPC inference server (InferenceService, health, reflection)"
     )
     serve.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer)")
-    serve.add_argument(
-        "--host",
-        default=env.get(ENV_PREFIX + "HOST", "127.0.0.1"),
-        help="listen address (env LORASERVE_HOST)",
-    )
-    serve.add_argument(
+    _add_env_flag(serve, "--host", "127.0.0.1", help="listen address (env LORASERVE_HOST)")
+    _add_env_flag(
+        serve,
         "--port",
-        type=int,
-        default=int(env.get(ENV_PREFIX + "PORT", "50051")),
+        50051,
+        int,
         help="listen port, 0 = any free port (env LORASERVE_PORT; default 50051)",
     )
     serve.add_argument(
@@ -171,46 +173,52 @@ def add_serve_parser(sub) -> None:
         default=10.0,
         help="seconds from SIGTERM to exit; in-flight streams may finish",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--adapter-manager",
-        default=env.get(ENV_PREFIX + "ADAPTER_MANAGER"),
+        None,
         metavar="HOST:PORT",
         help="join this adapter manager and fetch adapters from it (env LORASERVE_ADAPTER_MANAGER)",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--replica-id",
-        default=env.get(ENV_PREFIX + "REPLICA_ID", ""),
+        "",
         help="this replica's id with the manager, stable across restarts (default: advertise address)",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--advertise-address",
-        default=env.get(ENV_PREFIX + "ADVERTISE_ADDRESS", ""),
+        "",
         metavar="HOST:PORT",
         help="where the manager reaches this replica (default: --host:bound port)",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--adapter-cache-dir",
-        default=env.get(ENV_PREFIX + "ADAPTER_CACHE_DIR"),
+        None,
         help="where adapters fetched from the manager are written (default: a temp dir)",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--metrics-port",
-        type=int,
-        default=int(env.get(ENV_PREFIX + "METRICS_PORT", "0")),
+        0,
+        int,
         help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env LORASERVE_METRICS_PORT)",
     )
-    http_port = env.get(ENV_PREFIX + "HTTP_PORT")
+    http_port = os.environ.get(ENV_PREFIX + "HTTP_PORT")
     serve.add_argument(
         "--http-port",
         type=int,
-        default=int(http_port) if http_port else None,
+        default=int(http_port) if http_port else None,  # set but empty: off, like unset
         help="serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) "
         "on this port, same host, TLS and tokens as gRPC; unset = off, 0 = any free port "
         "(env LORASERVE_HTTP_PORT)",
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--served-model-name",
-        default=env.get(ENV_PREFIX + "SERVED_MODEL_NAME", ""),
+        "",
         metavar="NAME",
         help="the base model's `model` name in the HTTP API (default: the model directory's name; "
         "env LORASERVE_SERVED_MODEL_NAME)",
@@ -218,10 +226,11 @@ def add_serve_parser(sub) -> None:
     serve.add_argument(
         "--log-level", default="info", help="debug, info, warning, error (JSON lines on stderr)"
     )
-    serve.add_argument(
+    _add_env_flag(
+        serve,
         "--max-concurrent-per-tenant",
-        type=int,
-        default=int(env.get(ENV_PREFIX + "MAX_CONCURRENT_PER_TENANT", "0")),
+        0,
+        int,
         help="Generate streams and HTTP completions one tenant may have in flight; 0 = no limit "
         "(env LORASERVE_MAX_CONCURRENT_PER_TENANT)",
     )

@@ -11,8 +11,11 @@ import grpc
 
 from inference_svc import errors
 
-# Most specific first: the first family an error belongs to decides its code.
-STATUS_BY_FAMILY: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+# (error family, code) pairs; the first family an error belongs to decides its code.
+StatusTable = tuple[tuple[type[Exception], grpc.StatusCode], ...]
+
+# Most specific first.
+STATUS_BY_FAMILY: StatusTable = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.AdapterAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -23,9 +26,10 @@ STATUS_BY_FAMILY: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-def status_for(error: Exception) -> grpc.StatusCode:
-    """The status code a raised error ends its call with (INTERNAL for anything unexpected)."""
-    for family, code in STATUS_BY_FAMILY:
+def status_for(error: Exception, families: StatusTable = STATUS_BY_FAMILY) -> grpc.StatusCode:
+    """The status code a raised error ends its call with: its first family's in `families`
+    (INTERNAL for anything unexpected)."""
+    for family, code in families:
         if isinstance(error, family):
             return code
     return grpc.StatusCode.INTERNAL

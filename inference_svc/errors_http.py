@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 
 from inference_svc import errors
-from inference_svc.errors_grpc import status_for
+from inference_svc.errors_grpc import STATUS_BY_FAMILY, StatusTable, status_for
 from loraserve import auth
 
 # gRPC status -> (HTTP status, OpenAI error type, OpenAI error code or None)
@@ -27,20 +27,19 @@ HTTP_BY_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.INTERNAL: (500, "internal_error", None),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", None),
 }
-_ACCESS_STATUS = (
+# The authentication layer's refusals, then the engine's errors.
+_STATUS_BY_FAMILY: StatusTable = (
     (auth.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (auth.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (auth.Hidden, grpc.StatusCode.NOT_FOUND),
     (auth.AccessUnknown, grpc.StatusCode.UNAVAILABLE),
+    *STATUS_BY_FAMILY,
 )
 
 
 def grpc_status_for(error: Exception) -> grpc.StatusCode:
     """The status code gRPC would end the same call with."""
-    for family, code in _ACCESS_STATUS:
-        if isinstance(error, family):
-            return code
-    return status_for(error)
+    return status_for(error, _STATUS_BY_FAMILY)
 
 
 def http_error(error: Exception, params: dict[str, str] | None = None) -> tuple[int, dict]:

@@ -35,6 +35,15 @@ ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 P = "loraserve:"
+
+
+def _since_arrival(name: str, until: str, buckets: tuple[float, ...]) -> MetricSpec:
+    """A latency histogram timed from a request's arrival in the engine."""
+    return MetricSpec(
+        P + name, "histogram", f"From a request's arrival in the engine to its {until}.", buckets=buckets
+    )
+
+
 SPECS = (
     MetricSpec(
         P + "requests_total",
@@ -44,24 +53,14 @@ SPECS = (
     ),
     MetricSpec(P + "prompt_tokens_total", "counter", "Prompt tokens prefilled, by adapter.", ("adapter",)),
     MetricSpec(P + "generation_tokens_total", "counter", "Tokens generated, by adapter.", ("adapter",)),
-    MetricSpec(
-        P + "time_to_first_token_seconds",
-        "histogram",
-        "From a request's arrival in the engine to its first token.",
-        buckets=LATENCY_BUCKETS,
-    ),
+    _since_arrival("time_to_first_token_seconds", "first token", LATENCY_BUCKETS),
     MetricSpec(
         P + "time_per_output_token_seconds",
         "histogram",
         "Mean time between a finished request's output tokens after the first.",
         buckets=TPOT_BUCKETS,
     ),
-    MetricSpec(
-        P + "e2e_request_latency_seconds",
-        "histogram",
-        "From a request's arrival in the engine to its last token.",
-        buckets=E2E_BUCKETS,
-    ),
+    _since_arrival("e2e_request_latency_seconds", "last token", E2E_BUCKETS),
     MetricSpec(P + "num_requests_waiting", "gauge", "Requests queued for a place in the batch."),
     MetricSpec(P + "num_requests_running", "gauge", "Requests in the running batch."),
     MetricSpec(P + "batch_size", "histogram", "Sequences in each scheduling step.", buckets=BATCH_BUCKETS),

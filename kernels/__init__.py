@@ -114,7 +114,11 @@ def add_lora(
     backend: str = "auto",
     workspace: LoraWorkspace | None = None,
 ) -> None:
-    """`y[:, out_offset:out_offset+N] += scale * (x @ A[s].T) @ B[s].T` per row, in place."""
+    """`y[:, out_offset:out_offset+N] += scale * (x @ A[s].T) @ B[s].T` per row, in place.
+
+    `lora_shrink` into the workspace's shrink buffer (when given), then `lora_expand`; a batch in
+    which no row has an adapter returns at once.
+    """
     meta = meta if meta is not None else make_batch_meta(slot_ids)
     if not meta.has_lora:
         return

@@ -24,16 +24,10 @@ from pathlib import Path
 DTYPES = ("fp16", "bf16", "fp32")
 # Last-dimension strides are 1 in every launch (the host wrappers require it); Triton specialises
 # such arguments to constants, which is what enables vectorised and asynchronous loads.
-UNIT_STRIDES = ("stride_xk", "stride_ak", "stride_or", "stride_tr", "stride_br", "stride_on")
-SHRINK_ARGS = (
-    "x_ptr lora_a_ptr out_ptr sorted_token_ids_ptr active_slots_ptr tokens_per_slot_ptr "
-    "segment_starts_ptr K R scale stride_xt stride_xk stride_as stride_ar stride_ak stride_ot "
-    "stride_or"
-).split()
-EXPAND_ARGS = (
-    "t_ptr lora_b_ptr out_ptr sorted_token_ids_ptr active_slots_ptr tokens_per_slot_ptr "
-    "segment_starts_ptr N R out_offset stride_tt stride_tr stride_bs stride_bn stride_br "
-    "stride_ot stride_on"
+UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_on")
+ARGS = (
+    "x_ptr w_ptr out_ptr sorted_token_ids_ptr active_slots_ptr tokens_per_slot_ptr segment_starts_ptr "
+    "N K out_offset scale stride_xt stride_xk stride_ws stride_wn stride_wk stride_ot stride_on"
 ).split()
 
 
@@ -71,19 +65,17 @@ def compile_kernel(op: str, dtype: str, cfg, rank: int, arch: int):
 
     if op == "shrink":
         block_r = max(16, min(cfg.block_n, triton.next_power_of_2(rank)))
-        consts = {"BLOCK_M": cfg.block_m, "BLOCK_R": block_r, "BLOCK_K": cfg.block_k}
-        consts |= {"SPLIT_K": cfg.split_k, "DOT_FP32": False}
-        types = {"x_ptr": f"*{dtype}", "lora_a_ptr": f"*{dtype}", "out_ptr": "*fp32"}
-        fn, names = triton_ops._lora_shrink_kernel, SHRINK_ARGS
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": block_r, "BLOCK_K": cfg.block_k}
+        consts |= {"SPLIT_K": cfg.split_k, "EXPAND": False}
+        types = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": "*fp32"}
     else:
         block_r = max(16, min(cfg.block_k, triton.next_power_of_2(rank)))
-        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_R": block_r}
-        consts |= {"DOT_FP32": False}
-        types = {"t_ptr": "*fp32", "lora_b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
-        fn, names = triton_ops._lora_expand_kernel, EXPAND_ARGS
-    consts |= {name: 1 for name in UNIT_STRIDES if name in names}
-    sig = _signature(names, types, consts)
-    source = ASTSource(fn, sig, consts, _launch_attrs(sig))
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_r}
+        consts |= {"SPLIT_K": 1, "EXPAND": True}
+        types = {"x_ptr": "*fp32", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+    consts |= {"DOT_FP32": False} | {name: 1 for name in UNIT_STRIDES}
+    sig = _signature(ARGS, types, consts)
+    source = ASTSource(triton_ops._sgmv_kernel, sig, consts, _launch_attrs(sig))
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 

@@ -28,6 +28,20 @@ FULL_WINDOW = 1 << 30  # the window argument of full attention: longer than any 
 
 
 @triton.jit
+def _kv_tile(cache_ptr, block, within, kv_head, offs_d, stride_b, stride_s, stride_h, mask):
+    """The [N, D] keys (or values) of one KV head at N pool positions: `block` and `within` it."""
+    return tl.load(
+        cache_ptr
+        + block[:, None] * stride_b
+        + within[:, None] * stride_s
+        + kv_head * stride_h
+        + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+
+
+@triton.jit
 def _paged_attention_kernel(
     # pointers
     q_ptr,  # [T, H, D]
@@ -103,24 +117,8 @@ def _paged_attention_kernel(
         block = tl.load(table + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         within = k_pos % block_size
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr
-            + block[:, None] * stride_kb
-            + within[:, None] * stride_ks
-            + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # [N, D]
-        v = tl.load(
-            v_ptr
-            + block[:, None] * stride_vb
-            + within[:, None] * stride_vs
-            + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = _kv_tile(k_ptr, block, within, kv_head, offs_d, stride_kb, stride_ks, stride_kh, kv_mask)
+        v = _kv_tile(v_ptr, block, within, kv_head, offs_d, stride_vb, stride_vs, stride_vh, kv_mask)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -145,12 +143,12 @@ def _paged_attention_kernel(
 
 
 def paged_attention(
-    q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
+    q: torch.Tensor,  # [T, H, D], unit stride in D
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], unit stride in D
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], unit stride in D
     meta: AttentionMeta,
     scale: float,
-    out: torch.Tensor,  # [T, H, D]
+    out: torch.Tensor,  # [T, H, D], unit stride in D
     window: int = 0,  # sliding window, 0 = full attention
     softcap: float = 0.0,  # score soft-capping, 0 = none
 ) -> torch.Tensor:

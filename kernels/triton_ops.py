@@ -79,102 +79,44 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _lora_shrink_kernel(
+def _sgmv_kernel(
     # pointers
-    x_ptr,  # [T, K]
-    lora_a_ptr,  # [S, R, K]
-    out_ptr,  # [T, R] float32, zero-initialised
-    sorted_token_ids_ptr,  # [T] int64, token indices grouped by slot
-    active_slots_ptr,  # [A] int32
-    tokens_per_slot_ptr,  # [A] int32
-    segment_starts_ptr,  # [A] int32
-    # sizes
-    K,
-    R,
-    scale,
-    # strides
-    stride_xt,
-    stride_xk,
-    stride_as,
-    stride_ar,
-    stride_ak,
-    stride_ot,
-    stride_or,
-    # meta-parameters
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """out[tok, r] (+)= scale * sum_k x[tok, k] * lora_a[slot, r, k] for one tile of one slot."""
-    pid_k = tl.program_id(1)  # K split
-    slot, rows, tokens, mask_m, offs_r, mask_r = _slot_tile(
-        tl.program_id(0),  # token block x rank block
-        tl.program_id(2),  # active slot
-        active_slots_ptr,
-        tokens_per_slot_ptr,
-        segment_starts_ptr,
-        sorted_token_ids_ptr,
-        R,
-        BLOCK_M,
-        BLOCK_R,
-    )
-    if rows <= 0:
-        return
-    offs_k = tl.arange(0, BLOCK_K)
-
-    x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
-    a_cols = lora_a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar  # [1, BLOCK_R]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_cols + ks[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = _dot(x, a, acc, DOT_FP32)  # [BLOCK_M, BLOCK_R]
-    acc = acc * scale
-
-    out_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_r[None, :] * stride_or
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
-
-
-@triton.jit
-def _lora_expand_kernel(
-    # pointers
-    t_ptr,  # [T, R]
-    lora_b_ptr,  # [S, N, R]
-    out_ptr,  # [T, >= out_offset + N]
+    x_ptr,  # [T, K]: x (shrink) or t (expand)
+    w_ptr,  # [S, N, K]: lora_a (shrink, N = R) or lora_b (expand, K = R)
+    out_ptr,  # [T, >= out_offset + N]: float32, zero-initialised (shrink)
     sorted_token_ids_ptr,  # [T] int64, token indices grouped by slot
     active_slots_ptr,  # [A] int32
     tokens_per_slot_ptr,  # [A] int32
     segment_starts_ptr,  # [A] int32
     # sizes
     N,
-    R,
+    K,
     out_offset,
+    scale,  # read only by shrink
     # strides
-    stride_tt,
-    stride_tr,
-    stride_bs,
-    stride_bn,
-    stride_br,
+    stride_xt,
+    stride_xk,
+    stride_ws,
+    stride_wn,
+    stride_wk,
     stride_ot,
     stride_on,
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs sharing one reduction (shrink only)
+    EXPAND: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """out[tok, out_offset + n] += sum_r t[tok, r] * lora_b[slot, n, r] for one tile of one slot."""
+    """out[tok, out_offset + n] (+)= scale * sum_k x[tok, k] * w[slot, n, k] for one tile of one slot.
+
+    Shrink writes its fp32 sums (adds them atomically when K is split). EXPAND rounds x (float32)
+    to w's dtype before the dot and adds the sums into out in fp32, with one rounding to its dtype.
+    """
     slot, rows, tokens, mask_m, offs_n, mask_n = _slot_tile(
         tl.program_id(0),  # token block x output block
-        tl.program_id(1),  # active slot
+        tl.program_id(2),  # active slot
         active_slots_ptr,
         tokens_per_slot_ptr,
         segment_starts_ptr,
@@ -185,38 +127,50 @@ def _lora_expand_kernel(
     )
     if rows <= 0:
         return
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_first = tl.program_id(1) * BLOCK_K  # this program's share of a split K
+    if EXPAND:
+        k_first = 0  # expand never splits K; a constant start takes fewer registers
 
-    t_rows = t_ptr + tokens[:, None] * stride_tt  # [BLOCK_M, 1]
-    b_cols = lora_b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
+    w_cols = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + offs_r
-        mask_r = rs < R
-        t = tl.load(t_rows + rs[None, :] * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b = tl.load(b_cols + rs[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        t = t.to(lora_b_ptr.dtype.element_ty)  # tensor-core dot for fp16/bf16 adapters
-        acc = _dot(t, b, acc, DOT_FP32)  # [BLOCK_M, BLOCK_N]
+    for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EXPAND:
+            x = x.to(w_ptr.dtype.element_ty)  # tensor-core dot for fp16/bf16 adapters
+        acc = _dot(x, w, acc, DOT_FP32)  # [BLOCK_M, BLOCK_N]
 
-    out_ptrs = out_ptr + tokens[:, None] * stride_ot + (out_offset + offs_n)[None, :] * stride_on
+    cols = offs_n  # shrink writes all of out: its stores stay aligned
+    if EXPAND:
+        cols = out_offset + offs_n
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
-    current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    if EXPAND:
+        current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    elif SPLIT_K == 1:
+        tl.store(out_ptrs, acc * scale, mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc * scale, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # Host wrappers
 # ---------------------------------------------------------------------------------------------
 
-# Whether the kernels above run in the Triton interpreter (TRITON_INTERPRET=1 when triton was
+# Whether the kernel above runs in the Triton interpreter (TRITON_INTERPRET=1 when triton was
 # imported): `triton.jit` then returns an interpreted function instead of a `JITFunction`.
-INTERPRETED = not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(_sgmv_kernel, triton.runtime.JITFunction)
 
 
 def lora_shrink(
-    x: torch.Tensor,  # [T, K]
-    lora_a: torch.Tensor,  # [S, R, K]
-    slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
+    x: torch.Tensor,  # [T, K], unit stride in K
+    lora_a: torch.Tensor,  # [S, R, K], unit stride in K
+    slot_ids: torch.Tensor,  # [T] int32 or int64, -1 = no adapter
     scale: float,
     meta: LoraBatchMeta,
     out: torch.Tensor | None = None,  # [T, R] float32, written (allocated when None)
@@ -246,45 +200,17 @@ def lora_shrink(
     dot_fp32 = x.dtype != lora_a.dtype or _interpreted_bf16(x, lora_a)
     itemsize = 4 if x.dtype != lora_a.dtype else x.element_size()
     cfg = get_config("shrink", meta.max_tokens_per_slot, rank, x.device, itemsize)
-    block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
-    block_r = _fit(cfg.block_n, rank)
-    block_k = _fit(cfg.block_k, hidden)
+    block_r, block_k = _fit(cfg.block_n, rank), _fit(cfg.block_k, hidden)
     split_k = max(1, min(cfg.split_k, triton.cdiv(hidden, block_k)))
-    grid = (
-        triton.cdiv(meta.max_tokens_per_slot, block_m) * triton.cdiv(rank, block_r),
-        split_k,
-        meta.num_active,
-    )
-    with _on_device(x):
-        _lora_shrink_kernel[grid](
-            x,
-            lora_a,
-            out,
-            meta.sorted_token_ids,
-            meta.active_slots,
-            meta.tokens_per_slot,
-            meta.segment_starts,
-            hidden,
-            rank,
-            float(scale),
-            *x.stride(),
-            *lora_a.stride(),
-            *out.stride(),
-            BLOCK_M=block_m,
-            BLOCK_R=block_r,
-            BLOCK_K=block_k,
-            SPLIT_K=split_k,
-            DOT_FP32=dot_fp32,
-            **_launch_options(cfg),
-        )
+    _launch(x, lora_a, out, meta, cfg, block_r, block_k, split_k=split_k, dot_fp32=dot_fp32, scale=scale)
     return out
 
 
 def lora_expand(
-    out: torch.Tensor,  # [T, >= out_offset + N]
-    t: torch.Tensor,  # [T, R] float32
-    lora_b: torch.Tensor,  # [S, N, R]
-    slot_ids: torch.Tensor,  # [T] int32, -1 = no adapter
+    out: torch.Tensor,  # [T, >= out_offset + N], unit stride in N
+    t: torch.Tensor,  # [T, R] float32, unit stride in R
+    lora_b: torch.Tensor,  # [S, N, R], unit stride in R
+    slot_ids: torch.Tensor,  # [T] int32 or int64, -1 = no adapter
     out_offset: int,
     meta: LoraBatchMeta,
     workspace: LoraWorkspace | None = None,  # unused: the kernels need no scratch memory
@@ -318,32 +244,58 @@ def lora_expand(
         return
 
     cfg = get_config("expand", meta.max_tokens_per_slot, rank, out.device, lora_b.element_size())
+    block_n, block_r = _fit(cfg.block_n, width), _fit(cfg.block_k, rank)
+    dot_fp32 = _interpreted_bf16(lora_b)
+    _launch(
+        t, lora_b, out, meta, cfg, block_n, block_r, dot_fp32=dot_fp32, out_offset=out_offset, expand=True
+    )
+
+
+def _launch(
+    x: torch.Tensor,  # [T, K]
+    w: torch.Tensor,  # [S, N, K]
+    out: torch.Tensor,  # [T, >= out_offset + N]
+    meta: LoraBatchMeta,
+    cfg: LaunchConfig,
+    block_n: int,
+    block_k: int,
+    *,
+    dot_fp32: bool,
+    split_k: int = 1,
+    scale: float = 1.0,  # shrink
+    out_offset: int = 0,  # expand
+    expand: bool = False,
+) -> None:
+    """One `_sgmv_kernel` launch over the step's active slots, on checked arguments."""
+    width, reduction = w.shape[1], w.shape[2]
     block_m = _fit(cfg.block_m, meta.max_tokens_per_slot)
-    block_n = _fit(cfg.block_n, width)
-    block_r = _fit(cfg.block_k, rank)
     grid = (
         triton.cdiv(meta.max_tokens_per_slot, block_m) * triton.cdiv(width, block_n),
+        split_k,
         meta.num_active,
     )
-    with _on_device(out):
-        _lora_expand_kernel[grid](
-            t,
-            lora_b,
+    with _on_device(x):
+        _sgmv_kernel[grid](
+            x,
+            w,
             out,
             meta.sorted_token_ids,
             meta.active_slots,
             meta.tokens_per_slot,
             meta.segment_starts,
             width,
-            rank,
+            reduction,
             int(out_offset),
-            *t.stride(),
-            *lora_b.stride(),
+            float(scale),
+            *x.stride(),
+            *w.stride(),
             *out.stride(),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            BLOCK_R=block_r,
-            DOT_FP32=_interpreted_bf16(lora_b),
+            BLOCK_K=block_k,
+            SPLIT_K=split_k,
+            EXPAND=expand,
+            DOT_FP32=dot_fp32,
             **_launch_options(cfg),
         )
 
