@@ -41,8 +41,11 @@ def lora_shrink(
         out = torch.zeros(num_tokens, rank, dtype=F32, device=x.device)
     if not meta.host_groups:
         return out.zero_()
-    first = meta.host_segments[0][1]  # rows before it have no adapter
-    out[:first].zero_()
+    first = meta.host_segments[0][1]  # the first `first` rows in slot order have no adapter
+    if meta.in_order:
+        out[:first].zero_()
+    else:
+        out.index_fill_(0, meta.sorted_token_ids[:first], 0.0)
     n = num_tokens - first
     ws = workspace or LoraWorkspace.fitting(x, rank, 0, lora_a.dtype)
     rows = meta.sorted_token_ids[first:]  # [n] tokens with an adapter, in slot order

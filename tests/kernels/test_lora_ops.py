@@ -155,6 +155,19 @@ def test_all_rows_base_only_leave_output_untouched(dtype, backend):
     assert torch.equal(y, case.out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("slot_ids", [[1, -1, 0, -1, 2, 1], [-1, -1, 0, 1], [2, 0, -1]])
+def test_shrink_into_a_used_buffer_zeroes_every_row_without_an_adapter(backend, slot_ids):
+    """`out=` given (the engine's workspace, holding the last step's values): rows with slot -1 are
+    0 wherever they stand, also when the slots are not in order."""
+    case = make_case(len(slot_ids), 3, 8, 64, 32, torch.float32, slot_ids=slot_ids)
+    meta = make_batch_meta(case.slot_ids)
+    out = torch.full((len(slot_ids), 8), 7.0, device=DEVICE)
+    got = kernels.lora_shrink(case.x, case.lora_a, case.slot_ids, SCALE, meta=meta, backend=backend, out=out)
+    assert torch.all(got[case.slot_ids < 0] == 0)
+    assert_close(got, run_shrink(case, "torch"), torch.float32)
+
+
 @pytest.mark.parametrize(
     "slot_ids",
     [[2, 0, 1, -1, 0, 2, 1], [3, 3, -1, 3], [1, 2, 3, 0, 3]],
