@@ -10,29 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.workload import WorkloadSpec
-from inference_svc.demo_model import DEMO_SHAPE, TINY_SHAPE, write_demo_adapter, write_demo_model
+from inference_svc.demo_model import (
+    DEMO_SHAPE,
+    TINY_SHAPE,
+    llama_shape,
+    write_demo_adapter,
+    write_demo_model,
+)
 from loraserve.model_summary import ModelConfig
 
 SHAPES = {
     "tiny": TINY_SHAPE,
     "256": DEMO_SHAPE,
-    "512": dict(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=32000,
-    ),
-    "2048": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
+    "512": llama_shape(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=32000),
+    "2048": llama_shape(hidden=2048, intermediate=5632, layers=4, heads=16, kv_heads=4, vocab=32000),
 }
+# The fields of a trace-replaying scenario's Params that are WorkloadSpec fields of the same name.
+TRACE_FIELDS = ("rate", "cv", "num_requests", "input_len", "output_len", "seed")
 
 
 def model(workdir: Path, shape: str, **overrides) -> Path:
@@ -68,16 +62,9 @@ def adapters(
 
 
 def workload(p, num_adapters: int, alpha: float) -> WorkloadSpec:
-    """The trace spec of a scenario's Params `p` (its rate, cv, num_requests, input_len, output_len
-    and seed, prompts over the vocabulary of `p.shape`) over `num_adapters` with popularity `alpha`."""
+    """The trace spec of a scenario's Params `p` (its TRACE_FIELDS, prompts over the vocabulary of
+    `p.shape`) over `num_adapters` with popularity `alpha`."""
+    trace = {name: getattr(p, name) for name in TRACE_FIELDS}
     return WorkloadSpec(
-        num_adapters=num_adapters,
-        alpha=alpha,
-        rate=p.rate,
-        cv=p.cv,
-        num_requests=p.num_requests,
-        input_len=p.input_len,
-        output_len=p.output_len,
-        vocab_size=SHAPES[p.shape]["vocab_size"],
-        seed=p.seed,
+        num_adapters=num_adapters, alpha=alpha, vocab_size=SHAPES[p.shape]["vocab_size"], **trace
     )

@@ -19,6 +19,12 @@ class Slo:
     # Longest acceptable mean time per output token after the first, seconds.
     tpot_s: float
 
+    def met_by(self, r: RequestResult) -> bool:
+        """Whether `r` succeeded within both bounds (a one-token answer has no pace to bound)."""
+        if r.error is not None or r.ttft_s is None or r.ttft_s > self.ttft_s:
+            return False
+        return r.tpot_s is None or r.tpot_s <= self.tpot_s
+
 
 @dataclass(frozen=True)
 class RequestResult:
@@ -81,11 +87,5 @@ def summarize(results: list[RequestResult], slo: Slo | None = None) -> dict:
             out[f"{name}_p{q}_s"] = percentile(values, q)
     if slo is not None:
         out["slo_ttft_s"], out["slo_tpot_s"] = slo.ttft_s, slo.tpot_s
-        out["slo_attainment"] = sum(_meets(r, slo) for r in results) / max(len(results), 1)
+        out["slo_attainment"] = sum(slo.met_by(r) for r in results) / max(len(results), 1)
     return out
-
-
-def _meets(r: RequestResult, slo: Slo) -> bool:
-    if r.error is not None or r.ttft_s is None or r.ttft_s > slo.ttft_s:
-        return False
-    return r.tpot_s is None or r.tpot_s <= slo.tpot_s

@@ -35,6 +35,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_server_args(port: int, directory: Path) -> list[str]:
+    """A redis-server on loopback `port`, files in `directory`, no persistence, in the foreground."""
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    return args + ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+
+
+def poll(ready, transient: type[Exception], alive, timeout_s: float, interval_s: float, failure: str) -> None:
+    """Call `alive()` (it raises when a child died), then `ready()`, until `ready()` is true; an
+    exception of type `transient` counts as not yet. RuntimeError(`failure`) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive()
+        try:
+            if ready():
+                return
+        except transient:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(interval_s)
+
+
 class _Child:
     """A child process whose output goes to a log file; a context manager that stops it."""
 
@@ -77,27 +99,16 @@ class RedisServer(_Child):
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)]
-        args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
-        super().__init__(args, log or directory / "redis.log")
+        super().__init__(redis_server_args(self.port, directory), log or directory / "redis.log")
         self._wait_ready()
 
     def _wait_ready(self) -> None:
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 30
+        failure = f"redis-server on port {self.port} did not answer within 30 s"
         try:
-            while True:
-                self.check_alive()
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not answer within 30 s")
-                time.sleep(0.05)
+            poll(client.ping, redis.RedisError, self.check_alive, 30, 0.05, failure)
         finally:
             client.close()
 
@@ -147,22 +158,15 @@ class Service(_Child):
         return cls("adapter_svc", flags, log, port)
 
     def _wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self.check_alive()
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{self.args[2]} on {self.address} not SERVING after {START_TIMEOUT_S} s"
-                    )
-                time.sleep(0.1)
+
+            def serving() -> bool:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                return status == health_pb2.HealthCheckResponse.SERVING
+
+            failure = f"{self.args[2]} on {self.address} not SERVING after {START_TIMEOUT_S} s"
+            poll(serving, grpc.RpcError, self.check_alive, START_TIMEOUT_S, 0.1, failure)
 
 
 class RedisClusterServer:
@@ -183,8 +187,7 @@ class RedisClusterServer:
             for port in self.ports:
                 node_dir = directory / str(port)
                 node_dir.mkdir(parents=True, exist_ok=True)
-                args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)]
-                args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+                args = redis_server_args(port, node_dir)
                 args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
                 args += ["--cluster-node-timeout", "5000"]
                 self.nodes.append(_Child(args, node_dir / "redis.log"))
@@ -202,18 +205,12 @@ class RedisClusterServer:
     def _wait(self, check, what: str, timeout_s: float = 60.0) -> None:
         import redis
 
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def alive() -> None:
             for node in self.nodes:
                 node.check_alive()
-            try:
-                if check():
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis Cluster in {self.directory}: no {what} after {timeout_s} s")
-            time.sleep(0.1)
+
+        failure = f"Redis Cluster in {self.directory}: no {what} after {timeout_s} s"
+        poll(check, redis.RedisError, alive, timeout_s, 0.1, failure)
 
     def _healthy(self) -> bool:
         import redis

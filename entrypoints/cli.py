@@ -91,6 +91,16 @@ def manager(args: argparse.Namespace):
     return conn, adapter_pb2_grpc.AdapterServiceStub(conn.channel)
 
 
+def call_for_adapter(args: argparse.Namespace, method: str, request_type: str, **fields):
+    """The manager's answer to `method` with an `adapter_pb2.<request_type>` for `args.adapter_id`
+    and `fields`."""
+    from loraserve.v1 import adapter_pb2
+
+    conn, stub = manager(args)
+    request = getattr(adapter_pb2, request_type)(adapter_id=args.adapter_id, **fields)
+    return conn.call(getattr(stub, method), request)
+
+
 def replica(args: argparse.Namespace, target: str | None = None):
     from loraserve.v1 import inference_pb2_grpc
 
@@ -194,11 +204,7 @@ def _upload_messages(adapter_id: str, path: Path, tenant: str, metadata: dict) -
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
-    from loraserve.v1 import adapter_pb2
-
-    conn, stub = manager(args)
-    request = adapter_pb2.UnregisterAdapterRequest(adapter_id=args.adapter_id, force=args.force)
-    response = conn.call(stub.UnregisterAdapter, request)
+    response = call_for_adapter(args, "UnregisterAdapter", "UnregisterAdapterRequest", force=args.force)
     evicted = f" (evicted from {', '.join(response.evicted_from)})" if response.evicted_from else ""
     print(f"unregistered {args.adapter_id}{evicted}")
     return 0
@@ -235,44 +241,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    from loraserve.v1 import adapter_pb2
-
-    conn, stub = manager(args)
-    response = conn.call(stub.PinAdapter, adapter_pb2.PinAdapterRequest(adapter_id=args.adapter_id))
+    response = call_for_adapter(args, "PinAdapter", "PinAdapterRequest")
     print(f"pinned {args.adapter_id} on {', '.join(response.replica_ids) or 'no replica yet'}")
     return 0
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
-    from loraserve.v1 import adapter_pb2
-
-    conn, stub = manager(args)
-    conn.call(stub.UnpinAdapter, adapter_pb2.UnpinAdapterRequest(adapter_id=args.adapter_id))
+    call_for_adapter(args, "UnpinAdapter", "UnpinAdapterRequest")
     print(f"unpinned {args.adapter_id}")
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from loraserve.v1 import adapter_pb2
-
-    conn, stub = manager(args)
-    request = adapter_pb2.ClusterLoadAdapterRequest(
-        adapter_id=args.adapter_id, replica_id=args.on, to_slot=args.to_slot
+    response = call_for_adapter(
+        args, "LoadAdapter", "ClusterLoadAdapterRequest", replica_id=args.on, to_slot=args.to_slot
     )
-    response = conn.call(stub.LoadAdapter, request)
     where = f"slot {response.adapter.slot}" if response.adapter.HasField("slot") else "host cache"
     print(f"loaded {args.adapter_id} on {response.replica_id} ({where})")
     return 0
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
-    from loraserve.v1 import adapter_pb2
-
-    conn, stub = manager(args)
-    request = adapter_pb2.ClusterEvictAdapterRequest(
-        adapter_id=args.adapter_id, replica_id=args.on, force=args.force
+    response = call_for_adapter(
+        args, "EvictAdapter", "ClusterEvictAdapterRequest", replica_id=args.on, force=args.force
     )
-    response = conn.call(stub.EvictAdapter, request)
     if response.evicted_from:
         print(f"evicted {args.adapter_id} from {', '.join(response.evicted_from)}")
     else:

@@ -17,23 +17,22 @@ from safetensors.torch import save_file
 from loraserve.engine_limits import ALL_TARGET_MODULES
 from loraserve.model_summary import ModelConfig
 
-DEMO_SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=258,
-)
+
+def llama_shape(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    """The config.json fields that size a Llama-style model (`write_demo_model` adds the rest)."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+    }
+
+
+DEMO_SHAPE = llama_shape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=258)
 # The smallest shape that still has grouped-query attention: tests and smoke runs.
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=258,
-)
+TINY_SHAPE = llama_shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=258)
 BOS_ID, EOS_ID = 256, 257
 # A Zephyr-style chat template for the demo tokenizer (written into tokenizer_config.json).
 DEMO_CHAT_TEMPLATE = (

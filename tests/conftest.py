@@ -29,7 +29,7 @@ def hf_checkpoint(request, tmp_path_factory):
     return kind, model_dir, adapters
 
 
-# --- the servers' tests (adapter_svc/, reliability/; inference_svc/ overrides model_dir) ----------
+# --- the servers' tests (adapter_svc/, reliability/; inference_svc/ overrides adapter_root) -------
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import grpc
+import pytest
 import redis
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,6 +75,13 @@ def wait_for(predicate, what: str, timeout: float = TIMEOUT_S, interval: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def assert_rejected(config_class, fields: dict, message: str) -> None:
+    """`config_class(**fields)` raises ValueError, and `message` is part of what it says."""
+    with pytest.raises(ValueError) as e:
+        config_class(**fields)
+    assert message in str(e.value)
 
 
 # --- model and adapters ---------------------------------------------------------------------------
@@ -465,6 +473,17 @@ class ManagerProcess(ServeProcess):
         if config.model_config:
             args += ["--model-config", config.model_config]
         super().__init__("adapter_svc", args, port, log)
+
+
+def manager_process_and_replica(
+    loop: LoopThread, config: ManagerConfig, port: int, model_dir: Path, log: Path
+) -> tuple[ManagerProcess, grpc.Channel, adapter_pb2_grpc.AdapterServiceStub, ReplicaHandle]:
+    """A manager process on `port`, a channel and stub to that port (they reach a manager started
+    there again too), and an in-process replica `r1` joined to it."""
+    process = ManagerProcess(config, port, log)
+    channel = grpc.insecure_channel(process.address)
+    replica = ReplicaHandle(loop, model_dir, process.address, "r1")
+    return process, channel, adapter_pb2_grpc.AdapterServiceStub(channel), replica
 
 
 class ReplicaProcess(ServeProcess):

@@ -27,21 +27,20 @@ from bench.metrics import percentile, summarize
 from bench.procs import RedisServer, Service, _Child, free_port
 from bench.report import Goal, ScenarioResult, Table
 from bench.workload import generate, offline_hits, write_trace
-from loraserve.front_door import GRPC_CLUSTER, FrontDoorConfig, envoy_binary, render
+from loraserve.front_door import GRPC_CLUSTER, MODES, FrontDoorConfig, envoy_binary, render
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 NAME = "front-door"
 TITLE = "8. Front door: endpoint picker vs Maglev hash vs round-robin over three replicas"
-MODES = ("picker", "maglev", "round_robin")
 LATENCY_MODES = ("maglev", "picker")  # the door's added latency: Envoy alone, Envoy + the picker
 START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
 class Params:
+    replicas: int = 3  # behind the door, each with its own slots and host cache
     shape: str = "tiny"
     rank: int = 8
-    replicas: int = 3
     num_adapters: int = 200
     alpha: float = 0.3  # S-LoRA's skewed popularity
     max_loras: int = 4

@@ -83,14 +83,13 @@ def measure_shape(ctx, p: Params, shape: str, bar) -> dict:
                 keep("peft", "prefill", n, peft.prefill_tokens_per_s(batch_prompts, peft_names))
             bar.update(1)
     systems = ("ours", "peft") if peft is not None else ("ours",)
-    out = {"shape": shape, "hidden": engine.model_config.hidden_size, "tokens_per_s": {}, "ratio": {}}
-    for system in systems:
-        for phase in ("decode", "prefill"):
-            for n in counts:
-                key = f"{system}/{phase}/{n}"
-                out["tokens_per_s"][key] = best[system, phase, n]
-                out["ratio"][key] = best[system, phase, n] / best[system, phase, 0]
-    return out
+    keys = [(system, phase, n) for system in systems for phase in ("decode", "prefill") for n in counts]
+    return {
+        "shape": shape,
+        "hidden": engine.model_config.hidden_size,
+        "tokens_per_s": {f"{s}/{phase}/{n}": best[s, phase, n] for s, phase, n in keys},
+        "ratio": {f"{s}/{phase}/{n}": best[s, phase, n] / best[s, phase, 0] for s, phase, n in keys},
+    }
 
 
 def run(ctx, p: Params) -> ScenarioResult:

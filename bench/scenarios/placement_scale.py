@@ -214,34 +214,37 @@ def _latency_table(runs: list[dict], labels: list[str]) -> Table:
     return Table("Latency p50 / p99 (ms, wall clock around the real call)", ["call", *labels], rows)
 
 
+def _per_scale(title: str, columns: list[str], runs: list[dict], labels: list[str], cells) -> Table:
+    """A table with a row per scale: its label, then `cells(run)`."""
+    return Table(title, columns, [[label, *cells(run)] for label, run in zip(labels, runs)])
+
+
 def _hits_table(runs: list[dict], labels: list[str]) -> Table:
     columns = ["scale", "requests decided", "distinct adapters asked", "slots", "host entries"]
     columns += ["slot hits", "host hits", "joined a load", "cold loads", "hit rate (slot or host)"]
-    rows = []
-    for label, run in zip(labels, runs):
+
+    def cells(run: dict) -> list:
         o, c = run["outcomes"], run["capacity"]
-        rows.append(
-            [
-                label, f"{run['decided']} / {run['config']['requests']}", c["distinct_adapters_asked"], c["slots"],
-                c["host_entries"], o.get("slot hit", 0), o.get("host hit", 0), o.get("joins a load", 0),
-                o.get("cold load", 0), run["hit_rate"]["slot_or_host"],
-            ]
-        )  # fmt: skip
-    return Table("Hit rate against capacity", columns, rows)
+        return [
+            f"{run['decided']} / {run['config']['requests']}", c["distinct_adapters_asked"], c["slots"],
+            c["host_entries"], o.get("slot hit", 0), o.get("host hit", 0), o.get("joins a load", 0),
+            o.get("cold load", 0), run["hit_rate"]["slot_or_host"],
+        ]  # fmt: skip
+
+    return _per_scale("Hit rate against capacity", columns, runs, labels, cells)
 
 
 def _memory_table(runs: list[dict], labels: list[str]) -> Table:
     columns = ["scale", "Redis", "busiest primary's share", "register s", "bytes per adapter"]
     columns += ["of which event stream", "join s", "drive wall s", "simulated s", "anomalies"]
-    rows = []
-    for label, run in zip(labels, runs):
+
+    def cells(run: dict) -> list:
         reg, drive = run["register"], run["drive"]
         anomalies = ", ".join(f"{k}: {v}" for k, v in run["anomalies"].items()) or "none"
-        rows.append(
-            [
-                label, f"{run['redis']} ({run['primaries']} primaries)", drive["busiest_primary_share"], reg["seconds"], reg["memory_bytes_per_adapter"],
-                round(reg["events_stream_bytes"] / run["config"]["adapters"], 1), run["join"]["seconds"],
-                drive["wall_s"], drive["simulated_s"], anomalies,
-            ]
-        )  # fmt: skip
-    return Table("Memory in Redis, time, anomalies", columns, rows)
+        return [
+            f"{run['redis']} ({run['primaries']} primaries)", drive["busiest_primary_share"], reg["seconds"],
+            reg["memory_bytes_per_adapter"], round(reg["events_stream_bytes"] / run["config"]["adapters"], 1),
+            run["join"]["seconds"], drive["wall_s"], drive["simulated_s"], anomalies,
+        ]  # fmt: skip
+
+    return _per_scale("Memory in Redis, time, anomalies", columns, runs, labels, cells)

@@ -25,11 +25,12 @@ TITLE = "3. Scale in adapters: throughput, hit rates per tier, loads/s"
 
 @dataclass(frozen=True)
 class Params:
-    shape: str = "256"
-    rank: int = 16
+    # The sweep: a trace per registered count and popularity, replayed through each config.
     registered: tuple[int, ...] = (10, 100, 1000)
     alphas: tuple[float, ...] = (0.3, 1.0)  # popularity: skewed, uniform
     configs: tuple[str, ...] = ("1/8", "4/16", "16/64")  # max_loras/max_cpu_loras
+    shape: str = "256"
+    rank: int = 16
     num_requests: int = 48
     rate: float = 64.0
     cv: float = 1.0
@@ -41,17 +42,9 @@ class Params:
 
 
 SMOKE = Params(
-    shape="tiny",
-    rank=4,
-    registered=(4, 16),
-    configs=("1/2", "2/4"),
-    num_requests=8,
-    rate=100.0,
-    input_len=(4, 8),
-    output_len=(2, 4),
-    max_num_seqs=4,
-    repeats=1,
-)
+    registered=(4, 16), configs=("1/2", "2/4"), shape="tiny", rank=4, max_num_seqs=4, repeats=1,
+    num_requests=8, rate=100.0, input_len=(4, 8), output_len=(2, 4),
+)  # fmt: skip
 
 
 def _ratio(hits: int, misses: int) -> float:

@@ -16,7 +16,7 @@ import pytest
 from adapter_svc.cli import add_manager_flags, manager_config_from
 from adapter_svc.config import ManagerConfig
 
-from harness import ManagerProcess, free_port, manager_config
+from harness import ManagerProcess, assert_rejected, free_port, manager_config
 
 
 @pytest.mark.parametrize(
@@ -44,9 +44,7 @@ from harness import ManagerProcess, free_port, manager_config
     ],
 )
 def test_invalid_settings_name_field_value_and_rule(fields, message):
-    with pytest.raises(ValueError) as e:
-        ManagerConfig(**fields)
-    assert message in str(e.value)
+    assert_rejected(ManagerConfig, fields, message)
 
 
 def test_ttl_defaults_to_one_and_a_half_heartbeats():

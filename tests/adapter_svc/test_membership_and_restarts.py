@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 
 from loraserve.v1 import adapter_pb2 as pb
-from loraserve.v1 import adapter_pb2_grpc
 
 from harness import (
     TIMEOUT_S,
@@ -17,6 +16,7 @@ from harness import (
     free_port,
     in_sync,
     manager_config,
+    manager_process_and_replica,
     mirror,
     register,
     replica_state,
@@ -78,10 +78,9 @@ def test_killed_replica_is_marked_down_within_two_heartbeats_and_reconciled_on_r
 def test_manager_restart_loses_nothing(loop, redis_proc, tmp_path, adapter_root, adapters, model_dir):
     config = manager_config(redis_proc.url, tmp_path, adapter_root, model_dir)
     port = free_port()
-    first = ManagerProcess(config, port, tmp_path / "manager1.log")
-    channel = grpc.insecure_channel(first.address)
-    stub = adapter_pb2_grpc.AdapterServiceStub(channel)
-    replica = ReplicaHandle(loop, model_dir, first.address, "r1")
+    first, channel, stub, replica = manager_process_and_replica(
+        loop, config, port, model_dir, tmp_path / "manager1.log"
+    )
     try:
         for i in range(3):
             register(stub, f"ad-{i}", adapters[f"ad-{i}"], tenant="acme", metadata={"n": str(i)})

@@ -22,16 +22,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def spec(**overrides) -> WorkloadSpec:
     base = dict(
-        num_adapters=100,
-        alpha=0.3,
-        rate=8.0,
-        cv=1.0,
-        num_requests=50,
-        input_len=(8, 64),
-        output_len=(4, 16),
-        vocab_size=258,
-        seed=3,
-    )
+        num_adapters=100, alpha=0.3, rate=8.0, cv=1.0, num_requests=50,
+        input_len=(8, 64), output_len=(4, 16), vocab_size=258, seed=3,
+    )  # fmt: skip
     return WorkloadSpec(**{**base, **overrides})
 
 

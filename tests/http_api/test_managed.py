@@ -9,8 +9,8 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import replica_token, write_tokens
-from harness import TIMEOUT_S, ManagerHandle, RedisProcess, ReplicaHandle, manager_config, register
+from credentials import authenticated_replica, write_tokens
+from harness import TIMEOUT_S, ManagerHandle, RedisProcess, manager_config, register
 from http_clients import client
 
 TENANTS = {"ad-0": "acme", "ad-1": "acme", "ad-2": "globex", "ad-3": ""}
@@ -37,14 +37,8 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
         variants = [pb.AliasVariant(adapter_id=a, weight=50), pb.AliasVariant(adapter_id=b, weight=50)]
         alias = pb.SetAliasRequest(alias=pb.Alias(name=name, variants=variants))
         manager.stub.SetAlias(alias, timeout=TIMEOUT_S, metadata=admin)
-    replica = ReplicaHandle(
-        loop,
-        model_dir,
-        manager.address,
-        "r-http",
-        security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-http")),
-        server_overrides={"http_port": 0, "served_model_name": "tiny"},
-    )
+    overrides = {"http_port": 0, "served_model_name": "tiny"}
+    replica = authenticated_replica(manager, model_dir, "r-http", tokens, server_overrides=overrides)
     yield manager, replica, tokens
     replica.close()
     manager.close()

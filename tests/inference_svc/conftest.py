@@ -1,7 +1,6 @@
 import pytest
 
 from harness import start_server, write_model_and_adapters
-from helpers import tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +15,6 @@ def served(grpc_model):
     server = start_server(*grpc_model)
     yield server
     server.close()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny Llama-style demo model, written once per test module."""
-    return tiny_model(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

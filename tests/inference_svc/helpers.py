@@ -2,7 +2,7 @@
 
 from inference_svc.adapter_cache import HOST_LRU
 from inference_svc.config import EngineConfig
-from inference_svc.demo_model import TINY_SHAPE, write_demo_adapter, write_demo_model
+from inference_svc.demo_model import write_demo_adapter
 from inference_svc.engine import LLMEngine
 
 # config.json of a tiny Llama-style model, for tests that read only the config
@@ -17,10 +17,6 @@ TINY_CONFIG_JSON = {
     "max_position_embeddings": 128,
     "torch_dtype": "float32",
 }
-
-
-def tiny_model(root):
-    return write_demo_model(root / "model", **TINY_SHAPE)
 
 
 def tiny_engine(

@@ -11,6 +11,7 @@ from inference_svc.config import EngineConfig
 from inference_svc.memory_plan import compute_plan, human_bytes
 from loraserve.model_summary import ModelConfig
 
+from harness import assert_rejected
 from helpers import TINY_CONFIG_JSON
 
 
@@ -40,9 +41,7 @@ from helpers import TINY_CONFIG_JSON
     ],
 )
 def test_invalid_settings_name_field_value_and_rule(kwargs, message):
-    with pytest.raises(ValueError) as err:
-        EngineConfig(**kwargs)
-    assert message in str(err.value)
+    assert_rejected(EngineConfig, kwargs, message)
 
 
 def test_defaults_follow_the_anchors():

@@ -16,7 +16,7 @@ from inference_svc.sampling import SamplingParams
 from inference_svc.tokenizer import ChatPrompt
 from loraserve.v1 import inference_pb2
 
-from harness import TIMEOUT_S, offline_engine, start_server, write_model_and_adapters
+from harness import TIMEOUT_S, offline_engine, write_model_and_adapters
 
 CHECKPOINT_MAX_TOKENS = 6
 HISTORY = [
@@ -28,7 +28,8 @@ HISTORY = [
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
+def grpc_model(tmp_path_factory):
+    """The model and adapters `served` serves here: the conftest's, with a generation_config.json."""
     model_dir, adapters = write_model_and_adapters(tmp_path_factory.mktemp("chat"))
     generation_config = {"temperature": 0.0, "max_new_tokens": CHECKPOINT_MAX_TOKENS}
     (model_dir / "generation_config.json").write_text(json.dumps(generation_config))
@@ -36,15 +37,8 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(chat_model):
-    served = start_server(*chat_model)
-    yield served
-    served.close()
-
-
-@pytest.fixture(scope="module")
-def offline(chat_model):
-    return offline_engine(*chat_model)
+def offline(grpc_model):
+    return offline_engine(*grpc_model)
 
 
 def chat_request(turns, adapter_id="", **chat) -> inference_pb2.GenerateRequest:
@@ -70,18 +64,18 @@ def hf_chat_ids(model_dir, turns, add_generation_prompt=True) -> list[int]:
 
 
 @pytest.mark.parametrize("adapter_id", ["", "demo-1"])
-def test_messages_generate_what_the_offline_engine_does(server, offline, chat_model, adapter_id):
-    tokens, last = collect(server.stub, chat_request(HISTORY, adapter_id))
+def test_messages_generate_what_the_offline_engine_does(served, offline, grpc_model, adapter_id):
+    tokens, last = collect(served.stub, chat_request(HISTORY, adapter_id))
     prompt = ChatPrompt(tuple({"role": r, "content": c} for r, c in HISTORY))
     want = offline.generate(
         [prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), [adapter_id or None]
     )
     assert tokens == want[0].token_ids
-    assert last.usage.prompt_tokens == len(hf_chat_ids(chat_model[0], HISTORY))
+    assert last.usage.prompt_tokens == len(hf_chat_ids(grpc_model[0], HISTORY))
 
-    _, last = collect(server.stub, chat_request(HISTORY, adapter_id, add_generation_prompt=False))
-    assert last.usage.prompt_tokens == len(hf_chat_ids(chat_model[0], HISTORY, add_generation_prompt=False))
-    assert last.usage.prompt_tokens == len(hf_chat_ids(chat_model[0], HISTORY)) - len("<|assistant|>\n")
+    _, last = collect(served.stub, chat_request(HISTORY, adapter_id, add_generation_prompt=False))
+    assert last.usage.prompt_tokens == len(hf_chat_ids(grpc_model[0], HISTORY, add_generation_prompt=False))
+    assert last.usage.prompt_tokens == len(hf_chat_ids(grpc_model[0], HISTORY)) - len("<|assistant|>\n")
 
 
 @pytest.mark.parametrize(
@@ -102,17 +96,17 @@ def test_messages_generate_what_the_offline_engine_does(server, offline, chat_mo
         ),
     ],
 )
-def test_template_errors_are_invalid_argument(server, req, details):
+def test_template_errors_are_invalid_argument(served, req, details):
     with pytest.raises(grpc.RpcError) as caught:
-        collect(server.stub, req)
+        collect(served.stub, req)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(details)
-    assert server.on_engine(lambda engine: not engine.has_unfinished_requests())
+    assert served.on_engine(lambda engine: not engine.has_unfinished_requests())
 
 
-def test_generation_config_defaults_apply_when_unset(server, offline):
+def test_generation_config_defaults_apply_when_unset(served, offline):
     unset = inference_pb2.GenerateRequest(text="Hello", params=inference_pb2.SamplingParams(ignore_eos=True))
-    tokens, last = collect(server.stub, unset)
+    tokens, last = collect(served.stub, unset)
     greedy = SamplingParams(max_tokens=CHECKPOINT_MAX_TOKENS, temperature=0, ignore_eos=True)
     assert tokens == offline.generate(["Hello"], greedy)[0].token_ids  # greedy and 6 tokens: the file's
     assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
@@ -121,17 +115,17 @@ def test_generation_config_defaults_apply_when_unset(server, offline):
         text="Hello",
         params=inference_pb2.SamplingParams(max_tokens=3, temperature=1.0, seed=7, ignore_eos=True),
     )
-    tokens, _ = collect(server.stub, set_fields)
+    tokens, _ = collect(served.stub, set_fields)
     sampled = SamplingParams(max_tokens=3, temperature=1.0, seed=7, ignore_eos=True)
     assert tokens == offline.generate(["Hello"], sampled)[0].token_ids  # the request's values win
 
 
-def test_cli_generate_chat(server, chat_model, capsys):
-    argv = ["generate", "--replica", server.address, "--max-tokens", "4", "--ignore-eos"]
+def test_cli_generate_chat(served, grpc_model, capsys):
+    argv = ["generate", "--replica", served.address, "--max-tokens", "4", "--ignore-eos"]
     code = cli_main([*argv, "--chat", "--system", "Answer briefly.", "What is LoRA?"])
     _, err = capsys.readouterr()
     assert code == 0, err
-    n_prompt = len(hf_chat_ids(chat_model[0], [("system", "Answer briefly."), ("user", "What is LoRA?")]))
+    n_prompt = len(hf_chat_ids(grpc_model[0], [("system", "Answer briefly."), ("user", "What is LoRA?")]))
     assert re.search(rf"\[base model: {n_prompt} prompt \+ 4 tokens, finish length", err), err
 
     with pytest.raises(SystemExit) as exited:

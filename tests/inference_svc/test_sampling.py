@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_leaves
 from inference_svc.errors import InvalidRequest
 from inference_svc.sampling import SamplingParams, apply_penalties, sample, sampling_probs
 
-from helpers import run_to_completion, tiny_engine, tiny_model, tokens_of
+from harness import write_model
+from helpers import run_to_completion, tiny_engine, tokens_of
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -21,7 +22,7 @@ PROMPT = [10, 20, 30, 40]
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("s")
-    return tiny_engine(tiny_model(root), root / "adapters", 2)
+    return tiny_engine(write_model(root), root / "adapters", 2)
 
 
 def generate(engine, params, adapter=None, prompt=PROMPT):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import launch_configs
-from kernels.metadata import make_batch_meta
+from kernels.metadata import LoraBatchMeta, make_batch_meta
 
 from tolerances import assert_close
 
@@ -119,21 +119,22 @@ SWEEP_TOKENS = [1, 7, 64]
 SWEEP_HIDDEN = [(128, 64), (100, 33), (520, 200)]
 
 
-@pytest.mark.parametrize("hidden_in,hidden_out", SWEEP_HIDDEN)
-@pytest.mark.parametrize("num_tokens", SWEEP_TOKENS)
-@pytest.mark.parametrize("num_slots", SWEEP_SLOTS)
-@pytest.mark.parametrize("rank", SWEEP_RANKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def sweep(test):
+    """`test` over dtype x rank x slots x tokens x hidden (ids in that order)."""
+    test = pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+    test = pytest.mark.parametrize("rank", SWEEP_RANKS)(test)
+    test = pytest.mark.parametrize("num_slots", SWEEP_SLOTS)(test)
+    test = pytest.mark.parametrize("num_tokens", SWEEP_TOKENS)(test)
+    return pytest.mark.parametrize("hidden_in,hidden_out", SWEEP_HIDDEN)(test)
+
+
+@sweep
 def test_shrink_matches_reference(dtype, rank, num_slots, num_tokens, hidden_in, hidden_out):
     case = make_case(num_tokens, num_slots, rank, hidden_in, hidden_out, dtype, seed=rank + num_tokens)
     check_shrink(case, dtype)
 
 
-@pytest.mark.parametrize("hidden_in,hidden_out", SWEEP_HIDDEN)
-@pytest.mark.parametrize("num_tokens", SWEEP_TOKENS)
-@pytest.mark.parametrize("num_slots", SWEEP_SLOTS)
-@pytest.mark.parametrize("rank", SWEEP_RANKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@sweep
 def test_expand_matches_reference(dtype, rank, num_slots, num_tokens, hidden_in, hidden_out):
     case = make_case(
         num_tokens, num_slots, rank, hidden_in, hidden_out, dtype, seed=rank, width=hidden_out + 10
@@ -331,24 +332,22 @@ BAD_EXPAND_ARGS = [
 ]
 
 
-def valid_case() -> Case:
-    return make_case(6, 3, 8, 16, 12, torch.float16, slot_ids=[0, 2, -1, 1, 2, 0])
+def bad_case(bad) -> tuple[Case, LoraBatchMeta]:
+    """A valid case with `bad`'s replacements, and the batch metadata of the valid one."""
+    case = make_case(6, 3, 8, 16, 12, torch.float16, slot_ids=[0, 2, -1, 1, 2, 0])
+    return replace(case, **bad(case)), make_batch_meta(case.slot_ids)
 
 
 @pytest.mark.parametrize("bad,message", BAD_SHRINK_ARGS, ids=[m for _, m in BAD_SHRINK_ARGS])
 def test_shrink_rejects_bad_arguments(bad, message):
-    case = valid_case()
-    meta = make_batch_meta(case.slot_ids)
-    case = replace(case, **bad(case))
+    case, meta = bad_case(bad)
     with pytest.raises(ValueError, match=message):
         kernels.lora_shrink(case.x, case.lora_a, case.slot_ids, meta=meta, backend="triton")
 
 
 @pytest.mark.parametrize("bad,message", BAD_EXPAND_ARGS, ids=[m for _, m in BAD_EXPAND_ARGS])
 def test_expand_rejects_bad_arguments(bad, message):
-    case = valid_case()
-    meta = make_batch_meta(case.slot_ids)
-    case = replace(case, **bad(case))
+    case, meta = bad_case(bad)
     with pytest.raises(ValueError, match=message):
         kernels.lora_expand(case.out, case.t, case.lora_b, case.slot_ids, meta=meta, backend="triton")
 

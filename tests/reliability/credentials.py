@@ -1,5 +1,6 @@
 """Credentials for the security tests: token files and certificates (a CA, a node certificate, a
-rogue CA), and TLS client channels. The servers themselves come from `harness`."""
+rogue CA), TLS client channels, and a replica that authenticates with its own token. The servers
+themselves come from `harness`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from loraserve.auth import hash_token, token_metadata
+from loraserve.security import SecurityConfig
+
+from harness import ManagerHandle, ReplicaHandle
 
 # --- tokens -------------------------------------------------------------------------------------
 
@@ -87,6 +91,16 @@ def tenant_token(tenant: str) -> str:
 def replica_token(replica_id: str) -> str:
     """The service token bound to `replica_id` (see `write_tokens`)."""
     return f"{replica_id}-replica-token-0123456789"
+
+
+def authenticated_replica(
+    manager: ManagerHandle, model_dir: Path, replica_id: str, tokens: Tokens, **kwargs
+) -> ReplicaHandle:
+    """A replica joined to `manager` with authentication on: it checks its callers against
+    `tokens`' file and calls the manager with the service token bound to `replica_id`; `kwargs`
+    are further ReplicaHandle arguments."""
+    security = SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token(replica_id))
+    return ReplicaHandle(manager.loop, model_dir, manager.address, replica_id, security=security, **kwargs)
 
 
 # --- certificates -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import replica_token, write_tokens
+from credentials import authenticated_replica, replica_token, write_tokens
 from harness import (
     INFERENCE,
     MANAGER,
@@ -71,13 +71,7 @@ def cluster(loop, tmp_path_factory, model_dir, adapters, adapter_root):
         register(manager.stub, "ad-0", adapters["ad-0"], call_metadata=admin, tenant="acme")
         register(manager.stub, "ad-1", adapters["ad-1"], call_metadata=admin, tenant="globex")
         register(manager.stub, "ad-2", adapters["ad-2"], call_metadata=admin)  # no tenant: admins only
-        replica = ReplicaHandle(
-            loop,
-            model_dir,
-            manager.address,
-            "r-auth",
-            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-auth")),
-        )
+        replica = authenticated_replica(manager, model_dir, "r-auth", tokens)
         yield tokens, manager, replica, redis_proc
     finally:
         if replica is not None:

@@ -19,7 +19,6 @@ from adapter_svc.blobs import BlobStore
 from inference_svc.demo_model import write_demo_adapter
 from loraserve.model_summary import ModelConfig
 from loraserve.v1 import adapter_pb2 as pb
-from loraserve.v1 import adapter_pb2_grpc
 
 from harness import (
     TIMEOUT_S,
@@ -32,6 +31,7 @@ from harness import (
     in_sync,
     long_request,
     manager_config,
+    manager_process_and_replica,
     mirror,
     register,
     replica_state,
@@ -43,7 +43,9 @@ from harness import (
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def report(fault: str, **figures) -> None:
+def report(fault: str, registered_lost: int, **figures) -> None:
+    """Print what `fault` cost (run with -s): `figures`, then how many registered adapters it lost."""
+    figures["registered_lost"] = registered_lost
     print(
         f"\nFAULT {fault}: "
         + ", ".join(f"{k}={v:.2f}s" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
@@ -57,6 +59,12 @@ def registry(stub) -> list[tuple]:
         (a.adapter_id, a.sha256, a.tenant, tuple(sorted(a.metadata.items())), a.pinned)
         for a in listed.adapters
     ]
+
+
+def lost(before: list[tuple], stub) -> int:
+    """How many of the adapters in `before` (a `registry`) the registry behind `stub` no longer
+    holds as they were."""
+    return len(set(before) - set(registry(stub)))
 
 
 def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, adapters, model_dir):
@@ -106,12 +114,12 @@ def test_replica_sigkilled_mid_stream(loop, redis_proc, tmp_path, adapter_root, 
         assert registry(manager.stub) == before
         report(
             "replica SIGKILL mid-stream",
+            lost(before, manager.stub),
             stream_error=code.name,
             client_saw_error_after=client_saw,
             new_call_refused_after=new_call,
             marked_down_after=marked_down,
             serving_again_after=back,
-            registered_lost=len(set(before) - set(registry(manager.stub))),
         )
     finally:
         if replica is not None:
@@ -174,11 +182,11 @@ def test_redis_killed_and_restarted(loop, redis_proc, tmp_path, adapter_root, ad
         in_sync(manager.stub, "r1", replica.stub)
         report(
             "redis SIGKILL + restart",
+            lost(before, manager.stub),
             manager_answered=code.name,
             unavailable_answer_after=answered,
             outage=restarted - killed,
             manager_recovered_after_restart=recovered,
-            registered_lost=len(set(before) - set(registry(manager.stub))),
         )
     finally:
         if replica is not None:
@@ -202,10 +210,9 @@ def test_manager_sigkilled_mid_upload(loop, redis_proc, tmp_path, adapter_root, 
         (big / "adapter_config.json").read_bytes(),
     )
     port = free_port()
-    first = ManagerProcess(config, port, tmp_path / "manager1.log")
-    channel = grpc.insecure_channel(first.address)
-    stub = adapter_pb2_grpc.AdapterServiceStub(channel)
-    replica = ReplicaHandle(loop, model_dir, first.address, "r1")
+    first, channel, stub, replica = manager_process_and_replica(
+        loop, config, port, model_dir, tmp_path / "manager1.log"
+    )
     try:
         register(stub, "ad-0", adapters["ad-0"], tenant="acme")
         replica.generate("ad-0")
@@ -268,12 +275,12 @@ def test_manager_sigkilled_mid_upload(loop, redis_proc, tmp_path, adapter_root, 
             assert [a[0] for a in registry(stub)] == ["ad-0", "half"]
             report(
                 "manager SIGKILL mid-upload",
+                lost(before, stub),
                 upload_error=outcome["code"].name,
                 client_saw_error_after=client_saw,
                 manager_serving_again_after=back,
                 half_registered=0,
                 staging_leftovers_swept=len(leftovers),
-                registered_lost=len(set(before) - set(registry(stub))),
             )
         finally:
             second.terminate()
@@ -333,10 +340,10 @@ def test_corrupt_file_in_the_store_is_detected_reported_and_not_served(
         assert registry(manager.stub) == before
         report(
             "corrupt file in the store",
+            0,
             client_saw=code.name,
             registry_state="FAILED",
             served=0,
-            registered_lost=0,
         )
     finally:
         if replica is not None:

@@ -33,7 +33,7 @@ from loraserve.security import SecurityConfig
 from loraserve.v1 import adapter_pb2 as pb
 from loraserve.v1 import inference_pb2
 
-from credentials import replica_token, tenant_token, write_tokens
+from credentials import authenticated_replica, tenant_token, write_tokens
 from harness import (
     TIMEOUT_S,
     ManagerHandle,
@@ -109,15 +109,9 @@ def stack(loop, tmp_path_factory, model_dir):
         admin = tokens.md("admin")
         for tenant in TENANTS:
             register(manager.stub, f"{tenant}-a0", root / f"{tenant}-a0", call_metadata=admin, tenant=tenant)
-        replica = ReplicaHandle(
-            loop,
-            model_dir,
-            manager.address,
-            "r-hard",
-            security=SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-hard")),
-            server_overrides=dict(adapter_roots=(str(root),)),
-            max_loras=4,
-            max_cpu_loras=8,
+        overrides = dict(adapter_roots=(str(root),))
+        replica = authenticated_replica(
+            manager, model_dir, "r-hard", tokens, server_overrides=overrides, max_loras=4, max_cpu_loras=8
         )
         yield dict(
             tokens=tokens, admin=admin, manager=manager, replica=replica, root=root, template=template,
@@ -395,8 +389,7 @@ def test_150_watchers_leave_every_other_rpc_working(loop, stack, model_dir):
     admin = tokens.md("admin")
     calls, firsts, replica = [], [], None
     try:
-        bound = SecurityConfig(auth_tokens=str(tokens.path), service_token=replica_token("r-watch"))
-        replica = ReplicaHandle(loop, model_dir, manager.address, "r-watch", security=bound)
+        replica = authenticated_replica(manager, model_dir, "r-watch", tokens)
         joined = replica_state(manager, admin, "r-watch")
         calls = [manager.stub.WatchEvents(pb.WatchEventsRequest(), metadata=admin) for _ in range(150)]
         wait_for(lambda: manager.manager.catalog.watchers == 120, "120 watchers admitted", interval=0.1)
