@@ -1,8 +1,9 @@
 """The control plane's state in Redis: the registry, replica membership and mirrors, routing, events.
 
 The only package that talks to Redis (with `migration.py`, which runs once before it serves). Each
-change is a sequence of Lua scripts from `scripts.py`, each atomic on the keys of ONE entity's hash
-tag (layout `v2`, `loraserve/cluster_keys.py`): the owner's script first (the adapter record for
+change is a sequence of Lua scripts from `adapter_svc/scripts/` (a module per tag, named after the
+part below that runs it), each atomic on the keys of ONE entity's hash tag (layout `v2`,
+`loraserve/cluster_keys.py`): the owner's script first (the adapter record for
 the registry, the replica's mirror for residency, the blob's references for stored copies), then
 the state derived from it on other slots (the adapter's `on` hash, the global indexes, the event
 stream) in non-transactional pipelines, which a Redis Cluster client splits per node. Every step
