@@ -28,7 +28,8 @@ class PickerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Cluster name (the manager's `cluster`).
     cluster: str = "default"
-    # How often the cluster state is re-read, in the background: picks use the last read, never wait for Redis.
+    # How often the cluster state is re-read, in the background: picks use the last read and never
+    # wait for Redis.
     cache_ttl_s: float = 0.1
     # How often a read covers every replica; the reads in between cover only the replicas the
     # manager marked changed (`<G>replicas:changed`). The full read repairs a mark that was lost.
@@ -63,7 +64,7 @@ class PickerConfig:
             self.replica_http_port,
             "must be a port number",
         )
-        require(self.cache_ttl_s >= 0, "cache_ttl_s", self.cache_ttl_s, "must be >= 0")
+        require(self.cache_ttl_s > 0, "cache_ttl_s", self.cache_ttl_s, "must be > 0 (the refresh period)")
         require(self.full_refresh_s >= 0, "full_refresh_s", self.full_refresh_s, "must be >= 0")
         require(self.queue_threshold >= 1, "queue_threshold", self.queue_threshold, "must be >= 1")
         require(self.spread_threshold >= 1, "spread_threshold", self.spread_threshold, "must be >= 1")

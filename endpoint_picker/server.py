@@ -54,7 +54,6 @@ class PickerServer:
 
     async def start(self) -> None:
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        await self.state.refresh()  # the first picks have a view
         self._refresher = asyncio.create_task(self.state.refresh_forever())
         await self._server.start()
         for service in ("", SERVICE_NAME):

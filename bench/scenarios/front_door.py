@@ -8,8 +8,9 @@ figures are the replicas' own counters (GetEngineInfo `cache_stats`), summed: a 
 host-cache miss (the adapter fetched into host memory), the slot hit rate counts requests whose
 adapter was already in an accelerator slot. Last, in the picker's and the Maglev cluster, the
 door's added latency: one-token requests for one resident adapter, alternately straight to its
-replica and through the door, p50 of each; the Maglev door is Envoy alone, so the difference
-between the two is the picker's share (its ext_proc round trip).
+replica and through the door, p50 of each. The Maglev door is Envoy alone; the two are measured
+in their own clusters, minutes apart, so on a shared machine their difference is only a rough
+picker's share (compare each with its own direct latency).
 """
 
 from __future__ import annotations
@@ -271,8 +272,11 @@ def run(ctx, p: Params) -> ScenarioResult:
             "Door-added latency (one-token requests, one resident adapter; Maglev = Envoy alone)",
             ["door", "direct p50 s", "through the door p50 s", "added p50 ms"],
             [
-                [mode, d["direct_p50_s"], d["door_p50_s"], d["added_p50_ms"]]
-                for mode, d in ((m, runs[m]["door_latency"]) for m in LATENCY_MODES)
+                [
+                    mode,
+                    *(runs[mode]["door_latency"][k] for k in ("direct_p50_s", "door_p50_s", "added_p50_ms")),
+                ]
+                for mode in LATENCY_MODES
             ],
         )
     )

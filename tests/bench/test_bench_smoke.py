@@ -239,7 +239,7 @@ def test_scenario_figures_are_consistent(smoke_run):
         assert run["summary"]["errors"] == 0 and run["summary"]["requests"] == door["params"]["num_requests"]
         assert run["cache"]["slot_hits"] + run["cache"]["slot_misses"] == run["summary"]["requests"]
     latency = {mode: run["door_latency"] for mode, run in door["runs"].items() if "door_latency" in run}
-    assert set(latency) == {"maglev", "picker"}  # Envoy alone and Envoy + the picker, side by side
+    assert set(latency) == {"maglev", "picker"}  # Envoy alone, and Envoy with the picker
     assert all(0 < lat["direct_p50_s"] and 0 < lat["door_p50_s"] for lat in latency.values())
     control = s["control-plane"]["data"]["control_plane"]
     assert control["registered_adapters"] >= 50
