@@ -6,18 +6,20 @@ For each policy a fresh cluster (Redis, manager, three replicas, the picker when
 request naming its adapter in the `x-adapter-id` header too, so the hash has its key. Cache
 figures are the replicas' own counters (GetEngineInfo `cache_stats`), summed: a cold load is a
 host-cache miss (the adapter fetched into host memory), the slot hit rate counts requests whose
-adapter was already in an accelerator slot. Last, in the picker's and the Maglev cluster, the
-door's added latency: one-token requests for one resident adapter, alternately straight to its
-replica and through the door, p50 of each. The Maglev door is Envoy alone; the two are measured
-in their own clusters, minutes apart, so on a shared machine their difference is only a rough
-picker's share (compare each with its own direct latency).
+adapter was already in an accelerator slot. Last, in the picker's cluster, the door's added
+latency side by side: one-token requests for one resident adapter sent in turn straight to its
+replica, through a second Envoy (no picker) in front of that replica alone, and through the
+picker's door; p50 of each, and the picker's CPU time per request it routed (read from /proc, with
+its background refresh) beside the mean time of the pick itself (its decision histogram).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -33,7 +35,7 @@ from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference
 
 NAME = "front-door"
 TITLE = "8. Front door: endpoint picker vs Maglev hash vs round-robin over three replicas"
-LATENCY_MODES = ("maglev", "picker")  # the door's added latency: Envoy alone, Envoy + the picker
+DOORS = ("envoy_alone", "envoy_picker")  # the door-latency arms beside `direct` (see door_latency)
 START_TIMEOUT_S = 120.0
 
 
@@ -60,7 +62,7 @@ SMOKE = Params(num_adapters=12, num_requests=16, rate=20.0, output_len=(2, 4), l
 
 
 class _Picker(_Child):
-    def __init__(self, redis_url: str, port: int, log):
+    def __init__(self, redis_url: str, port: int, metrics_port: int, log):
         args = [
             sys.executable,
             "-m",
@@ -71,9 +73,10 @@ class _Picker(_Child):
             "--cluster",
             "bench",
         ]
-        args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
-        super().__init__(args, log)
+        args += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+        super().__init__(args + ["--log-level", "WARNING"], log)
         self.address = f"127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         _wait(lambda: _serving(self.address), self, "the endpoint picker")
 
 
@@ -88,8 +91,6 @@ class _Envoy(_Child):
         _wait(lambda: self.healthy() == len(config.replicas), self, "envoy to see every replica healthy")
 
     def healthy(self) -> int:
-        import urllib.request
-
         try:
             with urllib.request.urlopen(self.admin + "/clusters", timeout=1) as response:
                 lines = response.read().decode().splitlines()
@@ -136,28 +137,63 @@ def _one_token(stub, adapter_id: str) -> float:
     return time.perf_counter() - start
 
 
-def door_latency(door: str, replicas: list[Service], adapter_id: str, samples: int) -> dict:
-    """p50 of one-token requests straight to the adapter's replica and through the door."""
-    with grpc.insecure_channel(door) as door_channel:
-        door_stub = inference_pb2_grpc.InferenceServiceStub(door_channel)
-        _one_token(door_stub, adapter_id)  # loads it where the picker sends it
-        holder = None
-        for r in replicas:
-            with grpc.insecure_channel(r.address) as channel:
-                listed = inference_pb2_grpc.InferenceServiceStub(channel).ListResidentAdapters(
-                    inference_pb2.ListResidentAdaptersRequest(), timeout=30
-                )
-            if any(a.adapter_id == adapter_id for a in listed.adapters):
-                holder = r
-        with grpc.insecure_channel(holder.address) as direct_channel:
-            direct_stub = inference_pb2_grpc.InferenceServiceStub(direct_channel)
-            _one_token(direct_stub, adapter_id)
-            direct, through = [], []
-            for _ in range(samples):
-                direct.append(_one_token(direct_stub, adapter_id))
-                through.append(_one_token(door_stub, adapter_id))
-    d50, t50 = percentile(direct, 50), percentile(through, 50)
-    return {"direct_p50_s": d50, "door_p50_s": t50, "added_p50_ms": (t50 - d50) * 1000}
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _decision_totals(picker: _Picker) -> tuple[float, int]:
+    """(sum of seconds, count) of the picker's decision histogram."""
+    with urllib.request.urlopen(picker.metrics_url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    values = dict(
+        line.rsplit(" ", 1) for line in lines if line.startswith("loraserve:picker_decision_seconds_")
+    )
+    return float(values["loraserve:picker_decision_seconds_sum"]), int(
+        float(values["loraserve:picker_decision_seconds_count"])
+    )
+
+
+def _holder(replicas: list[Service], adapter_id: str) -> Service:
+    """The replica that holds `adapter_id` (ListResidentAdapters)."""
+    for r in replicas:
+        with grpc.insecure_channel(r.address) as channel:
+            listed = inference_pb2_grpc.InferenceServiceStub(channel).ListResidentAdapters(
+                inference_pb2.ListResidentAdaptersRequest(), timeout=30
+            )
+        if any(a.adapter_id == adapter_id for a in listed.adapters):
+            return r
+    raise RuntimeError(f"no replica holds {adapter_id} after a request for it")
+
+
+def door_latency(arms: dict[str, str], picker: _Picker, adapter_id: str, samples: int) -> dict:
+    """p50 of one-token requests to each arm (`direct` and the doors, all reaching the same
+    replica), taken in turn so all arms see the same machine; and the picker's CPU per request it
+    routed beside the mean time of its pick."""
+    channels = {name: grpc.insecure_channel(address) for name, address in arms.items()}
+    try:
+        stubs = {name: inference_pb2_grpc.InferenceServiceStub(c) for name, c in channels.items()}
+        for stub in stubs.values():
+            _one_token(stub, adapter_id)
+        times: dict[str, list[float]] = {name: [] for name in stubs}
+        cpu, (decided_s, decided) = _cpu_s(picker.proc.pid), _decision_totals(picker)
+        for _ in range(samples):
+            for name, stub in stubs.items():
+                times[name].append(_one_token(stub, adapter_id))
+        cpu = _cpu_s(picker.proc.pid) - cpu
+        decided_s, decided = (a - b for a, b in zip(_decision_totals(picker), (decided_s, decided)))
+    finally:
+        for channel in channels.values():
+            channel.close()
+    direct = percentile(times["direct"], 50)
+    out = {"direct_p50_s": direct, "samples": samples}
+    for name in DOORS:
+        p50 = percentile(times[name], 50)
+        out[name] = {"door_p50_s": p50, "added_p50_ms": (p50 - direct) * 1000}
+    out["picker_cpu_ms_per_request"] = cpu / samples * 1000
+    out["pick_mean_us"] = decided_s / max(decided, 1) * 1e6
+    return out
 
 
 def measure(ctx, p: Params, mode: str, model_dir, paths, trace) -> dict:
@@ -204,21 +240,27 @@ def measure(ctx, p: Params, mode: str, model_dir, paths, trace) -> dict:
             )
             for i in range(p.replicas)
         ]
-        picker_port = free_port()
+        picker_port, picker = free_port(), None
         if mode == "picker":
-            stack.enter_context(_Picker(redis_srv.url, picker_port, ctx.log("front-door-picker.log")))
-        config = FrontDoorConfig(
-            host="127.0.0.1",
-            port=free_port(),
-            admin_port=free_port(),
-            replicas=tuple(r.address for r in replicas),
-            picker=f"127.0.0.1:{picker_port}",
-            mode=mode,
-            health_interval_s=1.0,
-        )
-        envoy = stack.enter_context(
-            _Envoy(config, root / "envoy.yaml", ctx.log(f"front-door-{mode}-envoy.log"))
-        )
+            picker = stack.enter_context(
+                _Picker(redis_srv.url, picker_port, free_port(), ctx.log("front-door-picker.log"))
+            )
+
+        def door(door_mode: str, name: str, behind: list[Service]) -> _Envoy:
+            config = FrontDoorConfig(
+                host="127.0.0.1",
+                port=free_port(),
+                admin_port=free_port(),
+                replicas=tuple(r.address for r in behind),
+                picker=f"127.0.0.1:{picker_port}",
+                mode=door_mode,
+                health_interval_s=1.0,
+            )
+            return stack.enter_context(
+                _Envoy(config, root / f"{name}.yaml", ctx.log(f"front-door-{name}.log"))
+            )
+
+        envoy = door(mode, f"{mode}-envoy", replicas)
         before = [_cache_stats(r.address) for r in replicas]
         results = replay_trace(envoy.address, trace, adapter_header=True)
         after = [_cache_stats(r.address) for r in replicas]
@@ -227,10 +269,14 @@ def measure(ctx, p: Params, mode: str, model_dir, paths, trace) -> dict:
         slot = delta["slot_hits"] + delta["slot_misses"]
         out["slot_hit_rate"] = delta["slot_hits"] / slot if slot else float("nan")
         out["cold_loads"] = delta["host_misses"]
-        if mode in LATENCY_MODES:
-            out["door_latency"] = door_latency(
-                envoy.address, replicas, trace[0].adapter_id, p.latency_samples
-            )
+        if picker is not None:  # beside it: straight to the replica, and Envoy alone in front of it
+            adapter_id = trace[0].adapter_id
+            with grpc.insecure_channel(envoy.address) as channel:  # loads it where the picker sends it
+                _one_token(inference_pb2_grpc.InferenceServiceStub(channel), adapter_id)
+            holder = _holder(replicas, adapter_id)
+            alone = door("maglev", "picker-envoy-alone", [holder])
+            arms = {"direct": holder.address, "envoy_alone": alone.address, "envoy_picker": envoy.address}
+            out["door_latency"] = door_latency(arms, picker, adapter_id, p.latency_samples)
         return out
 
 
@@ -267,18 +313,18 @@ def run(ctx, p: Params) -> ScenarioResult:
     columns = ["routing", "slot hit rate", "cold loads", "tok/s", "TTFT p50 s", "TTFT p99 s", "errors"]
     result.tables.append(Table("Same trace, three routings", columns, rows))
     lat = runs["picker"]["door_latency"]
+    labels = {"envoy_alone": "Envoy alone (no picker)", "envoy_picker": "Envoy + endpoint picker"}
     result.tables.append(
         Table(
-            "Door-added latency (one-token requests, one resident adapter; Maglev = Envoy alone)",
+            f"Door-added latency, side by side in the picker's cluster ({lat['samples']} one-token "
+            "requests each for one resident adapter, taken in turn)",
             ["door", "direct p50 s", "through the door p50 s", "added p50 ms"],
-            [
-                [
-                    mode,
-                    *(runs[mode]["door_latency"][k] for k in ("direct_p50_s", "door_p50_s", "added_p50_ms")),
-                ]
-                for mode in LATENCY_MODES
-            ],
+            [[labels[d], lat["direct_p50_s"], lat[d]["door_p50_s"], lat[d]["added_p50_ms"]] for d in DOORS],
         )
+    )
+    result.notes.append(
+        f"The picker's CPU per request it routed: {lat['picker_cpu_ms_per_request']:.2f} ms (its "
+        f"background refresh included); the pick itself: {lat['pick_mean_us']:.0f} us on average."
     )
     named = [r.adapter_id for r in trace if r.adapter_id]
     slots, host = p.replicas * p.max_loras, p.replicas * p.max_cpu_loras
@@ -306,7 +352,7 @@ def run(ctx, p: Params) -> ScenarioResult:
             pk["summary"]["tokens_per_s"] / max(rr["summary"]["tokens_per_s"], 1e-9),
             1.0,
         ),
-        Goal("door-added latency p50 (ms)", lat["added_p50_ms"], 2.0, False),
+        Goal("door-added latency p50 (ms)", lat["envoy_picker"]["added_p50_ms"], 2.0, False),
     ]
     result.notes.append(
         f"{p.replicas} replicas (CPU, float32, `{p.shape}` model, max_loras {p.max_loras}, max_cpu_loras "

@@ -238,9 +238,12 @@ def test_scenario_figures_are_consistent(smoke_run):
     for run in door["runs"].values():
         assert run["summary"]["errors"] == 0 and run["summary"]["requests"] == door["params"]["num_requests"]
         assert run["cache"]["slot_hits"] + run["cache"]["slot_misses"] == run["summary"]["requests"]
-    latency = {mode: run["door_latency"] for mode, run in door["runs"].items() if "door_latency" in run}
-    assert set(latency) == {"maglev", "picker"}  # Envoy alone, and Envoy with the picker
-    assert all(0 < lat["direct_p50_s"] and 0 < lat["door_p50_s"] for lat in latency.values())
+    measured = [mode for mode, run in door["runs"].items() if "door_latency" in run]
+    assert measured == ["picker"]  # side by side in the picker's cluster: direct, Envoy alone, Envoy + picker
+    latency = door["runs"]["picker"]["door_latency"]
+    assert latency["direct_p50_s"] > 0
+    assert all(latency[d]["door_p50_s"] > 0 for d in ("envoy_alone", "envoy_picker"))
+    assert latency["picker_cpu_ms_per_request"] >= 0 and latency["pick_mean_us"] > 0  # CPU: 10 ms ticks
     control = s["control-plane"]["data"]["control_plane"]
     assert control["registered_adapters"] >= 50
     assert all(op["n"] == 5 and 0 < op["p50_ms"] <= op["p99_ms"] for op in control["operations"].values())
