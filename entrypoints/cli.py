@@ -28,6 +28,7 @@ import grpc
 from tqdm import tqdm
 
 from loraserve.auth import token_metadata
+from loraserve.grpc_errors import stream_was_cut
 from loraserve.names import CONFIG_FILE, REQUEST_ID_HEADER, WEIGHTS_FILE, new_request_id
 
 DEFAULT_MANAGER = "127.0.0.1:50052"
@@ -78,6 +79,8 @@ class Connection:
         details = " ".join((e.details() or "").split())
         if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details:
             details = f"cannot reach the {self.role} at {self.target} ({details})"
+        elif stream_was_cut(e.code(), details):
+            details = "the stream was cut before it finished (the replica serving it went away); run it again"
         return CliError(f"{e.code().name}: {details}")
 
     def close(self) -> None:

@@ -9,6 +9,8 @@ text can carry paths, keys or other tenants' data). Servicers just raise.
 UTF-8, truncated bytes) is INVALID_ARGUMENT naming the type, instead of the UNKNOWN grpc answers
 when its own deserialization fails. Place it first, before authentication, so that no other
 interceptor ever sees a request that is not a message.
+
+`stream_was_cut`, for clients: a call a proxy reset after its answer had started.
 """
 
 from __future__ import annotations
@@ -171,3 +173,10 @@ def _guarded(behavior: Callable, client_streams: bool) -> Callable:
         return await behavior(request, context)
 
     return unary
+
+
+def stream_was_cut(code: grpc.StatusCode, details: str) -> bool:
+    """A call that ended because a proxy reset its HTTP/2 stream (the door's Envoy does when the
+    replica serving a started stream dies): gRPC reports RST_STREAM as INTERNAL, but it is a lost
+    replica to retry on, not a server bug."""
+    return code is grpc.StatusCode.INTERNAL and "RST_STREAM" in details
