@@ -49,6 +49,10 @@ class ManagerConfig:
     # A replica with no heartbeat for this long is marked down; None = 1.5 x heartbeat_interval_s.
     # It is noticed within replica_ttl_s + heartbeat_interval_s / 4 of its last heartbeat.
     replica_ttl_s: float | None = None
+    # A replica down for longer than this is forgotten: its record and keys are deleted, so it
+    # leaves `loraserve status` and the picker's reads (it joins anew if it comes back). Checked
+    # every min(this / 10, 60 s); 0 = never forget.
+    forget_down_after_s: float = 3600.0
     # Largest UploadAdapter weights file accepted.
     max_upload_bytes: int = 4 * 1024**3
     # Size of each FetchAdapterWeights data message.
@@ -139,6 +143,12 @@ class ManagerConfig:
             "replica_ttl_s",
             self.replica_ttl_s,
             f"must be > heartbeat_interval_s ({self.heartbeat_interval_s}), or live replicas flap",
+        )
+        require(
+            self.forget_down_after_s >= 0,
+            "forget_down_after_s",
+            self.forget_down_after_s,
+            "must be >= 0 (0 = never forget)",
         )
         require(self.max_upload_bytes > 0, "max_upload_bytes", self.max_upload_bytes, "must be > 0")
         require(

@@ -1,5 +1,5 @@
 """Replica membership: join, heartbeat, residency reports and leave; the sweeper that marks lapsed
-replicas down; and placing pinned adapters again when membership changes."""
+replicas down and forgets long-down ones; and placing pinned adapters again when membership changes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from adapter_svc import errors
 from adapter_svc.config import ManagerConfig
 from adapter_svc.placement import Placement
-from adapter_svc.records import HOLDING_STATES, Change, HeartbeatAnswer, JoinRequest, Load, Resident
+from adapter_svc.records import (
+    HOLDING_STATES,
+    Change,
+    ForgetPass,
+    HeartbeatAnswer,
+    JoinRequest,
+    Load,
+    Resident,
+)
 from adapter_svc.registry import Registry
 from adapter_svc.validation import check_id
 from loraserve.engine_limits import AdapterLimits
@@ -25,6 +33,11 @@ log = logging.getLogger(__name__)
 RECONCILE_ADAPTERS = 200
 RECONCILE_REPLICAS = 20
 RECONCILE_EVERY_SWEEPS = 8
+# Replicas one forgetting pass examines at most. Passes run every min(forget_down_after_s / 10,
+# FORGET_EVERY_S) seconds, and at the next sweep again while a pass finds a full batch (a backlog,
+# as on the first pass over a Redis that never forgot).
+FORGET_BATCH = 100
+FORGET_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,16 @@ class Membership:
             self.schedule_reconcile()
         return down
 
+    async def forget_once(self) -> ForgetPass:
+        """One bounded pass forgetting replicas down for longer than `forget_down_after_s`
+        (`Registry.forget_down`); nothing when that is 0."""
+        if not self.config.forget_down_after_s:
+            return ForgetPass((), False)
+        done = await self.registry.forget_down(int(self.config.forget_down_after_s * 1000), FORGET_BATCH)
+        for replica_id in done.forgotten:
+            log.info("replica %s forgotten: down for over %g s", replica_id, self.config.forget_down_after_s)
+        return done
+
     async def reconcile_once(self) -> bool:
         """One bounded reconciliation step over adapters, replicas and stored copies (see
         adapter_svc/README.md, "Invariants across entities"); -> True when all three passes have
@@ -131,15 +154,21 @@ class Membership:
         return self._cursors == ("", 0, "")
 
     async def run_sweeper(self) -> None:
-        """sweep_once and a reconciliation step every sweep interval until cancelled; Redis
-        outages are logged and outlived."""
+        """sweep_once every sweep interval, a reconciliation step every RECONCILE_EVERY_SWEEPS,
+        and forget_once when due, until cancelled; Redis outages are logged and outlived."""
         failing, sweeps = False, 0
+        loop = asyncio.get_running_loop()
+        forget_every = min(self.config.forget_down_after_s / 10, FORGET_EVERY_S)
+        forget_at = loop.time()
         while True:
             try:
                 await self.sweep_once()
                 sweeps += 1
                 if sweeps % RECONCILE_EVERY_SWEEPS == 0:
                     await self.reconcile_once()
+                if loop.time() >= forget_at:
+                    more = (await self.forget_once()).more
+                    forget_at = loop.time() + (0 if more else forget_every)
                 if failing:
                     log.info("replica sweeps work again")
                 failing = False

@@ -197,6 +197,22 @@ class Registered(enum.Enum):
     ALIAS = "alias"  # the id is an alias name
 
 
+class Forgot(enum.Enum):
+    """FORGET's answer, for one replica."""
+
+    FORGOTTEN = "forgotten"  # it was down long enough: its keys are deleted now
+    ABSENT = "absent"  # it had no record (forgotten before: only its index entry may be left)
+    KEPT = "kept"  # up, or not down long enough
+
+
+@dataclass(frozen=True)
+class ForgetPass:
+    """One bounded pass of forgetting down replicas."""
+
+    forgotten: tuple[str, ...]  # the replicas whose record it deleted
+    more: bool  # it examined as many as it was allowed and removed some: more may be waiting
+
+
 class Refusal(enum.Enum):
     """Why a script declined a change."""
 

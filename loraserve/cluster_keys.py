@@ -19,10 +19,12 @@ different kinds apart even when ids are equal. `<G>` = `loraserve:v2:{<cluster>}
   key                         type    owner (the truth)     atomic operations that touch it
   <A>record                   HASH    registry record       REGISTER, UNREGISTER_*, PIN, RESIDE
   <A>on                       HASH    derived: replica id -> LOADING|CACHED|ACTIVE   RESIDE, UNREGISTER_FINISH
-  <A>on-version               HASH    replica id -> mirror version of the last RESIDE (orders them)
+  <A>on-version               HASH    replica id -> mirror version of the last RESIDE (orders them);
+                                      DROP_VERSIONS of replicas forgotten
   <A>placement                STRING  placement claim (expires)        SET NX PX / DEL
   <R>member                   HASH    membership (address, engine, model, status, epoch, seq, mv,
-                                      load `LOAD_FIELDS`)  every replica script (mv: residency)
+                                      load `LOAD_FIELDS`)  every replica script (mv: residency);
+                                      FORGET deletes every <R> key of a replica long down
   <R>alive                    STRING  heartbeat TTL; gone = lapsed      JOIN, HEARTBEAT, MARK_DOWN
   <R>host                     ZSET    adapter id -> last use (ms)       JOIN, HEARTBEAT, REPORT, ACQUIRE,
   <R>slots                    HASH    adapter id -> slot index            MARK_DOWN, MIRROR_EVICTED
@@ -36,11 +38,13 @@ different kinds apart even when ids are equal. `<G>` = `loraserve:v2:{<cluster>}
   <G>adapters:state:<s>       ZSET    index by registry state              INDEX, STATE_INDEX, UNINDEX
   <G>adapters:state-seq       HASH    id -> record `state_seq` the state index reflects (orders moves)
   <G>pinned                   SET     derived from records' `pinned`        SADD/SREM after PIN, INDEX, UNINDEX
-  <G>replicas                 ZSET    replica id -> last heartbeat (ms)     ZADD after JOIN/HEARTBEAT
+  <G>replicas                 ZSET    replica id -> last heartbeat (ms)     ZADD after JOIN/HEARTBEAT,
+                                                                          UNLIST_REPLICA after FORGET
   <G>replicas:changed         ZSET    replica id -> Redis time (ms) of the last change to what the
                                       picker reads of it (member fields, host, slots, loading)
                                       TOUCH_REPLICA after a replica script that changed it;
-                                      ZREM by the replica pass for ids gone from <G>replicas
+                                      ZREM by the replica pass for ids gone from <G>replicas,
+                                      and by UNLIST_REPLICA
   <G>aliases                  HASH    alias -> JSON [[adapter id, weight], ...]  SET_ALIAS, REVERT_ALIAS,
                                                                           DELETE_ALIAS, UNROUTE
   <G>rules                    STRING  JSON list of routing rules            SET_RULES, REVERT_RULES, UNROUTE
@@ -212,6 +216,7 @@ local function k_tenant(t) return G .. '{BY_TENANT}' .. t end
 local function k_state(s) return G .. '{BY_STATE}' .. s end
 local function k_state_seq() return G .. '{STATE_SEQ}' end
 local function k_pinned() return G .. '{PINNED}' end
+local function k_replicas() return G .. '{REPLICAS}' end
 local function k_replicas_changed() return G .. '{REPLICAS_CHANGED}' end
 local function k_aliases() return G .. '{ALIASES}' end
 local function k_rules() return G .. '{RULES}' end

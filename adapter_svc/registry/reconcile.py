@@ -18,7 +18,8 @@ class Reconcile(BlobRefs):
     async def reconcile_adapters(self, cursor: str, limit: int) -> str:
         """Per listed adapter: the global indexes (all, tenant, state, pinned) and its blob
         reference follow its record; an index entry without a record goes; each `on` field
-        follows the mirror of the replica it names (none for a down or unknown replica)."""
+        follows the mirror of the replica it names (none for a down or unknown replica); the
+        `on-version` fields of forgotten replicas go."""
         ids = await self.client.zrangebylex(
             self.keys.adapters, ("(" + cursor) if cursor else "-", "+", start=0, num=limit
         )
@@ -40,8 +41,9 @@ class Reconcile(BlobRefs):
                     "config_sha256",
                 )
                 pipe.hkeys(self.keys.adapter_on(adapter_id))
+                pipe.hkeys(self.keys.adapter_on_version(adapter_id))
             found = await pipe.execute()
-        records = {a: f for a, f in zip(ids, found[0::2]) if f[1] is not None}
+        records = {a: f for a, f in zip(ids, found[0::3]) if f[1] is not None}
         checks = 9  # commands queued per record below
         async with self.client.pipeline(transaction=False) as pipe:
             for adapter_id, (tenant, _, _, _, sha256, config_sha256) in records.items():
@@ -76,11 +78,31 @@ class Reconcile(BlobRefs):
         if unreferenced:
             await self._reference_blobs(unreferenced)
         on: dict[str, list[str]] = {}
-        for adapter_id, holders in zip(ids, found[1::2]):
+        for adapter_id, holders in zip(ids, found[1::3]):
             for replica_id in holders:
                 on.setdefault(replica_id, []).append(adapter_id)
         for replica_id, adapter_ids in on.items():
             await self._reconcile_on(replica_id, adapter_ids)
+        await self._drop_versions(ids, found[1::3], found[2::3])
+
+    async def _drop_versions(self, ids: list[str], holders: list, versioned: list) -> None:
+        """DROP_VERSIONS of each adapter's `on-version` fields that name a replica with no record
+        (forgotten) and no `on` field: the versions a forgotten replica left behind."""
+        extra = {a: set(v) - set(h) for a, h, v in zip(ids, holders, versioned)}
+        named = sorted(set().union(*extra.values()))
+        if not named:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for replica_id in named:
+                pipe.exists(self.keys.replica(replica_id))
+            gone = {r for r, exists in zip(named, await pipe.execute()) if not exists}
+        await self._many(
+            [
+                (self.scripts.drop_versions, self.keys.adapter(a), [a, _lua_list(sorted(rs & gone))])
+                for a, rs in extra.items()
+                if rs & gone
+            ]
+        )
 
     async def reconcile_replicas(self, cursor: int, limit: int) -> int:
         """Per replica (by position in the membership index): every adapter its mirror holds or

@@ -11,6 +11,8 @@ from adapter_svc.records import (
     AcquireRequest,
     Change,
     Exhausted,
+    ForgetPass,
+    Forgot,
     HeartbeatAnswer,
     JoinAnswer,
     JoinRequest,
@@ -160,6 +162,44 @@ class Replicas(RegistryBase):
             "" if epoch is None else str(epoch),
         )
         await self._settle(replica_id, residency, events, changed=answer == 1)
+        return answer == 1
+
+    async def forget_down(self, down_for_ms: int, limit: int) -> ForgetPass:
+        """Forget replicas down for longer than `down_for_ms`: of the first `limit` in the
+        membership index last seen that long ago (its score; a replica goes down after it was last
+        seen), `forget_replica` then `unlist_replica` each. Ones not down long enough stay at the
+        head of that range until they are (within `down_for_ms`), so a pass may examine them again;
+        `more` only when a full batch removed some (a pass right after would make progress)."""
+        cutoff = await self.now_ms() - down_for_ms
+        seen = await self.client.zrangebyscore(
+            self.keys.replicas, "-inf", cutoff, start=0, num=limit, withscores=True
+        )
+        forgotten, removed = [], 0
+        for replica_id, score in seen:
+            answer = await self.forget_replica(replica_id, down_for_ms)
+            if answer is Forgot.FORGOTTEN:
+                forgotten.append(replica_id)
+            if answer is not Forgot.KEPT:
+                removed += await self.unlist_replica(replica_id, int(score))
+        return ForgetPass(tuple(forgotten), len(seen) == limit and removed > 0)
+
+    async def forget_replica(self, replica_id: str, down_for_ms: int) -> Forgot:
+        """Step one of forgetting a replica, on its own slot: delete its record and every key of
+        it if it is down and went down longer than `down_for_ms` ago (checked by the script, so a
+        replica that joined again is kept). Its entry in the membership index stays until
+        `unlist_replica`; readers skip an entry without a record meanwhile."""
+        answer, events, _ = await self._run_on_replica(self.scripts.forget, replica_id, down_for_ms)
+        await self._publish(events)
+        return Forgot(answer)
+
+    async def unlist_replica(self, replica_id: str, seen_score: int) -> bool:
+        """Step two, on the global slot: take the replica out of the membership index and the
+        picker's change marks, unless its score rose above `seen_score` (what the index said when
+        it was chosen): a join raises it after the join's script, and one whose raise lands after
+        this puts the entry back. -> whether it was taken out."""
+        answer, _, _ = await self._run(
+            self.scripts.unlist_replica, self.keys.replicas, replica_id, seen_score
+        )
         return answer == 1
 
     async def mirror_evicted(self, replica_id: str, adapter_id: str) -> None:

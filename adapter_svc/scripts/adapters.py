@@ -106,7 +106,7 @@ local id, r, state, mv = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local key = k_adapter(id)
 if redis.call('EXISTS', key) == 0 then return {} end
 if mv < tonumber(redis.call('HGET', k_on_version(id), r) or '-1') then return {} end
-redis.call('HSET', k_on_version(id), r, mv)
+redis.call('HSET', k_on_version(id), r, ARGV[6])
 if state == '' then redis.call('HDEL', k_on(id), r) else redis.call('HSET', k_on(id), r, state) end
 if ARGV[7] == '1' then
   redis.call('HSET', key, 'failed', '1', 'reason', ARGV[8])
@@ -114,4 +114,17 @@ elseif ARGV[7] == '0' then
   redis.call('HDEL', key, 'failed', 'reason')
 end
 return refresh_state(id)
+""")
+
+# ARGV[3] adapter id, ARGV[4] JSON list of replica ids that had no membership record when read
+# just before (forgotten: see the replica script FORGET). Drops their `on-version` fields, except
+# where `on` names the replica (reconciliation clears that first, with RESIDE). A replica that
+# joins again meanwhile starts its versions above any dropped one (JOIN), so nothing is misordered.
+# -> how many fields went
+DROP_VERSIONS = _script("""
+local id, n = ARGV[3], 0
+for _, r in ipairs(cjson.decode(ARGV[4])) do
+  if redis.call('HEXISTS', k_on(id), r) == 0 then n = n + redis.call('HDEL', k_on_version(id), r) end
+end
+return n
 """)

@@ -37,6 +37,20 @@ redis.call('ZADD', key, at, r)
 return at
 """)
 
+# ARGV[3] replica id, ARGV[4] its score in `replicas` when the registry chose to forget it. Takes a
+# replica FORGET deleted (or found without a record) out of `replicas` and `replicas:changed`,
+# unless it joined again since: a join raises its score (ZADD of its JOIN's time) after its script,
+# so a join that lands between the two steps either shows here or puts the entry back after.
+# -> 1 | 0 (kept)
+UNLIST_REPLICA = _script("""
+local r = ARGV[3]
+local score = redis.call('ZSCORE', k_replicas(), r)
+if not score or tonumber(score) > tonumber(ARGV[4]) then return 0 end
+redis.call('ZREM', k_replicas(), r)
+redis.call('ZREM', k_replicas_changed(), r)
+return 1
+""")
+
 # ARGV[3] adapter id, ARGV[4] state, ARGV[5] state_seq. Moves a listed adapter to the state index
 # of `state` unless a later move (higher seq) already happened. -> 1 | 0 (skipped)
 STATE_INDEX = _script(f"""

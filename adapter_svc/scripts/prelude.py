@@ -33,6 +33,8 @@ local MAXLEN = tonumber(ARGV[2])
     + """
 local _t = redis.call('TIME')
 local NOW = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+-- The same time in microseconds, as the exact decimal string (see `JOIN`'s mirror version).
+local NOW_US = _t[1] .. string.format('%06d', tonumber(_t[2]))
 local EVENTS = {}
 local TOUCHED, TOUCHED_LIST, FAILED = {}, {}, {}
 

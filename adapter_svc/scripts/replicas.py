@@ -18,6 +18,11 @@ local r = ARGV[3]
 local held = redis.call('HGET', k_replica(r), 'address')
 if held and held ~= ARGV[4] and redis.call('EXISTS', k_alive(r)) == 1 then return {-1, r, held} end
 drop_mirror(r, true)
+-- The mirror version goes no lower than the Redis time in microseconds: above every version an
+-- earlier record of this id left in adapters' `on-version` (FORGET deletes the record, not those),
+-- since a replica's scripts, one at a time and each over a microsecond, never raise it faster.
+local mv = redis.call('HGET', k_replica(r), 'mv')
+if not mv or tonumber(mv) < tonumber(NOW_US) then redis.call('HSET', k_replica(r), 'mv', NOW_US) end
 local epoch = redis.call('HINCRBY', k_replica(r), 'epoch', 1)
 redis.call('HSET', k_replica(r), 'address', ARGV[4], 'engine', ARGV[5], 'model', ARGV[6],
   'status', 'UP', 'joined_at', NOW, 'last_heartbeat', NOW, 'seq', ARGV[8], 'down_reason', '',
@@ -217,11 +222,31 @@ return 1
     replica=True,
 )
 
+# ARGV[4] how long (ms) the replica must have been down. Deletes every key of a replica that is not
+# up and went down (or, with no `down_at`, was last seen) longer ago than that; checked here, so a
+# replica that joined again since is kept. Its mirror is empty already (MARK_DOWN dropped it, and
+# only JOIN fills it again), so no adapter's `on` changes. The registry then takes it out of the
+# membership index (`UNLIST_REPLICA`). -> 'forgotten' | 'absent' (no record: nothing to delete) | 'kept'
+FORGET = _script(
+    """
+local r = ARGV[3]
+if redis.call('EXISTS', k_replica(r)) == 0 then return 'absent' end
+local st = redis.call('HMGET', k_replica(r), 'status', 'down_at', 'last_heartbeat', 'down_reason')
+if st[1] == 'UP' then return 'kept' end
+local since = tonumber(st[2] or st[3] or '0')
+if NOW - since <= tonumber(ARGV[4]) then return 'kept' end
+redis.call('DEL', k_replica(r), k_alive(r), k_host(r), k_slots(r), k_pins(r), k_loading(r))
+emit('replica_forgotten', '', r, 'down ' .. math.floor((NOW - since) / 1000) .. ' s: ' .. (st[4] or ''))
+return 'forgotten'
+"""
+)
+
 # ARGV[4] adapter id. Records an eviction the replica just confirmed to the manager (its own
-# report follows and re-applies it harmlessly). -> 1
+# report follows and re-applies it harmlessly). -> 1 | 0 (the replica has no record: nothing held)
 MIRROR_EVICTED = _script(
     """
 local r, id = ARGV[3], ARGV[4]
+if redis.call('EXISTS', k_replica(r)) == 0 then return 0 end  -- its mirror version would recreate it
 local held = redis.call('ZREM', k_host(r), id) + redis.call('HDEL', k_loading(r), id)
 redis.call('HDEL', k_slots(r), id)
 redis.call('SREM', k_pins(r), id)
@@ -232,11 +257,15 @@ return 1
     replica=True,
 )
 
-# ARGV[4] adapter ids JSON. The mirror's state of each (for reconciliation).
+# ARGV[4] adapter ids JSON. The mirror's state of each (for reconciliation). A replica with no
+# record (forgotten, or never joined) holds nothing, at the Redis time in microseconds as its
+# version: above every version of an earlier record, below every one of a later join (see JOIN).
 # -> {mirror version, {id, state}...}
 MIRROR_STATES = _script(
     """
-local out = {tonumber(redis.call('HGET', k_replica(ARGV[3]), 'mv') or '0')}
+local mv = redis.call('HGET', k_replica(ARGV[3]), 'mv')
+if redis.call('EXISTS', k_replica(ARGV[3])) == 0 then mv = NOW_US end
+local out = {tonumber(mv or '0')}
 for _, id in ipairs(cjson.decode(ARGV[4])) do table.insert(out, {id, mirror_state(ARGV[3], id)}) end
 return out
 """

@@ -246,6 +246,7 @@ def test_every_script_touches_one_hash_tag():
         "k_blob_refs": "b", "k_blob_leases": "b", "k_blob_deleting": "b",
         "k_all": "g", "k_tenant": "g", "k_state": "g", "k_state_seq": "g", "k_pinned": "g",
         "k_aliases": "g", "k_rules": "g", "k_routing_version": "g", "k_events": "g",
+        "k_replicas": "g", "k_replicas_changed": "g",
     }  # fmt: skip
     helpers = scripts.PRELUDE
     for name, source in scripts.SCRIPTS.items():
