@@ -1,10 +1,13 @@
 """Commands the manager sends to replicas: their InferenceService at the address they advertised.
 
 Each command carries the credential that replica chose at its latest join (no service token is
-sent): the manager holds nothing that works against any other replica.
+sent): the manager holds nothing that works against any other replica. A channel unused for
+`idle_close_s` is closed (replicas come and go, a new address per pod), and opened again on demand.
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 
@@ -17,23 +20,48 @@ from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 # A replica restarted on the same address is reached again within 2 s.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000))
+IDLE_CLOSE_S = 600.0
 
 
 class ReplicaClient:
     """One channel per replica address, reused across calls (TLS per `security`; None =
-    plaintext). Calls carry the replica's own credential."""
+    plaintext). Calls carry the replica's own credential. Channels unused for `idle_close_s` (at
+    least `timeout_s`, so never one a call may still run on) are closed, checked at most ten times
+    per `idle_close_s` when a command is sent."""
 
-    def __init__(self, timeout_s: float, security: SecurityConfig | None = None):
+    def __init__(
+        self,
+        timeout_s: float,
+        security: SecurityConfig | None = None,
+        idle_close_s: float = IDLE_CLOSE_S,
+        clock=time.monotonic,
+    ):
         self.timeout_s = timeout_s
         self.security = security
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.idle_close_s = max(idle_close_s, timeout_s)
+        self.clock = clock
+        self._channels: dict[str, tuple[grpc.aio.Channel, float]] = {}  # address -> (channel, last used)
+        self._checked_at = clock()
 
-    def _stub(self, address: str) -> inference_pb2_grpc.InferenceServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(
+    def addresses(self) -> list[str]:
+        """The replica addresses with an open channel."""
+        return sorted(self._channels)
+
+    async def _stub(self, address: str) -> inference_pb2_grpc.InferenceServiceStub:
+        now = self.clock()
+        if now - self._checked_at >= self.idle_close_s / 10:
+            self._checked_at = now
+            for idle in [a for a, (_, used) in self._channels.items() if now - used > self.idle_close_s]:
+                await self._channels.pop(idle)[0].close()
+        known = self._channels.get(address)
+        channel = (
+            known[0]
+            if known
+            else aio_channel(
                 self.security, address, CHANNEL_OPTIONS, client_interceptors(), send_service_token=False
             )
+        )
+        self._channels[address] = (channel, now)
         return inference_pb2_grpc.InferenceServiceStub(channel)
 
     async def load(
@@ -54,7 +82,7 @@ class ReplicaClient:
             adapter_id=adapter_id, to_slot=to_slot, pin=pin, sha256=sha256, evict=evict
         )
         try:
-            response = await self._stub(replica.address).LoadAdapter(
+            response = await (await self._stub(replica.address)).LoadAdapter(
                 request, timeout=self.timeout_s, metadata=_credential(replica)
             )
         except grpc.aio.AioRpcError as e:
@@ -65,7 +93,7 @@ class ReplicaClient:
         """EvictAdapter on the replica (idempotent); True if it was resident."""
         request = inference_pb2.EvictAdapterRequest(adapter_id=adapter_id, unpin=unpin)
         try:
-            response = await self._stub(replica.address).EvictAdapter(
+            response = await (await self._stub(replica.address)).EvictAdapter(
                 request, timeout=self.timeout_s, metadata=_credential(replica)
             )
         except grpc.aio.AioRpcError as e:
@@ -75,7 +103,7 @@ class ReplicaClient:
         return response.evicted
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
 
