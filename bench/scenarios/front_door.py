@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -139,7 +140,7 @@ def _one_token(stub, adapter_id: str) -> float:
 
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds process `pid` has used (Linux /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
