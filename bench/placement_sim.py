@@ -352,7 +352,9 @@ class PlacementSim:
             clock=lambda: self.now,
         )
         picker = PickerConfig()
-        self.limits = Thresholds(picker.queue_threshold, picker.spread_threshold, picker.max_copies)
+        self.limits = Thresholds(
+            picker.queue_threshold, picker.spread_threshold, picker.max_copies, picker.kv_free_threshold
+        )
         if self.count_trips:
             for client in (self.redis, self.picker_redis):
                 client.connection_pool.connection_class = CountingConnection

@@ -36,6 +36,9 @@ class PickerConfig:
     full_refresh_s: float = 5.0
     # A replica with this many requests in flight or queued is skipped while another is under it.
     queue_threshold: int = 32
+    # A replica with less than this fraction of its KV cache free at its last heartbeat is skipped
+    # while another has more (a new request would wait there for blocks); 0 = never.
+    kv_free_threshold: float = 0.05
     # Requests for one adapter in flight on each of its holders from which its next request goes
     # to a replica that does not hold it yet (a hot adapter gains a copy).
     spread_threshold: int = 4
@@ -67,6 +70,9 @@ class PickerConfig:
         require(self.cache_ttl_s > 0, "cache_ttl_s", self.cache_ttl_s, "must be > 0 (the refresh period)")
         require(self.full_refresh_s >= 0, "full_refresh_s", self.full_refresh_s, "must be >= 0")
         require(self.queue_threshold >= 1, "queue_threshold", self.queue_threshold, "must be >= 1")
+        require(
+            0 <= self.kv_free_threshold <= 1, "kv_free_threshold", self.kv_free_threshold, "must be in [0, 1]"
+        )
         require(self.spread_threshold >= 1, "spread_threshold", self.spread_threshold, "must be >= 1")
         require(self.max_copies >= 1, "max_copies", self.max_copies, "must be >= 1")
         _ = self.tokens  # read now: an unreadable token file is a start-up error

@@ -5,8 +5,9 @@ Order of preference (GAIE's LoRA-affinity scorer, ModelMesh's copies-by-load):
   2. one with it in its host cache or loading it ("host"),
   3. one with a free slot ("free_slot"),
   4. the least loaded ("least_loaded").
-Replicas that are down or draining are never chosen; those at `queue_threshold` requests only
-when every replica is. Among holders of the adapter the order is a stable hash of (adapter,
+Replicas that are down or draining are never chosen; those at `queue_threshold` requests, or with
+less than `kv_free_min` of their KV cache free at their last heartbeat (a new request would wait
+there for blocks), only when every replica is. Among holders of the adapter the order is a stable hash of (adapter,
 replica), not their load, so requests concentrate on one copy while it keeps up: when every holder
 has `spread_threshold` requests *for this adapter* in flight and fewer than `max_copies` hold it,
 the next request goes to a new replica ("spread"), which loads it; when demand falls, the first
@@ -41,6 +42,7 @@ class ReplicaView:
     draining: bool = False
     waiting: int = 0
     running: int = 0
+    kv_free: float = 1.0  # fraction of its KV cache blocks free at the last heartbeat
     max_loras: int = 1
     slots: frozenset[str] = frozenset()  # adapters in accelerator slots
     cached: frozenset[str] = frozenset()  # adapters in the host cache or being loaded
@@ -51,6 +53,7 @@ class Thresholds:
     queue_threshold: int
     spread_threshold: int
     max_copies: int
+    kv_free_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ def pick(
     live = [r for r in replicas if r.up and not r.draining]
     if not live:
         return None
-    under = [r for r in live if busy(r, in_flight) < limits.queue_threshold]
+    under = [
+        r for r in live if busy(r, in_flight) < limits.queue_threshold and r.kv_free >= limits.kv_free_min
+    ]
     candidates = under or live
     load = {r.replica_id: busy(r, in_flight) for r in candidates}
     order = {r.replica_id: rank(adapter_id, r.replica_id) for r in candidates}
@@ -105,7 +110,7 @@ def pick(
         return (t, load[r.replica_id], order[r.replica_id])
 
     ranked = sorted(candidates, key=key)
-    rest = [r for r in live if r.replica_id not in load]  # those at queue_threshold
+    rest = [r for r in live if r.replica_id not in load]  # those at queue_threshold or short of KV
     if not adapter_id:
         ranked = sorted(candidates, key=lambda r: (load[r.replica_id], order[r.replica_id]))
         return Pick(tuple(ranked + rest), BASE)

@@ -40,7 +40,9 @@ class PickerServer:
             self.metrics.state_read_failed,
             full_refresh_s=config.full_refresh_s,
         )
-        limits = Thresholds(config.queue_threshold, config.spread_threshold, config.max_copies)
+        limits = Thresholds(
+            config.queue_threshold, config.spread_threshold, config.max_copies, config.kv_free_threshold
+        )
         self.processor = ExternalProcessor(
             self.state, limits, self.metrics, config.http_by_grpc, config.replica_http_port, config.tokens
         )

@@ -157,7 +157,14 @@ class ClusterState:
         async with self.client.pipeline(transaction=False) as pipe:
             for r in replica_ids:
                 pipe.hmget(
-                    self.keys.replica(r), "address", "status", "engine", "waiting", "running", "draining"
+                    self.keys.replica(r),
+                    "address",
+                    "status",
+                    "engine",
+                    "waiting",
+                    "running",
+                    "draining",
+                    "kv_free",
                 )
                 pipe.hkeys(self.keys.replica_slots(r))
                 pipe.zrange(self.keys.replica_host(r), 0, -1)
@@ -165,7 +172,7 @@ class ClusterState:
             found = await pipe.execute()
         out = {}
         for n, r in enumerate(replica_ids):
-            (address, status, engine, waiting, running, draining), slots, host, loading = found[
+            (address, status, engine, waiting, running, draining, kv_free), slots, host, loading = found[
                 4 * n : 4 * n + 4
             ]
             if not address:
@@ -177,6 +184,7 @@ class ClusterState:
                 draining=draining == "1",
                 waiting=int(waiting or 0),
                 running=int(running or 0),
+                kv_free=float(kv_free or 1.0),
                 max_loras=int(json.loads(engine or "{}").get("max_loras", 1)),
                 slots=frozenset(slots),
                 cached=frozenset(host) | frozenset(loading),

@@ -28,6 +28,7 @@ def test_heartbeats_carry_the_load_and_the_picker_reads_it(loop, tmp_path, model
         assert 0.0 <= float(fields["kv_free"]) < 1.0  # the running request holds KV blocks
         (seen,) = loop.run(state.view()).replicas
         assert (seen.replica_id, seen.up, seen.running, seen.address) == ("r-0", True, 1, replica.address)
+        assert seen.kv_free == float(fields["kv_free"])
         stream.cancel()
         wait_for(lambda: client.hget(key, "running") == "0", "a heartbeat to report it finished")
         # The view re-reads a replica once the manager marks it changed, which follows the

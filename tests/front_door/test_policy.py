@@ -3,6 +3,9 @@ spread to a bounded number of copies and concentrate again when demand falls."""
 
 from __future__ import annotations
 
+import pytest
+
+from endpoint_picker.config import PickerConfig
 from endpoint_picker.policy import (
     BASE,
     FREE_SLOT,
@@ -53,6 +56,18 @@ def test_preference_slot_then_host_then_free_slot_then_least_loaded():
     assert pick([r1, r5], "", {"r5": 1}, LIMITS).reason == BASE
 
 
+def test_a_replica_short_of_kv_blocks_is_passed_over_while_another_has_room():
+    limits = Thresholds(queue_threshold=8, spread_threshold=2, max_copies=2, kv_free_min=0.1)
+    holder = replica("r1", slots=("a",), kv_free=0.05)  # its heartbeat: 5% of KV blocks free
+    roomy = replica("r2", slots=("q",), kv_free=0.6)
+    p = pick([holder, roomy], "a", {}, limits)
+    assert (p.reason, ids(p)) == (FREE_SLOT, ["r2", "r1"])  # the holder stays, for retries
+    assert ids(pick([holder, roomy], "a", {}, LIMITS))[0] == "r1"  # kv_free_min 0: affinity wins
+    short = replica("r2", slots=("q",), kv_free=0.02)
+    p = pick([holder, short], "a", {}, limits)  # every replica short: affinity again
+    assert (p.reason, ids(p)[0]) == (SLOT, "r1")
+
+
 def test_down_and_draining_replicas_are_never_chosen_and_overloaded_ones_last():
     holder = replica("r1", slots=("a",))
     down = ReplicaView("r2", "10.0.0.2:1", False, slots=frozenset({"a"}))
@@ -91,3 +106,11 @@ def test_a_pick_never_compares_whole_replica_views(monkeypatch):
     assert not compared
     assert sorted(ids(p)) == sorted(r.replica_id for r in replicas)  # the overloaded ones come last
     assert {r.replica_id for r in p.replicas[-100:]} == {f"r{i}" for i in range(0, 300, 3)}
+
+
+def test_the_picker_config_rejects_thresholds_out_of_range():
+    with pytest.raises(ValueError, match=r"kv_free_threshold \(1.5\) must be in \[0, 1\]"):
+        PickerConfig(kv_free_threshold=1.5)
+    with pytest.raises(ValueError, match=r"queue_threshold \(0\) must be >= 1"):
+        PickerConfig(queue_threshold=0)
+    assert PickerConfig(kv_free_threshold=0.0).kv_free_threshold == 0.0  # 0 = never skip for KV
