@@ -138,4 +138,5 @@ class ClusterWide(RegistryBase):
                 pipe.hget(self.keys.replica(replica_id), "status")
             statuses = await pipe.execute()
         up = sum(1 for s in statuses if s == "UP")
-        return ClusterCounts(total, dict(zip(STATES, by_state)), pinned, up, len(statuses) - up)
+        down = sum(1 for s in statuses if s is not None and s != "UP")  # None: forgotten, unlisted next
+        return ClusterCounts(total, dict(zip(STATES, by_state)), pinned, up, down)

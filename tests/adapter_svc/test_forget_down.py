@@ -88,6 +88,8 @@ def test_an_index_entry_left_by_a_manager_that_died_between_the_steps_goes_next_
 
         assert sync.zscore(registry.keys.replicas, "r-1") is not None
         assert await registry.replicas() == []  # readers skip an entry without a record
+        counts = await registry.counts()
+        assert (counts.replicas_up, counts.replicas_down) == (0, 0)  # and the gauges do too
 
         done = await registry.forget_down(HOUR_MS, limit=100)
         assert done.forgotten == () and sync.zscore(registry.keys.replicas, "r-1") is None
