@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 MARK_OVERLAP_MS = 1000
 
 
+# What a pick needs of each replica's hash (its load comes with its heartbeats).
+REPLICA_FIELDS = ("address", "status", "engine", "waiting", "running", "draining", "kv_free")
+
+
 @dataclass(frozen=True)
 class ClusterView:
     replicas: tuple[ReplicaView, ...]
@@ -156,16 +160,7 @@ class ClusterState:
             return {}
         async with self.client.pipeline(transaction=False) as pipe:
             for r in replica_ids:
-                pipe.hmget(
-                    self.keys.replica(r),
-                    "address",
-                    "status",
-                    "engine",
-                    "waiting",
-                    "running",
-                    "draining",
-                    "kv_free",
-                )
+                pipe.hmget(self.keys.replica(r), *REPLICA_FIELDS)
                 pipe.hkeys(self.keys.replica_slots(r))
                 pipe.zrange(self.keys.replica_host(r), 0, -1)
                 pipe.hkeys(self.keys.replica_loading(r))
