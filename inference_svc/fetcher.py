@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 # Attempts to load once room was made (another read may take it first).
 ROOM_ATTEMPTS = 20
-# How long a read waits for the manager to name a victim that can go: every entry may be in use
-# by running requests (they finish) or the mirror may lag this replica's reports (they land).
+# How long a read waits for the manager to name a victim that can go while the host tier does not
+# change: every entry may be in use by requests (they finish, and their adapters become victims)
+# or the mirror may lag this replica's reports (they land). Each change of the tier (an entry
+# loaded or evicted: the replica is moving) starts the wait again; only a tier stuck this long
+# (every entry pinned, or in use by requests that do not finish) fails the read.
 ROOM_WAIT_S = 10.0
 # Deadline of one ask: the manager holds an AcquireAdapter while entries are still loading, which
 # may include loads that wait on this very read; an ask that runs out is asked again.
@@ -48,6 +51,19 @@ ROOM_ASK_TIMEOUT_S = 2.0
 # First wait between asks, doubled up to ROOM_RETRY_MAX_S.
 ROOM_RETRY_S = 0.05
 ROOM_RETRY_MAX_S = 0.5
+# Loads for requests (acquire, fetch, read) a replica runs at once, at most (`cold_loads_at_once`);
+# the requests of later cold adapters wait their turn, in arrival order. Each load in flight holds
+# a host-cache reservation at the manager, which counts it against max_cpu_loras, and once read it
+# waits for an entry to free: a burst of more distinct cold adapters than the host cache holds made
+# them wait on each other for room until ROOM_WAIT_S ran out, and half of such a burst failed with
+# RESOURCE_EXHAUSTED (tests/adapter_svc/test_cold_burst.py).
+COLD_LOADS_AT_ONCE = 4
+
+
+def cold_loads_at_once(max_cpu_loras: int) -> int:
+    """Request loads a replica runs at once: COLD_LOADS_AT_ONCE, at most half its host cache (the
+    reservations of the loads in flight must leave entries to evict), at least one."""
+    return max(1, min(COLD_LOADS_AT_ONCE, max_cpu_loras // 2))
 
 
 class Fetcher:
@@ -68,6 +84,7 @@ class Fetcher:
         self._inflight: dict[str, asyncio.Future] = {}  # the load fetching an adapter, one per adapter
         self._room: dict[str, asyncio.Task] = {}  # needs_room answers in progress
         self._writes: set[asyncio.Future] = set()  # local copies of fetched adapters being written
+        self._cold_loads: asyncio.Semaphore | None = None  # request loads running (made at the first)
 
     async def stop(self) -> None:
         await asyncio.gather(*self._writes)  # never leave a half-written local copy behind
@@ -84,10 +101,17 @@ class Fetcher:
             return
         if not self.membership.joined:
             raise errors.Unavailable("this replica has not joined its adapter manager yet")
-        running = self._inflight.get(adapter_id) or self._start(
-            adapter_id, self._acquire_and_load(adapter_id)
-        )
+        running = self._inflight.get(adapter_id) or self._start(adapter_id, self._in_turn(adapter_id))
         await asyncio.shield(running)
+
+    async def _in_turn(self, adapter_id: str) -> None:
+        """`_acquire_and_load` once fewer than `cold_loads_at_once` request loads run."""
+        if self._cold_loads is None:
+            limit = cold_loads_at_once(await self.engine.call(lambda e: e.config.max_cpu_loras))
+            if self._cold_loads is None:  # another first load may have made it meanwhile
+                self._cold_loads = asyncio.Semaphore(limit)
+        async with self._cold_loads:
+            await self._acquire_and_load(adapter_id)
 
     def _start(self, adapter_id: str, load) -> asyncio.Future:
         """Run `load`, the one load of `adapter_id` in flight that later callers wait for."""
@@ -182,8 +206,9 @@ class Fetcher:
                 return await self.engine.load_adapter(adapter_id, to_slot=to_slot, pin=pin)
             except errors.HostCacheFull:
                 room = self._room.get(adapter_id)
-                if room is None:
-                    raise
+                if room is None:  # the cache's ask is on its way (or the last one just ended)
+                    await asyncio.sleep(ROOM_RETRY_S)
+                    continue
                 error = await asyncio.shield(room)
                 if error is not None:
                     raise error from None
@@ -229,7 +254,11 @@ class Fetcher:
         if adapter_id not in self._room:
             task = asyncio.ensure_future(self._make_room(adapter_id))
             self._room[adapter_id] = task
-            task.add_done_callback(lambda _: self._room.pop(adapter_id, None))
+            task.add_done_callback(lambda t: self._forget_room(adapter_id, t))
+
+    def _forget_room(self, adapter_id: str, task: asyncio.Task) -> None:
+        if self._room.get(adapter_id) is task:
+            del self._room[adapter_id]
 
     async def _make_room(self, adapter_id: str) -> Exception | None:
         """AcquireAdapter names victims; evict them. The manager's mirror may still count what
@@ -240,8 +269,12 @@ class Fetcher:
             loop = asyncio.get_running_loop()
             deadline, delay = loop.time() + ROOM_WAIT_S, ROOM_RETRY_S
             refused: grpc.aio.AioRpcError | None = None  # the manager's last refusal
+            seen: set[str] = set()  # the host tier when the wait last started again
             while True:
                 residents = await self.engine.call(lambda e: e.list_resident_adapters())
+                tier = {r.adapter_id for r in residents}
+                if tier != seen:
+                    seen, deadline = tier, loop.time() + ROOM_WAIT_S
                 try:
                     victims = (await self._acquire(adapter_id, residents, ROOM_ASK_TIMEOUT_S)).evict
                 except grpc.aio.AioRpcError as e:
@@ -268,6 +301,10 @@ class Fetcher:
             error = e
         if error is not None:
             self.membership.load_failed(adapter_id, str(error))
+        # Forgotten before the cache hears the answer: if the read still finds no room, the cache
+        # asks again (`needs_room`) as soon as it has the answer, and that ask must start a new
+        # task, not be taken for this one (the read would then wait for an answer never asked for).
+        self._forget_room(adapter_id, asyncio.current_task())
         await self.engine.call(lambda e: e.adapters.room_done(adapter_id, error))
         return error
 

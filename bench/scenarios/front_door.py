@@ -1,5 +1,6 @@
 """Scenario 8, the front door: three replicas behind Envoy, routed by the endpoint picker, by a
-Maglev hash of the adapter alone, or round-robin, on the same skewed trace.
+Maglev hash of the adapter alone, or round-robin, on the same skewed trace (at its arrival times,
+then all at once for capacity).
 
 For each policy a fresh cluster (Redis, manager, three replicas, the picker when used, Envoy with
 `loraserve.front_door`'s configuration for that mode) replays the trace through the door, every
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -270,6 +271,10 @@ def measure(ctx, p: Params, mode: str, model_dir, paths, trace) -> dict:
         slot = delta["slot_hits"] + delta["slot_misses"]
         out["slot_hit_rate"] = delta["slot_hits"] / slot if slot else float("nan")
         out["cold_loads"] = delta["host_misses"]
+        # Capacity: the same requests all at once (vLLM's request rate "inf"), on the caches the
+        # open-loop replay left; the open-loop trace's throughput is only its offered rate.
+        flood = [replace(r, arrival_s=0.0) for r in trace]
+        out["saturated"] = summarize(replay_trace(envoy.address, flood, adapter_header=True))
         if picker is not None:  # beside it: straight to the replica, and Envoy alone in front of it
             adapter_id = trace[0].adapter_id
             with grpc.insecure_channel(envoy.address) as channel:  # loads it where the picker sends it
@@ -309,9 +314,21 @@ def run(ctx, p: Params) -> ScenarioResult:
                 s["ttft_p50_s"],
                 s["ttft_p99_s"],
                 s["errors"],
+                m["saturated"]["tokens_per_s"],
+                m["saturated"]["errors"],
             ]
         )
-    columns = ["routing", "slot hit rate", "cold loads", "tok/s", "TTFT p50 s", "TTFT p99 s", "errors"]
+    columns = [
+        "routing",
+        "slot hit rate",
+        "cold loads",
+        "tok/s",
+        "TTFT p50 s",
+        "TTFT p99 s",
+        "errors",
+        "tok/s, all at once",
+        "errors, all at once",
+    ]
     result.tables.append(Table("Same trace, three routings", columns, rows))
     lat = runs["picker"]["door_latency"]
     labels = {"envoy_alone": "Envoy alone (no picker)", "envoy_picker": "Envoy + endpoint picker"}
@@ -349,8 +366,8 @@ def run(ctx, p: Params) -> ScenarioResult:
         Goal("cold loads, picker / round-robin", pk["cold_loads"] / max(rr["cold_loads"], 1), 1 / 3, False),
         Goal("slot hit rate with the picker", pk["slot_hit_rate"], 0.9),
         Goal(
-            "throughput, picker / round-robin",
-            pk["summary"]["tokens_per_s"] / max(rr["summary"]["tokens_per_s"], 1e-9),
+            "throughput with every request at once, picker / round-robin",
+            pk["saturated"]["tokens_per_s"] / max(rr["saturated"]["tokens_per_s"], 1e-9),
             1.0,
         ),
         Goal("door-added latency p50 (ms)", lat["envoy_picker"]["added_p50_ms"], 2.0, False),
@@ -360,7 +377,10 @@ def run(ctx, p: Params) -> ScenarioResult:
         f"{p.max_cpu_loras}), {p.num_adapters} rank-{p.rank} adapters registered with one manager; "
         f"{p.num_requests} requests at {p.rate} req/s (cv {p.cv}), S-LoRA popularity alpha {p.alpha}, input "
         f"{p.input_len}, output {p.output_len} tokens, seed {p.seed} (`traces/front-door.jsonl`). Each routing "
-        "gets a fresh cluster; all replicas, Envoy, the picker and the client share this machine's cores."
+        "gets a fresh cluster; all replicas, Envoy, the picker and the client share this machine's cores. "
+        "The open-loop replay's tok/s is the offered rate whatever the routing; capacity is the second "
+        "replay, the same requests sent all at once right after it (tok/s over its makespan), whose "
+        "ratio is the throughput goal."
     )
     result.data = {"params": p.__dict__, "runs": runs}
     result.plots.append(

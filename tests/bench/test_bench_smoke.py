@@ -238,6 +238,9 @@ def test_scenario_figures_are_consistent(smoke_run):
     for run in door["runs"].values():
         assert run["summary"]["errors"] == 0 and run["summary"]["requests"] == door["params"]["num_requests"]
         assert run["cache"]["slot_hits"] + run["cache"]["slot_misses"] == run["summary"]["requests"]
+        flood = run["saturated"]  # the same requests again, all at once
+        assert flood["errors"] == 0 and flood["requests"] == door["params"]["num_requests"]
+        assert flood["output_tokens"] == run["summary"]["output_tokens"] > 0
     measured = [mode for mode, run in door["runs"].items() if "door_latency" in run]
     assert measured == ["picker"]  # side by side in the picker's cluster: direct, Envoy alone, Envoy + picker
     latency = door["runs"]["picker"]["door_latency"]
