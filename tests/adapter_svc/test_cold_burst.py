@@ -6,7 +6,7 @@ One real manager and replica (max_loras=1, max_cpu_loras=2); 96 adapters registe
 test adapters, twelve ids each), two requests for each sent at once. How long a read may wait for
 an entry while the host cache does not change (`fetcher.ROOM_WAIT_S`) is cut to one second, so
 that loads stuck waiting on each other fail within the test instead of after ten (before loads
-took turns and the wait counted from the last change, a quarter to half of this burst failed so,
+took turns and the wait counted from the last change, 54 of these 192 requests failed so, with
 RESOURCE_EXHAUSTED).
 """
 
