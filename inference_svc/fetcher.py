@@ -267,9 +267,9 @@ class Fetcher:
         error: Exception | None = None
         try:
             loop = asyncio.get_running_loop()
-            deadline, delay = loop.time() + ROOM_WAIT_S, ROOM_RETRY_S
+            delay = ROOM_RETRY_S
             refused: grpc.aio.AioRpcError | None = None  # the manager's last refusal
-            seen: set[str] = set()  # the host tier when the wait last started again
+            seen: set[str] | None = None  # the host tier when the wait last started again
             while True:
                 residents = await self.engine.call(lambda e: e.list_resident_adapters())
                 tier = {r.adapter_id for r in residents}
